@@ -1,0 +1,246 @@
+"""Validated configuration: ``kubeml.yaml``.
+
+The file holds one block per environment (``dev``, ``staging``, ``prod``). Each block is
+validated into an :class:`EnvironmentConfig`; keys left out take the defaults documented
+on each field. Unknown keys and bad values are errors that name the key and what is
+allowed, at load time, before any work starts.
+
+    environments:
+      dev:
+        gate: {min_accuracy: 0.95}
+      prod:
+        approval: manual
+        artifact_store: {uri: s3://ml-artifacts/kubeml}
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from kubeml.errors import ConfigError
+
+__all__ = [
+    "ENVIRONMENTS",
+    "ArtifactStoreConfig",
+    "DataConfig",
+    "EnvironmentConfig",
+    "GateConfig",
+    "KubemlConfig",
+    "RegistryConfig",
+    "ServingConfig",
+    "TrainingConfig",
+    "ValidationConfig",
+    "load_config",
+]
+
+ENVIRONMENTS = ("dev", "staging", "prod")
+DEFAULT_HOME = ".kubeml"
+"""Where local state lives (artifacts, MLflow DB, server state), relative to the config file."""
+
+
+class _Strict(BaseModel):
+    # extra="forbid": a typo in kubeml.yaml must fail loudly, not be silently ignored.
+    # frozen: a config is a value; stages receive it and must not change it.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ArtifactStoreConfig(_Strict):
+    uri: str = f"file://{DEFAULT_HOME}/artifacts"
+    """``file://PATH`` (relative paths resolve against the config file) or ``s3://BUCKET/PREFIX``."""
+    endpoint_url: str | None = None
+    """S3-compatible endpoint (MinIO, moto); None uses AWS with the default credential chain (IRSA on EKS)."""
+
+    @field_validator("uri")
+    @classmethod
+    def _scheme(cls, v: str) -> str:
+        if not (v.startswith("file://") or v.startswith("s3://")):
+            raise ValueError("must start with file:// or s3:// (allowed schemes: file, s3)")
+        if v.startswith("s3://") and len(v) <= len("s3://"):
+            raise ValueError("s3:// URI needs a bucket, e.g. s3://my-bucket/kubeml")
+        return v
+
+
+class RegistryConfig(_Strict):
+    tracking_uri: str = f"sqlite:///{DEFAULT_HOME}/mlflow.db"
+    """MLflow tracking/registry URI; ``sqlite:///`` relative paths resolve against the config file."""
+    model_name: str = Field("digits-cnn", pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", max_length=63)
+    """Registered model name; also the served model name (so it must be a DNS label)."""
+
+
+class ValidationConfig(_Strict):
+    expected_features: int = Field(64, ge=1)
+    """Number of feature columns the schema requires."""
+    min_value: float = 0.0
+    """Smallest allowed feature value (digits pixels are counts 0..16)."""
+    max_value: float = 16.0
+    """Largest allowed feature value."""
+    max_missing_fraction: float = Field(0.0, ge=0.0, le=1.0)
+    """Largest allowed fraction of missing (NaN) cells."""
+    min_rows: int = Field(100, ge=1)
+    """Fewer rows than this is treated as a broken ingest."""
+    num_classes: int = Field(10, ge=2)
+    """Classes the reference distribution covers (labels 0..num_classes-1)."""
+    class_balance_tolerance: float = Field(0.03, gt=0.0, le=1.0)
+    """Largest allowed absolute gap between a class's share and its reference share.
+
+    The reference is uniform over ``num_classes``; digits deviates from it by < 0.002."""
+
+
+class DataConfig(_Strict):
+    dataset: Literal["digits"] = "digits"
+    """Source data set. ``digits``: the scikit-learn digits (1797 8x8 images, ships with scikit-learn)."""
+    test_fraction: float = Field(0.2, gt=0.0, lt=1.0)
+    """Share of rows held out for evaluation, stratified by label."""
+    seed: int = 0
+    """Seed of the train/test split and of training."""
+    max_rows: int | None = Field(None, ge=10)
+    """Take a stratified subset of this many rows (for quick runs); None: all rows."""
+    validation: ValidationConfig = ValidationConfig()
+
+
+class TrainingConfig(_Strict):
+    model: str = "digits_cnn"
+    """Registered architecture name."""
+    workers: int = Field(2, ge=1, le=512)
+    """Ray Train data-parallel workers."""
+    cpus_per_worker: float = Field(1.0, gt=0)
+    use_gpu: bool = False
+    epochs: int = Field(20, ge=1, le=10_000)
+    batch_size: int = Field(32, ge=1)
+    """Per-worker batch size."""
+    learning_rate: float = Field(2e-3, gt=0, le=10)
+    weight_decay: float = Field(1e-4, ge=0)
+
+
+class GateConfig(_Strict):
+    min_accuracy: float = Field(0.95, ge=0.0, le=1.0)
+    min_macro_f1: float = Field(0.94, ge=0.0, le=1.0)
+
+
+class ServingConfig(_Strict):
+    host: str = "127.0.0.1"
+    http_port: int = Field(8080, ge=1, le=65535)
+    grpc_port: int = Field(8081, ge=1, le=65535)
+    smoke_samples: int = Field(64, ge=1)
+    """Held-out samples sent to the new endpoint; its answers must equal offline evaluation's."""
+
+
+class EnvironmentConfig(_Strict):
+    name: Literal["dev", "staging", "prod"] = "dev"
+    approval: Literal["auto", "manual"] = "auto"
+    """``auto``: new versions are approved on registration; ``manual``: they wait for ``kubeml models approve``."""
+    home: str = DEFAULT_HOME
+    """Local state directory (server state, caches)."""
+    artifact_store: ArtifactStoreConfig = ArtifactStoreConfig()
+    registry: RegistryConfig = RegistryConfig()
+    data: DataConfig = DataConfig()
+    training: TrainingConfig = TrainingConfig()
+    gate: GateConfig = GateConfig()
+    serving: ServingConfig = ServingConfig()
+
+    def resolved(self, base: str | Path) -> EnvironmentConfig:
+        """Return a copy with relative local paths made absolute against ``base``.
+
+        Stages run in other processes and other working directories (kfp.local, Ray
+        workers); they must see the same paths the user meant.
+        """
+        base = Path(base).resolve()
+        home = str((base / self.home).resolve())
+        store = self.artifact_store
+        if store.uri.startswith("file://"):
+            p = store.uri[len("file://") :]
+            store = store.model_copy(update={"uri": "file://" + str((base / p).resolve())})
+        reg = self.registry
+        if reg.tracking_uri.startswith("sqlite:///") and not reg.tracking_uri.startswith("sqlite:////"):
+            p = reg.tracking_uri[len("sqlite:///") :]
+            reg = reg.model_copy(update={"tracking_uri": "sqlite:///" + str((base / p).resolve())})
+        return self.model_copy(update={"home": home, "artifact_store": store, "registry": reg})
+
+
+class KubemlConfig(_Strict):
+    project: str = Field("kubeml", pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", max_length=63)
+    environments: dict[Literal["dev", "staging", "prod"], dict[str, Any]] = Field(default_factory=dict)
+
+    def environment(self, name: str, base: str | Path = ".") -> EnvironmentConfig:
+        if name not in ENVIRONMENTS:
+            raise ConfigError(f"unknown environment {name!r}; allowed values: {', '.join(ENVIRONMENTS)}")
+        raw = dict(self.environments.get(name) or {})
+        raw.setdefault("name", name)
+        if name != "dev":
+            # Only dev trusts a fresh model without a human: staging and prod wait for approval.
+            raw.setdefault("approval", "manual")
+        try:
+            env = EnvironmentConfig.model_validate(raw)
+        except ValidationError as exc:
+            raise ConfigError(_explain(exc, prefix=f"environments.{name}", model=EnvironmentConfig)) from None
+        return env.resolved(base)
+
+
+def _allowed_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    """Field names of the model found by walking ``loc`` down from ``model``."""
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        sub = field.annotation if field else None
+        if not (isinstance(sub, type) and issubclass(sub, BaseModel)):
+            return []
+        model = sub
+    return sorted(model.model_fields)
+
+
+def _explain(exc: ValidationError, prefix: str = "", model: type[BaseModel] | None = None) -> str:
+    lines = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"] if p != "[key]")
+        key = f"{prefix}.{loc}" if prefix and loc else (prefix or loc)
+        if err["type"] == "extra_forbidden":
+            allowed = _allowed_keys(model, tuple(err["loc"][:-1])) if model else []
+            hint = f"; allowed keys: {', '.join(allowed)}" if allowed else ""
+            lines.append(f"{key}: unknown key{hint}")
+        elif err["type"] == "literal_error":
+            allowed = err.get("ctx", {}).get("expected", "")
+            lines.append(f"{key}: {err['input']!r} is not allowed; allowed values: {allowed}")
+        else:
+            lines.append(f"{key}: {err['msg']} (got {err.get('input')!r})")
+    return "invalid configuration:\n" + "\n".join(f"  - {line}" for line in lines)
+
+
+def load_config(path: str | Path | None = None, environment: str | None = None) -> EnvironmentConfig:
+    """Load and validate ``kubeml.yaml`` and return one environment, paths resolved.
+
+    With no file (``path`` None and no ``kubeml.yaml`` in the working directory) the
+    embedded defaults are used: everything local under ``.kubeml/``.
+    ``environment`` defaults to ``$KUBEML_ENV`` or ``dev``.
+    """
+    environment = environment or os.environ.get("KUBEML_ENV") or "dev"
+    if path is None:
+        candidate = Path("kubeml.yaml")
+        path = candidate if candidate.is_file() else None
+    if path is None:
+        return KubemlConfig().environment(environment, base=Path.cwd())
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: top level must be a mapping with 'environments'")
+    try:
+        cfg = KubemlConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(f"{path}: " + _explain(exc, model=KubemlConfig)) from None
+    base = path.resolve().parent
+    # Validate every environment, not only the selected one: a typo in prod must not
+    # wait for the day someone deploys to prod.
+    for name in cfg.environments:
+        try:
+            cfg.environment(name, base=base)
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
+    return cfg.environment(environment, base=base)

@@ -1,0 +1,158 @@
+"""Model registry on MLflow, with an approval workflow.
+
+Each registered version carries tags: the metrics it was gated on, the dataset version,
+the code version, and ``approval_status`` (``approved`` / ``pending`` / ``rejected``).
+Environments with ``approval: auto`` (dev) approve on registration; the others leave the
+version pending until someone runs ``kubeml models approve``. Only approved versions may
+be deployed.
+
+The model version's ``source`` is the bundle's URI in the artifact store, so the registry
+points at the artifact instead of copying it.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+from kubeml.errors import RegistryError
+
+__all__ = ["APPROVAL_STATES", "ModelVersionInfo", "Registry", "code_version"]
+
+APPROVAL_STATES = ("approved", "pending", "rejected")
+APPROVAL_TAG = "approval_status"
+
+
+def code_version(path: str | Path = ".") -> str:
+    """``git:<sha>[-dirty]`` of the checkout at ``path``, or ``kubeml:<package version>`` outside git."""
+    try:
+        sha = subprocess.run(
+            ["git", "-C", str(path), "rev-parse", "--short=12", "HEAD"],
+            capture_output=True, text=True, check=True, timeout=10,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(path), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True, text=True, check=True, timeout=10,
+        ).stdout.strip()
+        return f"git:{sha}" + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        from importlib.metadata import version
+
+        return f"kubeml:{version('kubeml')}"
+
+
+@dataclass(frozen=True)
+class ModelVersionInfo:
+    name: str
+    version: int
+    source: str
+    approval_status: str
+    run_id: str
+    tags: dict[str, str]
+
+    @property
+    def approved(self) -> bool:
+        return self.approval_status == "approved"
+
+
+class Registry:
+    """A thin, typed layer over MLflow's client for kubeml's registration rules."""
+
+    def __init__(self, tracking_uri: str, *, artifact_root: str | None = None):
+        import mlflow
+        from mlflow import MlflowClient
+
+        if tracking_uri.startswith("sqlite:///"):
+            Path(tracking_uri[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
+        self.tracking_uri = tracking_uri
+        self.artifact_root = artifact_root
+        mlflow.set_tracking_uri(tracking_uri)
+        self._client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+
+    def _experiment_id(self, name: str) -> str:
+        exp = self._client.get_experiment_by_name(name)
+        if exp is not None:
+            return exp.experiment_id
+        location = f"{self.artifact_root.rstrip('/')}/mlflow/{name}" if self.artifact_root else None
+        return self._client.create_experiment(name, artifact_location=location)
+
+    def register(
+        self,
+        model_name: str,
+        source: str,
+        *,
+        metrics: dict[str, float],
+        params: dict[str, object] | None = None,
+        tags: dict[str, str] | None = None,
+        auto_approve: bool,
+        description: str = "",
+    ) -> ModelVersionInfo:
+        """Log a run with metrics/params and create the next version of ``model_name``."""
+        from mlflow.exceptions import MlflowException
+
+        tags = {k: str(v) for k, v in (tags or {}).items()}
+        status = "approved" if auto_approve else "pending"
+        try:
+            exp_id = self._experiment_id(f"kubeml/{model_name}")
+            run = self._client.create_run(exp_id, tags={"kubeml.model": model_name, **tags})
+            for k, v in (params or {}).items():
+                self._client.log_param(run.info.run_id, k, str(v))
+            for k, v in metrics.items():
+                self._client.log_metric(run.info.run_id, k, float(v))
+            self._client.set_terminated(run.info.run_id)
+            try:
+                self._client.get_registered_model(model_name)
+            except MlflowException:
+                self._client.create_registered_model(model_name, description="registered by kubeml")
+            version_tags = {
+                **tags,
+                **{f"metric.{k}": f"{float(v):.6f}" for k, v in metrics.items()},
+                APPROVAL_TAG: status,
+                "registered_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            }
+            if auto_approve:
+                version_tags["approved_by"] = "auto (environment approval: auto)"
+            mv = self._client.create_model_version(
+                model_name, source=source, run_id=run.info.run_id, tags=version_tags,
+                description=description, await_creation_for=0,
+            )
+        except MlflowException as exc:
+            raise RegistryError(f"registering {model_name} at {self.tracking_uri} failed: {exc}") from exc
+        return self.get(model_name, int(mv.version))
+
+    def get(self, model_name: str, version: int) -> ModelVersionInfo:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            mv = self._client.get_model_version(model_name, str(version))
+        except MlflowException as exc:
+            raise RegistryError(f"{model_name} version {version} is not registered") from exc
+        return ModelVersionInfo(
+            name=model_name,
+            version=int(mv.version),
+            source=mv.source,
+            approval_status=mv.tags.get(APPROVAL_TAG, "pending"),
+            run_id=mv.run_id or "",
+            tags=dict(mv.tags),
+        )
+
+    def versions(self, model_name: str) -> list[ModelVersionInfo]:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            found = self._client.search_model_versions(f"name='{model_name}'")
+        except MlflowException as exc:
+            raise RegistryError(f"listing versions of {model_name} failed: {exc}") from exc
+        return sorted((self.get(model_name, int(m.version)) for m in found), key=lambda m: m.version)
+
+    def set_approval(self, model_name: str, version: int, status: str, *, by: str | None = None) -> ModelVersionInfo:
+        if status not in APPROVAL_STATES:
+            raise RegistryError(f"unknown approval status {status!r}; allowed values: {', '.join(APPROVAL_STATES)}")
+        self.get(model_name, version)  # raises a clear error for an unknown version
+        self._client.set_model_version_tag(model_name, str(version), APPROVAL_TAG, status)
+        who = by or os.environ.get("USER") or "unknown"
+        self._client.set_model_version_tag(model_name, str(version), f"{status}_by", who)
+        return self.get(model_name, version)

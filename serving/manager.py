@@ -1,0 +1,394 @@
+"""Background model servers on this machine: the local target of ``kubeml serve``.
+
+Where it sits: the CLI and the pipeline's deploy stage call :class:`ServingManager`; it
+starts ``python -m kubeml.serving.server`` as detached processes (own session, so a
+Ctrl-C in the terminal that deployed them does not kill them) and remembers them in one
+JSON file. It imports neither kserve nor torch, so ``kubeml serve status`` stays fast.
+
+State layout under ``state_dir``::
+
+    servers.json        {name: ServedModel fields}
+    servers.lock        fcntl lock serialising read-modify-write of servers.json
+    logs/NAME.log       stdout+stderr of the server process
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import requests
+
+from kubeml.errors import ConfigError, ServingError
+
+__all__ = ["ServedModel", "ServingManager", "default_state_dir"]
+
+#: Seconds to wait for a new server's model to report ready. Cold start on a small CPU
+#: box is dominated by importing kserve + torch (~10-20 s on 2 cores).
+DEFAULT_READY_TIMEOUT_S = 120.0
+#: Seconds between SIGTERM and SIGKILL when stopping a server. The server's own grace
+#: for in-flight requests is 5 s; interpreter teardown adds a few seconds on top.
+STOP_GRACE_S = 15.0
+#: Lines of the server log quoted in errors.
+LOG_TAIL_LINES = 30
+#: Marker used to confirm a recorded pid still belongs to a kubeml server (pid reuse).
+_SERVER_MODULE = "kubeml.serving.server"
+
+
+def default_state_dir() -> Path:
+    """``$KUBEML_HOME/serving``, or ``./.kubeml/serving`` when KUBEML_HOME is unset."""
+    home = os.environ.get("KUBEML_HOME")
+    return (Path(home) if home else Path.cwd() / ".kubeml") / "serving"
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    """One model server process, as recorded in the state file plus live checks."""
+
+    name: str
+    version: str
+    pid: int
+    http_port: int
+    bundle_dir: str
+    log_file: str
+    started_at: float
+    """Unix time the process was started."""
+    grpc_port: int | None = None
+    host: str = "127.0.0.1"
+    alive: bool = False
+    """The process exists (filled in by :meth:`ServingManager.status`)."""
+    ready: bool = False
+    """The model answered ready on /v2/models/NAME/ready."""
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.http_port}"
+
+    @property
+    def v1_url(self) -> str:
+        """V1 predict endpoint."""
+        return f"{self.url}/v1/models/{self.name}:predict"
+
+    @property
+    def v2_url(self) -> str:
+        """Open Inference Protocol V2 infer endpoint."""
+        return f"{self.url}/v2/models/{self.name}/infer"
+
+    def _record(self) -> dict:
+        d = asdict(self)
+        d.pop("alive")
+        d.pop("ready")
+        return d
+
+
+class ServingManager:
+    """Deploy, list and stop local model servers whose state lives in ``state_dir``.
+
+    >>> import tempfile
+    >>> ServingManager(tempfile.mkdtemp()).status()
+    []
+    """
+
+    def __init__(self, state_dir: str | Path | None = None, *, host: str = "127.0.0.1"):
+        self.state_dir = Path(state_dir) if state_dir is not None else default_state_dir()
+        self.host = host
+
+    # -- public API ------------------------------------------------------------------------
+
+    def deploy(
+        self,
+        name: str,
+        bundle_dir: str | Path,
+        *,
+        version: str = "",
+        http_port: int | None = None,
+        grpc_port: int | None = None,
+        ready_timeout_s: float = DEFAULT_READY_TIMEOUT_S,
+        max_batch_size: int | None = None,
+    ) -> ServedModel:
+        """Start a server for ``bundle_dir`` as ``name`` and wait until it is ready.
+
+        A server already deployed under ``name`` is stopped first (its port is then free
+        for the new one). ``http_port=None`` picks a free port. Raises ``ServingError``
+        with the tail of the server log when the server exits or is not ready in time.
+        """
+        _check_name(name)
+        bundle = Path(bundle_dir).resolve()
+        if not bundle.is_dir():
+            raise ConfigError(f"bundle directory {bundle} does not exist")
+        self.stop(name)
+        with self._locked() as state:
+            for other in state.values():
+                if other["name"] != name and _pid_alive(other["pid"]):
+                    taken = {other["http_port"], other.get("grpc_port")}
+                    if http_port in taken or (grpc_port is not None and grpc_port in taken):
+                        raise ServingError(
+                            f"port {http_port if http_port in taken else grpc_port} is used by "
+                            f"served model {other['name']!r}; stop it "
+                            f"(kubeml serve stop {other['name']}) or choose another port"
+                        )
+        port = http_port if http_port is not None else _free_port(self.host)
+        for p in (port, grpc_port):
+            if p is not None and not _port_free(self.host, p):
+                raise ServingError(
+                    f"port {p} on {self.host} is already in use by another process; "
+                    "choose another port"
+                )
+
+        logs = self.state_dir / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        log_file = logs / f"{name}.log"
+        cmd = [
+            sys.executable, "-m", _SERVER_MODULE,
+            "--model-dir", str(bundle),
+            "--model-name", name,
+            "--model-version", version,
+            "--http-port", str(port),
+        ]  # fmt: skip
+        if grpc_port is not None:
+            cmd += ["--grpc-port", str(grpc_port)]
+        if max_batch_size is not None:
+            cmd += ["--max-batch-size", str(max_batch_size)]
+        with log_file.open("wb") as log:
+            proc = subprocess.Popen(
+                cmd,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # own process group: stop() signals the whole tree
+                close_fds=True,
+            )
+        served = ServedModel(
+            name=name,
+            version=version,
+            pid=proc.pid,
+            http_port=port,
+            grpc_port=grpc_port,
+            bundle_dir=str(bundle),
+            log_file=str(log_file),
+            started_at=time.time(),
+            host=self.host,
+        )
+        with self._locked() as state:
+            state[name] = served._record()
+
+        deadline = time.monotonic() + ready_timeout_s
+        while True:
+            code = proc.poll()
+            if code is not None:
+                self._forget(name)
+                raise ServingError(
+                    f"model server for {name!r} exited with status {code} before it was "
+                    f"ready; last lines of {log_file}:\n{_tail(log_file)}"
+                )
+            if _model_ready(served):
+                return replace(served, alive=True, ready=True)
+            if time.monotonic() > deadline:
+                self.stop(name)
+                raise ServingError(
+                    f"model server for {name!r} was not ready after {ready_timeout_s:.0f} s "
+                    f"and was stopped; last lines of {log_file}:\n{_tail(log_file)}"
+                )
+            time.sleep(0.25)
+
+    def status(self) -> list[ServedModel]:
+        """Every recorded server, sorted by name, with live ``alive``/``ready`` checks.
+
+        Dead processes stay listed (``alive=False``) until :meth:`stop` cleans them up, so
+        a server that crashed is visible rather than silently gone.
+        """
+        with self._locked() as state:
+            records = [_from_record(r) for r in state.values()]
+        result = []
+        for served in sorted(records, key=lambda s: s.name):
+            alive = _pid_alive(served.pid)
+            result.append(replace(served, alive=alive, ready=alive and _model_ready(served)))
+        return result
+
+    def get(self, name: str) -> ServedModel | None:
+        """The recorded server for ``name`` with live checks, or None."""
+        return next((s for s in self.status() if s.name == name), None)
+
+    def stop(self, name: str | None = None) -> list[str]:
+        """Stop the server ``name`` (or all of them); returns the names removed.
+
+        Sends SIGTERM to the server's process group, waits up to ``STOP_GRACE_S``, then
+        SIGKILLs what is left. Entries whose process is already gone are removed too.
+        Stopping a name that is not deployed is not an error (returns ``[]``).
+        """
+        with self._locked() as state:
+            names = [n for n in state if name is None or n == name]
+            records = {n: state[n] for n in names}
+        for n, record in records.items():
+            _terminate_group(record["pid"])
+            self._forget(n)
+        return sorted(records)
+
+    # -- internals -------------------------------------------------------------------------
+
+    @property
+    def state_file(self) -> Path:
+        return self.state_dir / "servers.json"
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[dict[str, dict]]:
+        """Yield the state dict under an exclusive lock; writes it back if it changed."""
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        with (self.state_dir / "servers.lock").open("a+") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                state = self._read()
+                before = json.dumps(state, sort_keys=True)
+                yield state
+                if json.dumps(state, sort_keys=True) != before:
+                    tmp = self.state_file.with_suffix(".json.tmp")
+                    tmp.write_text(json.dumps(state, indent=2, sort_keys=True))
+                    os.replace(tmp, self.state_file)
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def _read(self) -> dict[str, dict]:
+        if not self.state_file.is_file():
+            return {}
+        try:
+            data = json.loads(self.state_file.read_text())
+        except json.JSONDecodeError as exc:
+            raise ServingError(
+                f"{self.state_file} is corrupt ({exc}); stop stray servers by pid and "
+                "delete the file"
+            ) from exc
+        return data if isinstance(data, dict) else {}
+
+    def _forget(self, name: str) -> None:
+        with self._locked() as state:
+            state.pop(name, None)
+
+
+def _from_record(record: dict) -> ServedModel:
+    known = {f for f in ServedModel.__dataclass_fields__ if f not in ("alive", "ready")}
+    return ServedModel(**{k: v for k, v in record.items() if k in known})
+
+
+# -- process and port helpers ---------------------------------------------------------------
+
+
+def _check_name(name: str) -> None:
+    ok = name and (name[0].isalnum()) and all(c.isalnum() or c in "._-" for c in name)
+    if not ok:
+        raise ConfigError(
+            f"model name {name!r} is not URL-safe; use letters, digits, '.', '_' and '-'"
+        )
+
+
+def _reap(pid: int) -> bool:
+    """Collect ``pid`` if it is our exited child; True when it was reaped now."""
+    try:
+        done, _ = os.waitpid(pid, os.WNOHANG)
+        return done == pid
+    except ChildProcessError:  # not our child (deployed by another process) or reaped
+        return False
+
+
+def _pid_alive(pid: int) -> bool:
+    """True if ``pid`` runs a kubeml server (not a zombie, not a reused pid)."""
+    if _reap(pid):
+        return False
+    proc = Path(f"/proc/{pid}")
+    if proc.is_dir():
+        try:
+            stat = (proc / "stat").read_text()
+            if stat.rsplit(")", 1)[1].split()[0] in ("Z", "X"):
+                return False
+            return _SERVER_MODULE in (proc / "cmdline").read_bytes().decode(errors="replace")
+        except (OSError, IndexError):
+            return False
+    try:  # no /proc (macOS): signal 0 checks existence only
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _group_alive(pgid: int) -> bool:
+    _reap(pgid)
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # killpg(0) also succeeds while only zombies remain; /proc tells them apart.
+    if Path("/proc").is_dir():
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except (OSError, IndexError):
+                continue
+            if int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
+                return True
+        return False
+    return True
+
+
+def _terminate_group(pid: int) -> None:
+    """SIGTERM the process group led by ``pid``, SIGKILL after the grace period."""
+    if not _pid_alive(pid):
+        # Never signal a group whose leader is gone or is not ours: the pgid may be reused.
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, signal.SIGTERM)
+    deadline = time.monotonic() + STOP_GRACE_S
+    while time.monotonic() < deadline:
+        if not _group_alive(pid):
+            return
+        time.sleep(0.1)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 5.0
+    while _group_alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+
+
+def _free_port(host: str) -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def _port_free(host: str, port: int) -> bool:
+    with socket.socket() as s:
+        # Same option uvicorn sets, so a port in TIME_WAIT after a stop counts as free.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("0.0.0.0" if host in ("127.0.0.1", "localhost") else host, port))
+        except OSError:
+            return False
+    return True
+
+
+def _model_ready(served: ServedModel) -> bool:
+    try:
+        r = requests.get(f"{served.url}/v2/models/{served.name}/ready", timeout=2)
+    except requests.RequestException:
+        return False
+    return r.status_code == 200
+
+
+def _tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except OSError as exc:
+        return f"(log unreadable: {exc})"
+    return "\n".join(text.splitlines()[-lines:])

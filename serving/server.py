@@ -1,0 +1,388 @@
+"""Model server process: one kubeml bundle behind KServe's ``ModelServer``.
+
+Run as::
+
+    python -m kubeml.serving.server --model-dir DIR --model-name NAME \\
+        [--model-version V] --http-port P [--grpc-port G]
+
+Where it sits: this is the only serving module that touches the web layer. It keeps
+kserve's REST (V1 + Open Inference Protocol V2) and optional gRPC servers, and closes the
+gaps where kserve answers a client mistake with a 5xx or no JSON:
+
+* request parsing failures inside kserve's decoder (``KeyError`` on a missing field, a
+  ``ValueError`` from a bad binary header, ...) become 400s (:class:`_StrictDataPlane`);
+* FastAPI's 422 validation errors, unknown routes (404) and wrong methods (405) answer
+  with the same ``{"error": "..."}`` body as every other error;
+* bodies above ``--max-body-bytes`` get a 413 before they are buffered, and JSON nested
+  deeply enough to exhaust the parser's recursion gets a 400 (:class:`_RequestGuard`);
+* ``/v2/models/NAME/versions/V/...`` is answered for the served version (kserve itself
+  answers 501 for any versioned route) and 404 for any other version.
+
+The model loads in a background thread: the port opens at once (liveness) and
+``/v2/health/ready`` and ``/v2/models/NAME/ready`` turn 200 only after the weights are
+loaded. A bundle that cannot be loaded stops the process with exit status 1 and the
+reason in the log.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import re
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+from kubeml.bundle import SPEC_FILE, WEIGHTS_FILE, read_spec
+from kubeml.errors import BundleError
+
+__all__ = ["DEFAULT_MAX_BODY_BYTES", "main", "serve"]
+
+log = logging.getLogger("kubeml.serving.server")
+
+#: Largest request body accepted. A full batch of 1024 digits rows is ~400 KiB as JSON
+#: (~256 KiB binary); 4 MiB leaves room for wider models while keeping a single request
+#: from buffering unbounded memory in the server.
+DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
+#: Seconds uvicorn waits for in-flight requests on SIGTERM. Requests here take
+#: milliseconds; a short grace keeps redeploys and ``kubeml serve stop`` quick.
+GRACE_PERIOD_S = 5
+#: Exit status when the bundle cannot be loaded (distinct from a crash or a signal).
+EXIT_LOAD_FAILED = 1
+
+_VERSIONED_ROUTE = re.compile(r"^/v2/models/(?P<name>[^/]+)/versions/(?P<version>[^/]+)(?P<rest>/.*)?$")
+
+
+def _preflight(model_dir: Path) -> None:
+    """Fail in milliseconds, before kserve and torch are imported, on a broken bundle."""
+    spec = read_spec(model_dir)
+    weights = model_dir / WEIGHTS_FILE
+    if not weights.is_file():
+        raise BundleError(f"{model_dir}: {WEIGHTS_FILE} is missing")
+    if spec.weights_sha256:
+        h = hashlib.sha256()
+        with weights.open("rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        if h.hexdigest() != spec.weights_sha256:
+            raise BundleError(
+                f"{weights}: checksum mismatch with {SPEC_FILE} (truncated or modified file)"
+            )
+
+
+# --------------------------------------------------------------------------------------
+# ASGI guard: body limit, deep nesting, versioned routes. Plain ASGI so it depends on no
+# particular Starlette/FastAPI version.
+# --------------------------------------------------------------------------------------
+
+
+async def _send_json(send: Any, status: int, message: str) -> None:
+    body = json.dumps({"error": message}).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+class _RequestGuard:
+    def __init__(self, app: Any, *, max_body_bytes: int, versions: dict[str, str]):
+        from starlette.exceptions import HTTPException
+
+        # Raised from receive() so that FastAPI (which turns any other exception raised
+        # while reading the body into a generic 400) passes it through unchanged.
+        self._too_large_error = HTTPException
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+        self.versions = versions
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        match = _VERSIONED_ROUTE.match(scope["path"])
+        if match:
+            name, version, rest = match["name"], match["version"], match["rest"] or ""
+            served = self.versions.get(name)
+            if served is not None and version != served:
+                await _send_json(
+                    send, 404, f"model {name!r} has no version {version!r}; serving {served!r}"
+                )
+                return
+            # Unknown names fall through to kserve, which answers 404 "model not found".
+            path = f"/v2/models/{name}{rest}"
+            scope = {**scope, "path": path, "raw_path": path.encode()}
+
+        for key, value in scope.get("headers", []):
+            if key == b"content-length":
+                try:
+                    declared = int(value)
+                except ValueError:
+                    await _send_json(send, 400, "invalid Content-Length header")
+                    return
+                if declared > self.max_body_bytes:
+                    await _send_json(send, 413, self._too_large())
+                    return
+
+        received = 0
+        started = False
+
+        async def limited_receive() -> dict:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_body_bytes:
+                    raise self._too_large_error(413, self._too_large())
+            return message
+
+        async def tracking_send(message: dict) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, tracking_send)
+        except RecursionError:
+            if started:
+                raise
+            await _send_json(send, 400, "request JSON is nested too deeply")
+
+    def _too_large(self) -> str:
+        return (
+            f"request body exceeds {self.max_body_bytes} bytes; "
+            "send fewer instances per request"
+        )
+
+
+# --------------------------------------------------------------------------------------
+# kserve integration
+# --------------------------------------------------------------------------------------
+
+
+class _ClientErrorsWithoutTraceback(logging.Filter):
+    """kserve logs every handled exception with a traceback, 400s included; a burst of
+    bad requests would bury real failures. Client errors keep one line, at WARNING."""
+
+    def __init__(self, client_errors: tuple[type[BaseException], ...]):
+        super().__init__()
+        self.client_errors = client_errors
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, self.client_errors):
+            record.msg, record.args, record.exc_info = "rejected request: %s", (exc,), None
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
+
+
+def _build_server(
+    model: Any,
+    *,
+    http_port: int,
+    grpc_port: int | None,
+    max_body_bytes: int,
+) -> Any:
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+
+    from kubeml.serving._kserve import (
+        DataPlane,
+        InvalidInput,
+        ModelNotFound,
+        ModelNotReady,
+        ModelServer,
+    )
+    from kubeml.serving._kserve import kserve as _kserve_pkg
+
+    class _StrictDataPlane(DataPlane):
+        """kserve's DataPlane with request decoding that never blames the server."""
+
+        def decode(self, body: Any, headers: Any, *args: Any, **kwargs: Any) -> Any:
+            if headers and "content-type" in headers:
+                # kserve compares the header verbatim, so "application/json; charset=utf-8"
+                # would be treated as opaque bytes.
+                headers = {**headers, "content-type": headers["content-type"].split(";")[0].strip().lower()}
+            try:
+                return super().decode(body, headers, *args, **kwargs)
+            except InvalidInput:
+                raise
+            except Exception as exc:  # decoding only ever sees client bytes
+                raise InvalidInput(f"malformed request: {type(exc).__name__}: {exc}") from exc
+
+        async def ready(self) -> bool:
+            models = self.model_registry.get_models()
+            if not models:
+                return False
+            for name in models:
+                if not await self.model_registry.is_model_ready(name):
+                    return False
+            return await super().ready()
+
+        async def model_metadata(self, model_name: str) -> dict:
+            metadata = await super().model_metadata(model_name)
+            served = self.get_model_from_registry(model_name)
+            metadata["platform"] = "kubeml_pytorch"
+            if getattr(served, "version", ""):
+                metadata["versions"] = [served.version]
+            return metadata
+
+    class _Server(ModelServer):
+        def __init__(self, **kwargs: Any):
+            super().__init__(**kwargs)
+            self.dataplane = _StrictDataPlane(model_registry=self.registered_models)
+
+    app = _kserve_pkg.model_server.app
+    logging.getLogger("kserve").addFilter(
+        _ClientErrorsWithoutTraceback((InvalidInput, ModelNotFound, ModelNotReady))
+    )
+    # One timing line per request per clock from kserve's middleware; metrics cover this.
+    logging.getLogger("kserve.trace").setLevel(logging.WARNING)
+
+    async def validation_error(_request: Any, exc: RequestValidationError) -> Any:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg', '')}"
+            for e in exc.errors()[:5]
+        )
+        return JSONResponse(status_code=400, content={"error": f"invalid request: {problems}"})
+
+    async def http_error(_request: Any, exc: StarletteHTTPException) -> Any:
+        return JSONResponse(
+            status_code=exc.status_code,
+            content={"error": str(exc.detail)},
+            headers=getattr(exc, "headers", None),
+        )
+
+    # kserve registers its own handlers at start(); these two types it leaves alone.
+    app.exception_handlers[RequestValidationError] = validation_error
+    app.exception_handlers[StarletteHTTPException] = http_error
+    app.add_middleware(
+        _RequestGuard,
+        max_body_bytes=max_body_bytes,
+        versions={model.name: model.version} if model.version else {},
+    )
+
+    server = _Server(
+        http_port=http_port,
+        grpc_port=grpc_port or 0,
+        enable_grpc=grpc_port is not None,
+        workers=1,
+        enable_docs_url=False,
+        enable_latency_logging=False,
+        grace_period=GRACE_PERIOD_S,
+        access_log_format=None,
+        event_loop="asyncio",
+        timeout_keep_alive=65,
+        ssl_certfile=None,
+        ssl_keyfile=None,
+    )
+    server.register_model(model)
+    return server
+
+
+def serve(
+    model_dir: str | Path,
+    *,
+    model_name: str,
+    model_version: str = "",
+    http_port: int,
+    grpc_port: int | None = None,
+    max_batch_size: int | None = None,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+) -> int:
+    """Serve the bundle in ``model_dir`` until SIGTERM/SIGINT; returns the exit status."""
+    model_dir = Path(model_dir)
+    _preflight(model_dir)
+
+    from kubeml.serving.model import DEFAULT_MAX_BATCH_SIZE, BundleModel
+
+    model = BundleModel(
+        model_name,
+        model_dir,
+        version=model_version,
+        max_batch_size=max_batch_size or DEFAULT_MAX_BATCH_SIZE,
+    )
+    server = _build_server(
+        model, http_port=http_port, grpc_port=grpc_port, max_body_bytes=max_body_bytes
+    )
+    failed = threading.Event()
+
+    def load() -> None:
+        try:
+            model.load()
+            log.info("model %s version %r loaded from %s", model_name, model_version, model_dir)
+        except Exception:
+            log.exception("cannot load model %s from %s; stopping", model_name, model_dir)
+            failed.set()
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=load, name="kubeml-model-loader", daemon=True).start()
+    # Registered above but not passed here: ModelServer.start() refuses models that are
+    # not ready yet, and this one becomes ready only once the loader thread finishes.
+    server.start([])
+    return EXIT_LOAD_FAILED if failed.is_set() else 0
+
+
+def _port(text: str) -> int:
+    value = int(text)
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"port must be 1..65535, got {value}")
+    return value
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m kubeml.serving.server",
+        description="Serve a kubeml model bundle over KServe V1 and Open Inference Protocol V2.",
+    )
+    p.add_argument("--model-dir", required=True, type=Path, help="bundle directory")
+    p.add_argument("--model-name", required=True, help="name in /v1/models/NAME and /v2/models/NAME")
+    p.add_argument("--model-version", default="", help="version reported in V2 metadata/responses")
+    p.add_argument("--http-port", required=True, type=_port)
+    p.add_argument("--grpc-port", type=_port, default=None, help="enable gRPC V2 on this port")
+    p.add_argument("--max-batch-size", type=int, default=None, help="most instances per request")
+    p.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", args.model_name):
+        log.error(
+            "model name %r is not URL-safe; use letters, digits, '.', '_', '-'", args.model_name
+        )
+        return 2
+    try:
+        return serve(
+            args.model_dir,
+            model_name=args.model_name,
+            model_version=args.model_version,
+            http_port=args.http_port,
+            grpc_port=args.grpc_port,
+            max_batch_size=args.max_batch_size,
+            max_body_bytes=args.max_body_bytes,
+        )
+    except BundleError as exc:
+        log.error("%s", exc)
+        return EXIT_LOAD_FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())
