@@ -365,13 +365,18 @@ class BundleModel(kserve.Model):
                 "probabilities": result.probabilities.tolist(),
             }
         n = len(result.predictions)
+        predictions, probabilities = result.predictions, result.probabilities
+        if request.from_grpc:
+            # kserve's gRPC encoder tests ``output.data`` for truth, which numpy arrays
+            # refuse; lists take the same path and are encoded identically.
+            predictions, probabilities = predictions.tolist(), probabilities.ravel().tolist()
         outputs = [
-            InferOutput(OUTPUT_PREDICTIONS, [n], "INT64", data=result.predictions),
+            InferOutput(OUTPUT_PREDICTIONS, [n], "INT64", data=predictions),
             InferOutput(
                 OUTPUT_PROBABILITIES,
                 [n, result.probabilities.shape[1]],
                 "FP32",
-                data=result.probabilities,
+                data=probabilities,
             ),
         ]
         return InferResponse(

@@ -217,6 +217,15 @@ def _build_server(
                 # kserve compares the header verbatim, so "application/json; charset=utf-8"
                 # would be treated as opaque bytes.
                 headers = {**headers, "content-type": headers["content-type"].split(";")[0].strip().lower()}
+            if (
+                isinstance(body, bytes)
+                and kwargs.get("protocol_version", args[0] if args else "") == "v2"
+                and "inference-header-content-length" not in (headers or {})
+            ):
+                # FastAPI only parses bodies labelled application/json; standard OIP
+                # clients (tritonclient) send plain JSON without a Content-Type. A V2
+                # body without binary tensors is all header, so say so.
+                headers = {**(headers or {}), "inference-header-content-length": str(len(body))}
             try:
                 return super().decode(body, headers, *args, **kwargs)
             except InvalidInput:

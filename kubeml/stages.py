@@ -1,0 +1,220 @@
+"""The pipeline's stages as plain library functions.
+
+Each KFP component in ``components/`` is a thin wrapper that calls one function here, so
+the logic lives once and runs the same under ``kfp.local``, on a Kubeflow cluster, or
+called directly from Python. Every stage takes the environment config as JSON (a KFP
+parameter), records itself in the run ledger, and returns plain values.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from kubeml.artifacts import open_store
+from kubeml.config import EnvironmentConfig
+from kubeml.errors import ArtifactNotFound, RegistryError
+from kubeml.ledger import Ledger
+
+__all__ = [
+    "deploy_stage",
+    "evaluate_stage",
+    "gate_stage",
+    "ingest_stage",
+    "register_stage",
+    "train_stage",
+    "validate_stage",
+]
+
+
+def _open(config_json: str, run_id: str):
+    cfg = EnvironmentConfig.model_validate_json(config_json)
+    store = open_store(cfg.artifact_store.uri, endpoint_url=cfg.artifact_store.endpoint_url)
+    return cfg, store, Ledger(store, run_id)
+
+
+def ingest_stage(config_json: str, run_id: str) -> tuple[str, str]:
+    """Returns ``(dataset name, dataset version)``."""
+    from kubeml.data import ingest
+
+    cfg, store, ledger = _open(config_json, run_id)
+    with ledger.stage("ingest") as rec:
+        m = ingest(store, cfg.data)
+        rec.outputs = {"dataset": m.name, "version": m.version, "rows": m.rows, "train_rows": m.train_rows, "test_rows": m.test_rows}
+        rec.message = f"{m.name}@{m.version} ({m.rows} rows)"
+    return m.name, m.version
+
+
+def validate_stage(config_json: str, run_id: str, dataset: str, version: str) -> str:
+    """Raises DataValidationError (failing the run) listing every failed constraint; returns the report as JSON."""
+    from kubeml.data import load_dataset, validate
+
+    cfg, store, ledger = _open(config_json, run_id)
+    with ledger.stage("validate") as rec:
+        ds = load_dataset(store, dataset, version)
+        report = validate(ds, cfg.data.validation)
+        rec.outputs = report
+        rec.message = f"{report['rows']} rows, {report['features']} features: all constraints hold"
+    return json.dumps(report)
+
+
+def train_stage(config_json: str, run_id: str, dataset: str, version: str) -> str:
+    """Returns the model bundle's store key."""
+    from kubeml.training.trainer import fit
+
+    cfg, store, ledger = _open(config_json, run_id)
+    with ledger.stage("train") as rec:
+        result = fit(cfg, store, dataset=dataset, dataset_version=version, run_id=run_id)
+        last = result.history[-1] if result.history else {}
+        rec.outputs = {
+            "bundle_key": result.bundle_key,
+            "checkpoint_uri": result.checkpoint_uri,
+            "epochs": result.epochs,
+            "final_loss": last.get("loss"),
+            "train_accuracy": last.get("train_accuracy"),
+            "samples_per_s": last.get("samples_per_s"),
+            "time_to_first_step_s": result.time_to_first_step_s,
+            "history": list(result.history),
+        }
+        rec.message = (
+            f"{cfg.training.workers} workers, {result.epochs} epochs, "
+            f"loss {last.get('loss', float('nan')):.4f}, {last.get('samples_per_s', 0):.0f} samples/s"
+        )
+    return result.bundle_key
+
+
+def _local_bundle(cfg: EnvironmentConfig, store, bundle_key: str, dest_name: str):
+    from pathlib import Path
+
+    local = store.local_path(bundle_key)
+    if local is not None:
+        return local
+    dest = Path(cfg.home) / "cache" / "bundles" / dest_name
+    return store.get_dir(bundle_key, dest)
+
+
+def evaluate_stage(config_json: str, run_id: str, dataset: str, version: str, bundle_key: str) -> tuple[float, float]:
+    """Returns ``(accuracy, macro_f1)`` on the held-out split; writes the full report to the ledger."""
+    from kubeml.bundle import load_bundle
+    from kubeml.data import load_dataset
+    from kubeml.evaluation import evaluate_model
+
+    cfg, store, ledger = _open(config_json, run_id)
+    with ledger.stage("evaluate") as rec:
+        ds = load_dataset(store, dataset, version)
+        model, spec = load_bundle(_local_bundle(cfg, store, bundle_key, run_id))
+        x, y = ds.test()
+        report = evaluate_model(model, x, y, num_classes=len(spec.classes))
+        store.put_text(
+            f"runs/{run_id}/evaluation.json",
+            json.dumps(
+                {**report.metrics(), "confusion_matrix": report.confusion_matrix, "predictions": report.predictions},
+            ),
+        )
+        rec.outputs = {**report.metrics(), "confusion_matrix": report.confusion_matrix}
+        rec.message = f"accuracy {report.accuracy:.4f}, macro-F1 {report.macro_f1:.4f} on {report.samples} held-out samples"
+    return report.accuracy, report.macro_f1
+
+
+def gate_stage(config_json: str, run_id: str, accuracy: float, macro_f1: float) -> str:
+    """Returns ``"passed"`` or ``"failed"``; a failure is a clean outcome, recorded with its reasons."""
+    from kubeml.evaluation import gate
+
+    cfg, _, ledger = _open(config_json, run_id)
+    with ledger.stage("gate") as rec:
+        decision = gate({"accuracy": accuracy, "macro_f1": macro_f1}, cfg.gate)
+        rec.outputs = {"passed": decision.passed, "reasons": list(decision.reasons),
+                       "min_accuracy": cfg.gate.min_accuracy, "min_macro_f1": cfg.gate.min_macro_f1}
+        rec.message = "passed" if decision.passed else "failed: " + decision.summary()
+    return "passed" if decision.passed else "failed"
+
+
+def register_stage(
+    config_json: str, run_id: str, dataset: str, version: str, bundle_key: str, code_version: str
+) -> int:
+    """Registers the bundle as the next model version; returns the version number."""
+    from kubeml.registry import Registry
+
+    cfg, store, ledger = _open(config_json, run_id)
+    with ledger.stage("register") as rec:
+        evaluation = json.loads(store.get_text(f"runs/{run_id}/evaluation.json"))
+        metrics = {k: evaluation[k] for k in ("accuracy", "macro_f1", "test_samples")}
+        train = ledger.read("train").outputs
+        reg = Registry(cfg.registry.tracking_uri, artifact_root=cfg.artifact_store.uri)
+        mv = reg.register(
+            cfg.registry.model_name,
+            store.url(bundle_key),
+            metrics=metrics,
+            params={"model": cfg.training.model, "epochs": cfg.training.epochs, "workers": cfg.training.workers,
+                    "batch_size": cfg.training.batch_size, "learning_rate": cfg.training.learning_rate,
+                    "seed": cfg.data.seed},
+            tags={"dataset": dataset, "dataset_version": version, "code_version": code_version,
+                  "kubeml.run_id": run_id, "environment": cfg.name,
+                  "checkpoint_uri": train.get("checkpoint_uri", "")},
+            auto_approve=cfg.approval == "auto",
+        )
+        rec.outputs = {"model_name": mv.name, "version": mv.version, "approval_status": mv.approval_status, "source": mv.source}
+        rec.message = f"{mv.name} version {mv.version} ({mv.approval_status})"
+    return mv.version
+
+
+def deploy_stage(config_json: str, run_id: str, model_version: int) -> str:
+    """Serves an approved version on localhost, smoke-tests it; returns the V2 infer URL.
+
+    A pending version is not deployed: the stage records that it awaits approval and
+    returns an empty string.
+    """
+    from pathlib import Path
+
+    from kubeml.data import load_dataset
+    from kubeml.registry import Registry
+    from kubeml.serving.client import smoke_test
+    from kubeml.serving.manager import ServingManager
+
+    cfg, store, ledger = _open(config_json, run_id)
+    with ledger.stage("deploy") as rec:
+        reg = Registry(cfg.registry.tracking_uri, artifact_root=cfg.artifact_store.uri)
+        mv = reg.get(cfg.registry.model_name, model_version)
+        if not mv.approved:
+            rec.status = "skipped"
+            rec.message = (
+                f"version {mv.version} is {mv.approval_status}; not deployed "
+                f"(approve it with: kubeml models approve {mv.version} --env {cfg.name})"
+            )
+            rec.outputs = {"deployed": False, "approval_status": mv.approval_status}
+            return ""
+        bundle_key = _key_from_url(store, mv.source)
+        bundle_dir = _local_bundle(cfg, store, bundle_key, f"{mv.name}-v{mv.version}")
+        manager = ServingManager(Path(cfg.home) / "serving", host=cfg.serving.host)
+        served = manager.deploy(
+            mv.name, bundle_dir, version=str(mv.version), http_port=cfg.serving.http_port,
+            grpc_port=cfg.serving.grpc_port,
+        )
+        # Smoke test: held-out samples through V1 and V2 must give exactly the offline answers.
+        evaluation = json.loads(store.get_text(f"runs/{run_id}/evaluation.json"))
+        ingest_out = ledger.read("ingest").outputs
+        x, _ = load_dataset(store, ingest_out["dataset"], ingest_out["version"]).test()
+        n = min(cfg.serving.smoke_samples, len(x))
+        report = smoke_test(served.url, mv.name, x[:n], expected=evaluation["predictions"][:n], min_accuracy=1.0)
+        rec.outputs = {"deployed": True, "url": served.url, "v1_url": served.v1_url, "v2_url": served.v2_url,
+                       "smoke_samples": n, "model_version": mv.version, "smoke_agreement": report.accuracy}
+        rec.message = f"{served.v2_url} (smoke test: {n} held-out samples via V1 and V2 match offline evaluation)"
+    return served.v2_url
+
+
+def _key_from_url(store, url: str) -> str:
+    root = store.uri.rstrip("/") + "/"
+    if not url.startswith(root):
+        raise RegistryError(f"model source {url} is outside the artifact store {store.uri}")
+    key = url[len(root):]
+    if not store.list(key):
+        raise ArtifactNotFound(f"model bundle {url} is missing from the artifact store")
+    return key
+
+
+def run_summary(store, run_id: str) -> dict[str, Any]:
+    """Everything the CLI's summary table shows, read back from the ledger."""
+    ledger = Ledger(store, run_id)
+    recs = {r.stage: r for r in ledger.all()}
+    return {name: {"status": r.status, "message": r.message, "outputs": r.outputs, "duration_s": r.duration_s}
+            for name, r in recs.items()}
