@@ -19,7 +19,7 @@ from kubeml.serving.manager import ServingManager, default_state_dir
 __all__ = ["app"]
 
 app = typer.Typer(help="Serve models locally (KServe model servers).", no_args_is_help=True)
-_console = Console()
+_console = Console(soft_wrap=True)  # long paths and URLs stay on one line
 
 StateDir = Annotated[
     Path | None,

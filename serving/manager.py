@@ -350,15 +350,17 @@ def _terminate_group(pid: int) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.killpg(pid, signal.SIGTERM)
     deadline = time.monotonic() + STOP_GRACE_S
-    while time.monotonic() < deadline:
-        if not _group_alive(pid):
-            return
-        time.sleep(0.1)
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(pid, signal.SIGKILL)
-    deadline = time.monotonic() + 5.0
     while _group_alive(pid) and time.monotonic() < deadline:
         time.sleep(0.1)
+    if _group_alive(pid):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 5.0
+        while _group_alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+    # The leader may have exited after the last reap inside _group_alive; collect it so a
+    # long-lived deploying process (pipeline, tests) does not accumulate zombies.
+    _reap(pid)
 
 
 def _free_port(host: str) -> int:

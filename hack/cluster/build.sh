@@ -126,6 +126,23 @@ want helm && go_install helm "v$HELM_VERSION" "helm.sh/helm/v3/cmd/helm@v$HELM_V
 want controller-gen && go_install controller-gen "v$CONTROLLER_TOOLS_VERSION" \
     "sigs.k8s.io/controller-tools/cmd/controller-gen@v$CONTROLLER_TOOLS_VERSION" "$strip_flags"
 
+# kwok ships its stage definitions (how fake nodes become Ready, how pods reach Running) as
+# YAML inside its module; kwokctl embeds them, the bare kwok binary needs them as --config.
+# Take them from the same module version, so they always match the binary.
+if want kwok; then
+    kwok_dir=$(cd "$dest" && GOFLAGS= go mod download -json "sigs.k8s.io/kwok@v$KWOK_VERSION" |
+        sed -n 's/^[[:space:]]*"Dir": "\(.*\)",$/\1/p')
+    [[ -d "$kwok_dir" ]] || die "could not locate the sigs.k8s.io/kwok@v$KWOK_VERSION module source"
+    stages="$kwok_dir/kustomize/stage"
+    mkdir -p "$dest/kwok"
+    for f in node/fast/node-initialize.yaml node/heartbeat-with-lease/node-heartbeat-with-lease.yaml \
+        pod/fast/pod-ready.yaml pod/fast/pod-complete.yaml pod/fast/pod-delete.yaml; do
+        cat "$stages/$f"
+        echo "---"
+    done >"$dest/kwok/.stages.yaml.tmp"
+    mv -f "$dest/kwok/.stages.yaml.tmp" "$dest/kwok/stages.yaml"
+fi
+
 # --- Third-party CRDs from upstream Go API types ----------------------------------------------
 if want crds; then
     KUBEML_CRDS_OUT="$crds" CONTROLLER_GEN="$bin/controller-gen" bash "$here/crds/generate.sh"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import socket
 import subprocess
@@ -11,47 +10,9 @@ import sys
 from pathlib import Path
 
 import pytest
-import requests
 
 from kubeml.errors import ConfigError, ServingError
 from kubeml.serving import ServingManager
-
-
-def _gone(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    stat = Path(f"/proc/{pid}/stat")
-    return stat.exists() and stat.read_text().rsplit(")", 1)[1].split()[0] == "Z"
-
-
-def test_redeploy_replaces_server_on_same_port_and_stop_leaves_no_process(tmp_path, digits_bundle):
-    manager = ServingManager(tmp_path / "state")
-    first = manager.deploy("digits", digits_bundle, version="1")
-    try:
-        assert first.ready and first.alive
-        second = manager.deploy("digits", digits_bundle, version="2", http_port=first.http_port)
-        assert second.pid != first.pid
-        assert second.http_port == first.http_port
-        assert _gone(first.pid)
-        meta = requests.get(f"{second.url}/v2/models/digits", timeout=10).json()
-        assert meta["versions"] == ["2"]
-
-        [listed] = manager.status()
-        assert (listed.name, listed.version, listed.pid) == ("digits", "2", second.pid)
-        assert listed.alive and listed.ready
-        assert listed.v1_url == f"http://127.0.0.1:{first.http_port}/v1/models/digits:predict"
-        assert Path(listed.log_file).read_text()  # the server logs to the state dir
-    finally:
-        stopped = manager.stop()
-    assert stopped == ["digits"]
-    assert _gone(second.pid)
-    assert manager.status() == []
-    assert json.loads(manager.state_file.read_text()) == {}
-    with socket.socket() as s:  # the port is free again
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        s.bind(("0.0.0.0", first.http_port))
 
 
 def test_deploy_of_corrupt_bundle_fails_with_log_tail_and_leaves_no_state(tmp_path, digits_bundle):

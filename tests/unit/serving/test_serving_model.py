@@ -77,3 +77,19 @@ def test_public_api_is_sorted_and_resolves():
     assert list(names) == sorted(names)
     for name in names:
         assert getattr(kubeml.serving, name) is not None
+
+
+def test_importing_serving_ignores_kserve_flags_on_the_command_line():
+    # kserve parses sys.argv at import; a host process's flags must not reach it.
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.argv = ['prog', '--http_port', 'not-a-port', '--model_name', 'evil'];"
+        "import kubeml.serving.model;"
+        "from kserve.model_server import args;"
+        "assert (args.http_port, args.model_name) == (8080, 'model'), args;"
+        "assert sys.argv[1] == '--http_port'"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]

@@ -1,8 +1,13 @@
-"""A real model server process (started through ServingManager) answering V1 and V2."""
+"""A real model server process (started through ServingManager) answering V1 and V2.
+
+All tests share one server; the last test redeploys and stops it, so it stays last.
+"""
 
 from __future__ import annotations
 
 import json
+import os
+import socket
 import struct
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,19 +24,21 @@ VERSION = "7"
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory, digits_bundle: Path) -> Iterator[ServedModel]:
+def manager(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServingManager]:
     manager = ServingManager(tmp_path_factory.mktemp("state"))
-    grpc_port = _free_port()
-    served = manager.deploy("digits", digits_bundle, version=VERSION, grpc_port=grpc_port)
     try:
-        yield served
+        yield manager
     finally:
         manager.stop()
 
 
-def _free_port() -> int:
-    import socket
+@pytest.fixture(scope="module")
+def server(manager: ServingManager, digits_bundle: Path) -> ServedModel:
+    # One server for the module: a cold start costs 10-20 s on a small CPU box.
+    return manager.deploy("digits", digits_bundle, version=VERSION, grpc_port=_free_port())
 
+
+def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -270,24 +277,33 @@ def test_tritonclient_http_infer_agrees(server, digits_rows, reference):
         client.close()
 
 
-def test_tritonclient_grpc_infer_agrees(server, digits_rows, reference):
-    import tritonclient.grpc as grpcclient
+def test_grpc_v2_infer_agrees_and_rejects_nan_as_invalid_argument(server, digits_rows, reference):
+    # kserve's own generated OIP stubs: tritonclient.grpc registers the same proto file
+    # name in protobuf's global pool and cannot be imported next to kserve.
+    import grpc
+    from kserve.protocol.grpc import grpc_predict_v2_pb2 as pb
+    from kserve.protocol.grpc.grpc_predict_v2_pb2_grpc import GRPCInferenceServiceStub
 
-    client = grpcclient.InferenceServerClient(url=f"127.0.0.1:{server.grpc_port}")
-    try:
-        assert client.is_model_ready("digits")
-        tensor = grpcclient.InferInput("input", list(digits_rows.shape), "FP32")
-        tensor.set_data_from_numpy(digits_rows)
-        result = client.infer("digits", [tensor])
-        np.testing.assert_array_equal(result.as_numpy("predictions"), reference[0])
+    def request(rows: np.ndarray) -> pb.ModelInferRequest:
+        return pb.ModelInferRequest(
+            model_name="digits",
+            inputs=[pb.ModelInferRequest.InferInputTensor(name="input", datatype="FP32", shape=list(rows.shape))],
+            raw_input_contents=[rows.astype(np.float32).tobytes()],
+        )
+
+    with grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
+        stub = GRPCInferenceServiceStub(channel)
+        assert stub.ModelReady(pb.ModelReadyRequest(name="digits"), timeout=10).ready
+        response = stub.ModelInfer(request(digits_rows), timeout=10)
+        outputs = [o.name for o in response.outputs]
+        predictions = np.frombuffer(response.raw_output_contents[outputs.index("predictions")], dtype=np.int64)
+        np.testing.assert_array_equal(predictions, reference[0])
         nan = digits_rows[:1].copy()
         nan[0, 0] = np.nan
-        bad = grpcclient.InferInput("input", [1, 64], "FP32")
-        bad.set_data_from_numpy(nan)
-        with pytest.raises(Exception, match="NaN"):
-            client.infer("digits", [bad])
-    finally:
-        client.close()
+        with pytest.raises(grpc.RpcError) as err:
+            stub.ModelInfer(request(nan), timeout=10)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "NaN" in err.value.details()
 
 
 def test_client_and_smoke_test_agree_with_model(server, digits_rows, reference):
@@ -304,3 +320,42 @@ def test_client_and_smoke_test_agree_with_model(server, digits_rows, reference):
     assert report.accuracy == 1.0
     assert report.model_version == VERSION
     assert report.instances == 5
+
+
+def _gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    stat = Path(f"/proc/{pid}/stat")
+    return stat.exists() and stat.read_text().rsplit(")", 1)[1].split()[0] == "Z"
+
+
+# Must stay the last test of this module: it replaces and then stops the shared server.
+def test_redeploy_replaces_server_on_same_port_and_stop_leaves_no_process(manager, server, digits_bundle):
+    first = server
+    try:
+        assert first.ready and first.alive
+        second = manager.deploy("digits", digits_bundle, version="2", http_port=first.http_port)
+        assert second.pid != first.pid
+        assert second.http_port == first.http_port
+        assert _gone(first.pid)
+        meta = requests.get(f"{second.url}/v2/models/digits", timeout=10).json()
+        assert meta["versions"] == ["2"]
+
+        [listed] = manager.status()
+        assert (listed.name, listed.version, listed.pid) == ("digits", "2", second.pid)
+        assert listed.alive and listed.ready
+        assert listed.v1_url == f"http://127.0.0.1:{first.http_port}/v1/models/digits:predict"
+        assert Path(listed.log_file).read_text()  # the server logs to the state dir
+    finally:
+        stopped = manager.stop()
+    assert stopped == ["digits"]
+    assert _gone(second.pid)
+    with pytest.raises(ProcessLookupError):  # nothing left in the server's process group
+        os.killpg(second.pid, 0)
+    assert manager.status() == []
+    assert json.loads(manager.state_file.read_text()) == {}
+    with socket.socket() as s:  # the port is free again
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(("0.0.0.0", first.http_port))

@@ -1,0 +1,60 @@
+# kubeml: `make demo` and `make test` are the whole set-up on a fresh machine.
+#
+# Heavy, reusable things live outside the repo in $(KUBEML_CACHE): the uv tool venv,
+# uv's wheel cache, and the control-plane binaries built from Go modules.
+
+SHELL := /bin/bash
+PYTHON ?= python3
+KUBEML_CACHE ?= $(HOME)/.cache/kubeml
+VENV := .venv
+PY := $(VENV)/bin/python
+UV_VERSION := 0.13.9
+UV := $(KUBEML_CACHE)/tools/bin/uv
+PYTEST_ARGS ?=
+
+.PHONY: demo test install cluster-assets test-unit test-integration test-e2e clean help
+
+help:
+	@echo "make demo            install, then run the whole pipeline locally (kubeml run)"
+	@echo "make test            install, build test assets, run every test tier"
+	@echo "make cluster-assets  build the control-plane binaries and CRDs into $(KUBEML_CACHE)"
+
+$(UV):
+	$(PYTHON) -m venv $(KUBEML_CACHE)/tools
+	$(KUBEML_CACHE)/tools/bin/python -m pip install --quiet --disable-pip-version-check uv==$(UV_VERSION)
+
+# The stamp depends on the inputs of the install: change either file and it reinstalls.
+$(VENV)/.installed: pyproject.toml requirements/constraints.txt | $(UV)
+	test -x $(PY) || $(UV) venv --quiet --python $(PYTHON) $(VENV)
+	$(UV) pip install --quiet --python $(PY) -r requirements/constraints.txt
+	$(UV) pip install --quiet --python $(PY) --no-deps -e .
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(VENV)/bin/kubeml run
+	@echo
+	@echo "The model is being served. Try:"
+	@echo "  curl -s -H 'Content-Type: application/json' -d @examples/digit-v2.json http://127.0.0.1:8080/v2/models/digits-cnn/infer"
+	@echo "  $(VENV)/bin/kubeml serve status      # list served models"
+	@echo "  $(VENV)/bin/kubeml serve stop        # stop them"
+
+cluster-assets:
+	bash hack/cluster/build.sh
+
+test: install cluster-assets
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-unit: install
+	$(PY) -m pytest -m "not integration and not e2e" $(PYTEST_ARGS)
+
+test-integration: install cluster-assets
+	$(PY) -m pytest -m integration $(PYTEST_ARGS)
+
+test-e2e: install
+	$(PY) -m pytest -m e2e $(PYTEST_ARGS)
+
+clean:
+	-$(VENV)/bin/kubeml serve stop 2>/dev/null
+	rm -rf .kubeml .pytest_cache

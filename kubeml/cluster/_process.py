@@ -1,0 +1,196 @@
+"""Starting, probing and stopping the control-plane processes.
+
+Processes are started in their own session, so a `kubeml cluster up` returns while they
+keep running and Ctrl-C in the terminal does not reach them. Each is recorded in the
+cluster's state file as (pid, start time): the start time tells a live component apart from
+an unrelated process that reused its pid after a crash and reboot.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import ssl
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from kubeml.cluster._errors import ComponentFailed, PortInUse
+
+__all__ = [
+    "ProcessRecord",
+    "free_ports",
+    "is_alive",
+    "log_tail",
+    "probe",
+    "start_process",
+    "stop_processes",
+]
+
+# How long a component gets to exit after SIGTERM before SIGKILL, in seconds. The apiserver
+# drains in-flight requests (under a second with no clients); etcd flushes its WAL.
+_TERM_GRACE_S = 10.0
+_LOG_TAIL_LINES = 25
+
+
+@dataclass(frozen=True)
+class ProcessRecord:
+    """A started component: enough to find it again from another process."""
+
+    name: str
+    pid: int
+    start_time: int
+    """Clock ticks since boot at which the process started (``/proc/<pid>/stat`` field 22)."""
+    log: str
+
+    def to_dict(self) -> dict[str, object]:
+        return {"name": self.name, "pid": self.pid, "start_time": self.start_time, "log": self.log}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, object]) -> ProcessRecord:
+        return cls(str(data["name"]), int(data["pid"]), int(data["start_time"]), str(data["log"]))
+
+
+def _start_time(pid: int) -> int | None:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # The command name (field 2) is in parentheses and may contain spaces; split after it.
+    fields = stat.rsplit(")", 1)[1].split()
+    if fields[0] == "Z":  # a zombie has exited; only its exit status is left
+        return None
+    return int(fields[19])
+
+
+def is_alive(record: ProcessRecord) -> bool:
+    return _start_time(record.pid) == record.start_time
+
+
+def log_tail(path: str | Path, lines: int = _LOG_TAIL_LINES) -> str:
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(0, os.SEEK_END)
+            handle.seek(max(0, handle.tell() - 64 * 1024))
+            text = handle.read().decode("utf-8", "replace")
+    except OSError:
+        return ""
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def start_process(name: str, argv: list[str], log_path: Path) -> tuple[subprocess.Popen[bytes], ProcessRecord]:
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            close_fds=True,
+        )
+    start = _start_time(proc.pid)
+    if start is None:
+        proc.wait()
+        raise ComponentFailed(name, f"exited immediately (status {proc.returncode})",
+                              log_tail(log_path), str(log_path))
+    return proc, ProcessRecord(name, proc.pid, start, str(log_path))
+
+
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct ports that were free on 127.0.0.1 a moment ago."""
+    sockets = []
+    try:
+        for _ in range(count):
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.bind(("127.0.0.1", 0))
+            sockets.append(sock)
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def check_port_free(port: int, component: str) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        # SO_REUSEADDR as the Go servers use it: a port held only by TIME_WAIT sockets is free.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError as exc:
+            raise PortInUse(port, component) from exc
+
+
+def probe(url: str, context: ssl.SSLContext | None = None, timeout: float = 1.0) -> tuple[bool, str]:
+    """GET ``url``; (True, body) on HTTP 200, else (False, why)."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout, context=context) as response:
+            return response.status == 200, response.read(512).decode("utf-8", "replace").strip()
+    except urllib.error.HTTPError as exc:
+        return False, f"HTTP {exc.code}"
+    except (urllib.error.URLError, OSError, ssl.SSLError) as exc:
+        reason = getattr(exc, "reason", exc)
+        return False, str(reason)
+
+
+def wait_healthy(
+    record: ProcessRecord,
+    url: str,
+    *,
+    deadline: float,
+    context: ssl.SSLContext | None = None,
+    proc: subprocess.Popen[bytes] | None = None,
+) -> None:
+    """Poll ``url`` every 100 ms until it answers 200; fail fast if the process exits."""
+    why = "no answer yet"
+    while True:
+        exited = proc.poll() is not None if proc is not None else not is_alive(record)
+        if exited:
+            status = f" (status {proc.returncode})" if proc is not None else ""
+            raise ComponentFailed(record.name, f"exited during startup{status}",
+                                  log_tail(record.log), record.log)
+        ok, why = probe(url, context)
+        if ok:
+            return
+        if time.monotonic() > deadline:
+            raise ComponentFailed(record.name, f"not healthy at {url} in time: {why}",
+                                  log_tail(record.log), record.log)
+        time.sleep(0.1)
+
+
+def stop_processes(
+    records: list[ProcessRecord],
+    handles: dict[int, subprocess.Popen[bytes]] | None = None,
+    grace_s: float = _TERM_GRACE_S,
+) -> None:
+    """SIGTERM every live record, wait up to ``grace_s``, then SIGKILL what is left."""
+    handles = handles or {}
+    live = [r for r in records if is_alive(r)]
+    for record in live:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(record.pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    for record in live:
+        _wait_gone(record, handles.get(record.pid), deadline)
+    for record in live:
+        if is_alive(record):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(record.pid, signal.SIGKILL)
+            _wait_gone(record, handles.get(record.pid), time.monotonic() + 5.0)
+
+
+def _wait_gone(record: ProcessRecord, handle: subprocess.Popen[bytes] | None, deadline: float) -> None:
+    while time.monotonic() < deadline:
+        if handle is not None:
+            # Our own child: reap it, or it lingers as a zombie holding its pid.
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                handle.wait(timeout=0.05)
+                return
+        elif not is_alive(record):
+            return
+        else:
+            time.sleep(0.05)

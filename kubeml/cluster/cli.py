@@ -1,0 +1,107 @@
+"""``kubeml cluster``: start, inspect and stop the local control plane.
+
+A Typer sub-application; the main CLI mounts it as ``kubeml cluster``. ``up`` returns once
+the cluster can run pods and leaves the processes running; ``down`` works from any shell
+because everything it needs is in the cluster's state directory.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from kubeml.cluster._cluster import Cluster, ClusterStatus
+from kubeml.cluster._errors import ClusterError
+
+__all__ = ["app"]
+
+app = typer.Typer(help="Local Kubernetes control plane (etcd, apiserver, kwok nodes).", no_args_is_help=True)
+_console = Console(soft_wrap=True)  # long paths stay on one line, so they can be copied
+_err = Console(stderr=True, soft_wrap=True)
+
+NameOpt = Annotated[str, typer.Option("--name", "-n", help="Cluster name (one state directory each).")]
+StateDirOpt = Annotated[
+    Path | None,
+    typer.Option("--state-dir", help="State directory (default: ~/.cache/kubeml/clusters/<name>).",
+                 show_default=False),
+]
+
+
+def _print_status(status: ClusterStatus) -> None:
+    if not status.components:
+        _console.print(f"cluster [bold]{status.name}[/bold]: not running")
+        return
+    _console.print(f"cluster [bold]{status.name}[/bold] at {status.server}")
+    _console.print(f"  admin kubeconfig: {status.admin_kubeconfig}")
+    for path in status.user_kubeconfigs:
+        _console.print(f"  user kubeconfig:  {path}")
+    table = Table(show_edge=False, pad_edge=False)
+    for column in ("component", "pid", "running", "healthy", "detail"):
+        table.add_column(column)
+    for c in status.components:
+        table.add_row(c.name, str(c.pid or ""), "yes" if c.running else "[red]no[/red]",
+                      "yes" if c.healthy else "[red]no[/red]", c.detail[:60])
+    _console.print(table)
+    _console.print(f"  logs: {status.state_dir / 'logs'}")
+
+
+@app.command()
+def up(
+    name: NameOpt = "kubeml",
+    port: Annotated[int, typer.Option(help="kube-apiserver port on 127.0.0.1; 0 picks a free one.")] = 0,
+    state_dir: StateDirOpt = None,
+    build: Annotated[bool, typer.Option(help="Build missing control-plane assets first (slow when cold).")] = True,
+    timeout: Annotated[float, typer.Option(help="Start-up budget in seconds.")] = 120.0,
+) -> None:
+    """Start etcd, kube-apiserver, controller-manager, scheduler and kwok with EKS-like fake nodes."""
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    cluster = Cluster(name, state_dir=state_dir, apiserver_port=port)
+    started = time.monotonic()
+    try:
+        cluster.up(build_assets=build, timeout_s=timeout)
+    except ClusterError as exc:
+        _err.print(f"[red]error:[/red] {exc}", highlight=False, markup=False)
+        raise typer.Exit(1) from None
+    _console.print(f"started in {time.monotonic() - started:.1f} s")
+    _print_status(cluster.status())
+    _console.print(f"\n  export KUBECONFIG={cluster.admin_kubeconfig}")
+
+
+@app.command()
+def down(name: NameOpt = "kubeml", state_dir: StateDirOpt = None) -> None:
+    """Stop every component and delete the cluster's state directory."""
+    cluster = Cluster(name, state_dir=state_dir)
+    was_running = cluster.status().running
+    cluster.down()
+    _console.print(f"cluster {name}: {'stopped' if was_running else 'was not running'}; state removed")
+
+
+@app.command()
+def status(name: NameOpt = "kubeml", state_dir: StateDirOpt = None) -> None:
+    """Print kubeconfig paths and the health of every component (exit 1 when unhealthy)."""
+    result = Cluster(name, state_dir=state_dir).status()
+    _print_status(result)
+    if not result.healthy:
+        raise typer.Exit(1)
+
+
+@app.command("kubeconfig")
+def kubeconfig(
+    user: Annotated[str, typer.Argument(help="User name (the certificate's CN).")],
+    group: Annotated[list[str] | None, typer.Option("--group", "-g", help="Group (repeatable).")] = None,
+    name: NameOpt = "kubeml",
+    state_dir: StateDirOpt = None,
+) -> None:
+    """Write a kubeconfig for USER in the given groups and print its path."""
+    try:
+        path = Cluster(name, state_dir=state_dir).kubeconfig_for(user, tuple(group or ()))
+    except ClusterError as exc:
+        _err.print(f"[red]error:[/red] {exc}", highlight=False, markup=False)
+        raise typer.Exit(1) from None
+    _console.print(str(path))

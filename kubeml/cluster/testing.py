@@ -1,0 +1,140 @@
+"""pytest support: a session-scoped control-plane fixture and a throwaway-namespace helper.
+
+In a ``conftest.py``::
+
+    from kubeml.cluster.testing import cluster_fixture
+
+    cluster = cluster_fixture()            # a fixture named "cluster"
+
+By default the fixture starts a local cluster (building the assets first if they are
+missing) and stops it when the session ends. With ``KUBEML_TEST_CLUSTER=existing`` it uses
+the cluster of ``KUBECONFIG`` instead (kind, EKS) and leaves it running.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import time
+from collections.abc import Iterator
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import pytest
+
+from kubeml.cluster._cluster import Cluster
+from kubeml.cluster._errors import ClusterError
+from kubeml.cluster._existing import ExistingCluster
+from kubeml.cluster._nodes import DEFAULT_NODE_GROUPS, NodeGroup
+
+if TYPE_CHECKING:
+    from kubernetes.client import ApiClient
+
+__all__ = ["cluster_fixture", "temporary_namespace", "wait_until"]
+
+T = TypeVar("T")
+
+#: ``KUBEML_TEST_CLUSTER`` values.
+_MODES = ("local", "existing")
+
+
+def cluster_fixture(
+    name: str = "pytest",
+    *,
+    scope: str = "session",
+    node_groups: tuple[NodeGroup, ...] = DEFAULT_NODE_GROUPS,
+    build_assets: bool = True,
+    timeout_s: float = 180.0,
+) -> Any:
+    """Make a pytest fixture yielding a running ``Cluster`` (or an ``ExistingCluster``).
+
+    Args:
+        name: local cluster name; its state lives in ``~/.cache/kubeml/clusters/<name>``.
+            A cluster of that name left by a killed session is cleaned up on start.
+        scope: pytest scope; "session" starts one cluster for the whole run (~15 s).
+        node_groups: fake nodes to create (ignored for an existing cluster).
+        build_assets: build missing binaries instead of failing (a cold build takes tens
+            of minutes; ``make cluster-assets`` does it ahead of time).
+        timeout_s: start-up budget; generous because CI machines are often loaded.
+    """
+
+    @pytest.fixture(scope=scope)  # type: ignore[misc]
+    def _cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster | ExistingCluster]:
+        mode = os.environ.get("KUBEML_TEST_CLUSTER", "local") or "local"
+        if mode not in _MODES:
+            raise pytest.UsageError(
+                f"KUBEML_TEST_CLUSTER={mode!r} is not understood; use one of {', '.join(_MODES)}"
+            )
+        if mode == "existing":
+            yield ExistingCluster.from_env(work_dir=tmp_path_factory.mktemp("kubeconfigs"))
+            return
+        cluster = Cluster(name, node_groups=node_groups)
+        try:
+            cluster.up(build_assets=build_assets, timeout_s=timeout_s, owner_pid=os.getpid())
+        except ClusterError as exc:
+            pytest.fail(f"could not start the test cluster: {exc}", pytrace=False)
+        try:
+            yield cluster
+        finally:
+            cluster.down()
+
+    return _cluster
+
+
+@contextlib.contextmanager
+def temporary_namespace(
+    client: ApiClient,
+    *,
+    prefix: str = "test",
+    labels: dict[str, str] | None = None,
+    ready_timeout_s: float = 30.0,
+) -> Iterator[str]:
+    """Create a uniquely named namespace, yield its name, delete it afterwards.
+
+    Waits for the ``default`` ServiceAccount first: until the controller-manager creates it
+    (tens of ms, seconds on a loaded machine), the ServiceAccount admission plugin rejects
+    every pod in the namespace.
+    """
+    from kubernetes.client import CoreV1Api
+    from kubernetes.client.exceptions import ApiException
+
+    core = CoreV1Api(client)
+    name = f"{prefix}-{secrets.token_hex(3)}"
+    core.create_namespace({"metadata": {"name": name, "labels": labels or {}}})
+    try:
+        deadline = time.monotonic() + ready_timeout_s
+        while True:
+            try:
+                core.read_namespaced_service_account("default", name)
+                break
+            except ApiException as exc:
+                if exc.status != 404 or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+        yield name
+    finally:
+        with contextlib.suppress(ApiException):
+            core.delete_namespace(name)
+
+
+def wait_until(
+    check: Callable[[], T | None],
+    *,
+    timeout_s: float = 30.0,
+    interval_s: float = 0.2,
+    what: str = "condition",
+) -> T:
+    """Call ``check`` until it returns something truthy; return that, or fail the test.
+
+    Controllers converge asynchronously; a bounded poll states what the test waits for and
+    fails with that description instead of hanging until the pytest timeout.
+    """
+    deadline = time.monotonic() + timeout_s
+    while True:
+        result = check()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout_s:.0f} s waiting for {what}", pytrace=False)
+        time.sleep(interval_s)

@@ -1,0 +1,31 @@
+"""Fixtures for the integration tests: one real control plane per session.
+
+``cluster`` is a local etcd + kube-apiserver + controller-manager + scheduler + kwok (built
+from Go modules on first use), or with ``KUBEML_TEST_CLUSTER=existing`` the cluster in
+``KUBECONFIG``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from kubernetes.client import ApiClient
+
+from kubeml.cluster.testing import cluster_fixture, temporary_namespace
+
+cluster = cluster_fixture()
+
+
+@pytest.fixture(scope="session")
+def admin(cluster) -> Iterator[ApiClient]:
+    """An ApiClient with cluster-admin rights."""
+    with cluster.api_client() as client:
+        yield client
+
+
+@pytest.fixture
+def namespace(admin: ApiClient) -> Iterator[str]:
+    """A fresh namespace, deleted after the test."""
+    with temporary_namespace(admin) as name:
+        yield name
