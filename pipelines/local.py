@@ -19,7 +19,9 @@ __all__ = ["install_condition_fix", "run_local"]
 # substitutes the bare ``pipelinechannel--...`` name, leaving ``inputs.parameter_values[''x'']``:
 # a syntax error it logs and then treats as False, silently skipping the branch. On a
 # Kubeflow backend the same IR is evaluated correctly. We strip the accessor before
-# kfp.local substitutes, so both targets take the same branch.
+# kfp.local substitutes, so both targets take the same branch. (kfp.local also runs *both*
+# branches of a dsl.If/dsl.Else pair, ignoring their conditions: kubeml pipelines use
+# dsl.If only, which tests/unit/test_pipeline.py checks on the real kfp.local.)
 _CHANNEL_ACCESS = re.compile(r"inputs\.parameter_values\[\s*'(pipelinechannel--[A-Za-z0-9_\-]+)'\s*\]")
 
 

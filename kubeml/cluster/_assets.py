@@ -17,7 +17,8 @@ from kubeml.cluster._errors import AssetsMissing
 
 __all__ = ["Assets", "cache_root", "find_assets"]
 
-#: Binaries a cluster needs, in the order they start.
+#: Binaries of a complete asset set: the control plane in start order, then the clients
+#: (kubectl installs the CRDs; helm is what the chart tests drive).
 REQUIRED_BINARIES = (
     "etcd",
     "kube-apiserver",
@@ -25,6 +26,7 @@ REQUIRED_BINARIES = (
     "kube-scheduler",
     "kwok",
     "kubectl",
+    "helm",
 )
 
 _REPO_ROOT = Path(__file__).resolve().parents[2]
