@@ -159,9 +159,15 @@ class ServingManager:
             cmd += ["--grpc-port", str(grpc_port)]
         if max_batch_size is not None:
             cmd += ["--max-batch-size", str(max_batch_size)]
+        env = dict(os.environ)
+        # kserve imports pyarrow, whose bundled jemalloc starts a background thread that
+        # (seen on Linux 6.x VMs) can outlive the interpreter's exit and keep the stopped
+        # server as an unreapable zombie. The server allocates nothing through Arrow.
+        env.setdefault("JE_ARROW_MALLOC_CONF", "background_thread:false")
         with log_file.open("wb") as log:
             proc = subprocess.Popen(
                 cmd,
+                env=env,
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,

@@ -166,9 +166,9 @@ class InputSignature:
             or len(shape) != 1 + len(self.shape)
             or tuple(shape[1:]) != self.shape
         ):
+            shown = list(shape) if isinstance(shape, (list, tuple)) else shape
             raise InvalidInput(
-                f"input {self.name!r} has shape {list(shape) if isinstance(shape, (list, tuple)) else shape!r}; "
-                f"expected {self.describe()}"
+                f"input {self.name!r} has shape {shown!r}; expected {self.describe()}"
             )
         batch = shape[0]
         self._check_batch(batch)
@@ -195,7 +195,8 @@ class InputSignature:
             ) from None
         if array.size != expected:
             raise InvalidInput(
-                f"input {self.name!r} holds {array.size} values; shape {list(shape)} needs {expected}"
+                f"input {self.name!r} holds {array.size} values; "
+                f"shape {list(shape)} needs {expected}"
             )
         if array.dtype == object:
             raise InvalidInput(f"input {self.name!r} data must be numbers")
@@ -405,6 +406,7 @@ class BundleModel(kserve.Model):
         if not self.ready:
             self.load()
         assert self.signature is not None
-        batch = _Batch(self.signature.features_from_v1({"instances": np.asarray(features).tolist()}), None)
+        rows = {"instances": np.asarray(features).tolist()}
+        batch = _Batch(self.signature.features_from_v1(rows), None)
         result = self.predict(batch)
         return result.predictions, result.probabilities

@@ -55,7 +55,9 @@ GRACE_PERIOD_S = 5
 #: Exit status when the bundle cannot be loaded (distinct from a crash or a signal).
 EXIT_LOAD_FAILED = 1
 
-_VERSIONED_ROUTE = re.compile(r"^/v2/models/(?P<name>[^/]+)/versions/(?P<version>[^/]+)(?P<rest>/.*)?$")
+_VERSIONED_ROUTE = re.compile(
+    r"^/v2/models/(?P<name>[^/]+)/versions/(?P<version>[^/]+)(?P<rest>/.*)?$"
+)
 
 
 def _preflight(model_dir: Path) -> None:
@@ -216,7 +218,8 @@ def _build_server(
             if headers and "content-type" in headers:
                 # kserve compares the header verbatim, so "application/json; charset=utf-8"
                 # would be treated as opaque bytes.
-                headers = {**headers, "content-type": headers["content-type"].split(";")[0].strip().lower()}
+                media_type = headers["content-type"].split(";")[0].strip().lower()
+                headers = {**headers, "content-type": media_type}
             if (
                 isinstance(body, bytes)
                 and kwargs.get("protocol_version", args[0] if args else "") == "v2"
@@ -359,7 +362,9 @@ def _parser() -> argparse.ArgumentParser:
         description="Serve a kubeml model bundle over KServe V1 and Open Inference Protocol V2.",
     )
     p.add_argument("--model-dir", required=True, type=Path, help="bundle directory")
-    p.add_argument("--model-name", required=True, help="name in /v1/models/NAME and /v2/models/NAME")
+    p.add_argument(
+        "--model-name", required=True, help="name in /v1/models/NAME and /v2/models/NAME"
+    )
     p.add_argument("--model-version", default="", help="version reported in V2 metadata/responses")
     p.add_argument("--http-port", required=True, type=_port)
     p.add_argument("--grpc-port", type=_port, default=None, help="enable gRPC V2 on this port")

@@ -271,6 +271,9 @@ class Cluster:
             f"--etcd-servers={etcd_url}",
             "--bind-address=127.0.0.1",
             "--advertise-address=127.0.0.1",
+            # The endpoint reconciler refuses a loopback advertise address, and nothing
+            # in-cluster dials the `kubernetes` Service here (no real pods run).
+            "--endpoint-reconciler-type=none",
             f"--secure-port={api_port}",
             f"--tls-cert-file={pki['apiserver.crt']}",
             f"--tls-private-key-file={pki['apiserver.key']}",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import socket
 import ssl
@@ -20,7 +21,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from kubeml.cluster._errors import ComponentFailed, PortInUse
+from kubeml.cluster._errors import AssetsMissing, ComponentFailed, PortInUse
 
 __all__ = [
     "ProcessRecord",
@@ -35,7 +36,8 @@ __all__ = [
 # How long a component gets to exit after SIGTERM before SIGKILL, in seconds. The apiserver
 # drains in-flight requests (under a second with no clients); etcd flushes its WAL.
 _TERM_GRACE_S = 10.0
-_LOG_TAIL_LINES = 25
+_LOG_TAIL_LINES = 15
+_ERROR_LINE = re.compile(r'^[EF]\d{4} |.*"level":"(error|fatal|panic)"')
 
 
 @dataclass(frozen=True)
@@ -73,17 +75,32 @@ def is_alive(record: ProcessRecord) -> bool:
 
 
 def log_tail(path: str | Path, lines: int = _LOG_TAIL_LINES) -> str:
+    """The last ``lines`` lines of a log, preceded by its last error lines if they scrolled off.
+
+    klog error/fatal lines start with E or F and a date (``E1127 10:27:12...``); a component
+    that fails usually prints its one useful line and then pages of shutdown noise.
+    """
     try:
         with open(path, "rb") as handle:
             handle.seek(0, os.SEEK_END)
-            handle.seek(max(0, handle.tell() - 64 * 1024))
+            handle.seek(max(0, handle.tell() - 256 * 1024))
             text = handle.read().decode("utf-8", "replace")
     except OSError:
         return ""
-    return "\n".join(text.splitlines()[-lines:])
+    all_lines = text.splitlines()
+    tail = all_lines[-lines:]
+    errors = [ln for ln in all_lines[:-lines] if _ERROR_LINE.match(ln)][-5:]
+    if errors:
+        tail = [*errors, "...", *tail]
+    return "\n".join(ln[:400] for ln in tail)
 
 
 def start_process(name: str, argv: list[str], log_path: Path) -> tuple[subprocess.Popen[bytes], ProcessRecord]:
+    if not os.access(argv[0], os.X_OK):
+        raise AssetsMissing(
+            f"{name}: {argv[0]} is missing or not executable; run `make cluster-assets` "
+            "(or `bash hack/cluster/build.sh`) to build it"
+        )
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(
             argv,

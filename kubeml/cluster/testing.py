@@ -31,7 +31,7 @@ from kubeml.cluster._nodes import DEFAULT_NODE_GROUPS, NodeGroup
 if TYPE_CHECKING:
     from kubernetes.client import ApiClient
 
-__all__ = ["cluster_fixture", "temporary_namespace", "wait_until"]
+__all__ = ["build_assets_if_needed", "cluster_fixture", "temporary_namespace", "wait_until"]
 
 T = TypeVar("T")
 
@@ -80,6 +80,25 @@ def cluster_fixture(
             cluster.down()
 
     return _cluster
+
+
+def build_assets_if_needed(items: list[pytest.Item], fixture_name: str = "cluster") -> None:
+    """Build missing control-plane assets before any test runs, if a test needs a cluster.
+
+    Call it from ``pytest_collection_finish``: a cold build takes tens of minutes, longer
+    than a per-test timeout allows, and hooks run outside those timeouts.
+    """
+    if os.environ.get("KUBEML_TEST_CLUSTER") == "existing":
+        return
+    users = [item for item in items if fixture_name in getattr(item, "fixturenames", ())]
+    if not users:
+        return
+    from kubeml.cluster._assets import find_assets
+
+    # Show the build's progress: it is the only sign of life for many minutes.
+    capture = users[0].config.pluginmanager.getplugin("capturemanager")
+    with capture.global_and_fixture_disabled() if capture else contextlib.nullcontext():
+        find_assets(build=True)
 
 
 @contextlib.contextmanager

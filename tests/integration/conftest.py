@@ -12,9 +12,14 @@ from collections.abc import Iterator
 import pytest
 from kubernetes.client import ApiClient
 
-from kubeml.cluster.testing import cluster_fixture, temporary_namespace
+from kubeml.cluster.testing import build_assets_if_needed, cluster_fixture, temporary_namespace
 
 cluster = cluster_fixture()
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    # Outside any test's timeout: a cold asset build takes tens of minutes.
+    build_assets_if_needed(session.items)
 
 
 @pytest.fixture(scope="session")
