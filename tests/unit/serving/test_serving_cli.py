@@ -6,7 +6,7 @@ from typer.testing import CliRunner
 
 from kubeml.serving.cli import app
 
-from test_serving_manager import write_stale_entry
+from tests.unit.serving.test_serving_manager import write_stale_entry
 
 runner = CliRunner()
 
