@@ -59,19 +59,22 @@ def _load(config: Path | None, env: str | None) -> EnvironmentConfig:
         raise typer.Exit(EXIT_CONFIG) from None
 
 
-def _mount_optional(name: str, module: str, help_text: str) -> None:
-    """Mount a sub-app; a missing optional part is reported when used, not at startup."""
+def _mount(name: str, module: str, help_text: str) -> None:
+    """Mount the Typer sub-app ``module.app`` as ``kubeml NAME``."""
     import importlib
 
-    try:
-        sub = importlib.import_module(module).app
-    except ImportError as exc:
-        sub = typer.Typer(help=f"{help_text} (unavailable: {exc})")
-    app.add_typer(sub, name=name, help=help_text)
+    app.add_typer(importlib.import_module(module).app, name=name, help=help_text)
 
 
-_mount_optional("serve", "kubeml.serving.cli", "Local model servers: status, stop.")
-_mount_optional("cluster", "kubeml.cluster.cli", "Local Kubernetes control plane for integration tests.")
+def _register(module: str) -> None:
+    """Let ``module.register(app)`` add its top-level commands (e.g. ``kubeml train``)."""
+    import importlib
+
+    importlib.import_module(module).register(app)
+
+
+_mount("serve", "kubeml.serving.cli", "Local model servers: status, stop, deploy a bundle.")
+_mount("cluster", "kubeml.cluster.cli", "Local Kubernetes control plane for integration tests.")
 
 
 # ---------------------------------------------------------------- run
