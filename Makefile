@@ -12,7 +12,7 @@ UV_VERSION := 0.13.9
 UV := $(KUBEML_CACHE)/tools/bin/uv
 PYTEST_ARGS ?=
 
-.PHONY: demo test install cluster-assets test-unit test-integration test-e2e clean help
+.PHONY: demo test install lock cluster-assets test-unit test-integration test-e2e clean help
 
 help:
 	@echo "make demo            install, then run the whole pipeline locally (kubeml run)"
@@ -31,6 +31,10 @@ $(VENV)/.installed: pyproject.toml requirements/constraints.txt | $(UV)
 	touch $@
 
 install: $(VENV)/.installed
+
+# Re-resolve the pinned versions after changing requirements/requirements.in.
+lock: | $(UV)
+	$(UV) pip compile requirements/requirements.in --python-version 3.11 -o requirements/constraints.txt
 
 demo: install
 	$(VENV)/bin/kubeml run
