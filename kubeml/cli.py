@@ -75,6 +75,8 @@ def _register(module: str) -> None:
 
 _mount("serve", "kubeml.serving.cli", "Local model servers: status, stop, deploy a bundle.")
 _mount("cluster", "kubeml.cluster.cli", "Local Kubernetes control plane for integration tests.")
+_register("kubeml.training.cli")
+_register("kubeml.serving.rollout_cli")
 
 
 # ---------------------------------------------------------------- run

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from kubeml.errors import ConfigError
 
@@ -114,7 +114,58 @@ class TrainingConfig(_Strict):
     batch_size: int = Field(32, ge=1)
     """Per-worker batch size."""
     learning_rate: float = Field(2e-3, gt=0, le=10)
+    """Peak learning rate, reached at the end of warmup."""
     weight_decay: float = Field(1e-4, ge=0)
+    model_kwargs: dict[str, Any] = Field(default_factory=dict)
+    """Constructor arguments of the model (e.g. ``{channels: 16}``); stored in the bundle."""
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+    """``ddp``: data parallel, a full model replica per worker. ``fsdp``: parameters, gradients
+    and optimizer state sharded over workers, for models that do not fit one device."""
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """``bf16``: autocast on CPU and GPU (no loss scaling needed: bf16 has fp32's exponent range).
+    ``fp16``: autocast plus a gradient scaler; GPU only."""
+    grad_accum_steps: int = Field(1, ge=1, le=1024)
+    """Micro-batches per optimizer step; the effective batch is ``batch_size * grad_accum_steps * workers``."""
+    grad_clip_norm: float | None = Field(None, gt=0)
+    """Clip the global gradient L2 norm to this value before each optimizer step; None: no clipping."""
+    lr_schedule: Literal["warmup_cosine", "constant"] = "warmup_cosine"
+    warmup_fraction: float = Field(0.15, ge=0.0, lt=1.0)
+    """Share of all optimizer steps spent warming up linearly from ~0 to ``learning_rate``."""
+    min_lr_ratio: float = Field(0.0, ge=0.0, le=1.0)
+    """Floor of the cosine decay, as a fraction of ``learning_rate``."""
+    validation_fraction: float = Field(0.1, ge=0.0, lt=0.5)
+    """Share of the training split held out (stratified, seeded) for per-epoch validation,
+    early stopping and best-checkpoint selection. 0: use training loss instead."""
+    early_stopping_patience: int | None = Field(None, ge=1)
+    """Stop after this many epochs without improvement of the monitored metric; None: never."""
+    early_stopping_min_delta: float = Field(0.0, ge=0.0)
+    """Smallest change of the monitored metric that counts as an improvement."""
+    checkpoint_every_epochs: int = Field(1, ge=1)
+    """Checkpoint interval in epochs; the last epoch is always checkpointed. On spot capacity
+    an interruption loses at most this much work."""
+    keep_checkpoints: int = Field(2, ge=1)
+    """Keep the best K checkpoints by the monitored metric (the latest is always kept too)."""
+    max_failures: int = Field(2, ge=-1)
+    """Worker-group failures to recover from (resuming from the latest checkpoint); -1: unlimited."""
+    grad_compression: Literal["none", "fp16", "bf16", "powersgd"] = "none"
+    """DDP communication hook compressing gradients on the wire (``ddp`` strategy only)."""
+    profile: bool = False
+    """Record a ``torch.profiler`` trace of a few steps of the first epoch (rank 0) into the run's artifacts."""
+    target: Literal["local", "kuberay", "sagemaker"] = "local"
+    """Where ``kubeml train`` runs: Ray on this machine, a KubeRay ``RayJob``, or a SageMaker training job."""
+    launcher: dict[str, Any] = Field(default_factory=dict)
+    """Options of the target's launcher (image, node group, instance type, spot, ...), validated
+    by ``kubeml.training`` when a job is built; see the launcher's options class."""
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TrainingConfig:
+        if self.precision == "fp16" and not self.use_gpu:
+            raise ValueError(
+                "precision fp16 needs use_gpu: true (gradient scaling is CUDA-only); use precision: bf16 on CPU"
+            )
+        if self.grad_compression != "none" and self.strategy != "ddp":
+            raise ValueError("grad_compression applies to strategy ddp only; set grad_compression: none for fsdp")
+        return self
 
 
 class GateConfig(_Strict):

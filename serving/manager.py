@@ -26,6 +26,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import requests
 
@@ -65,6 +66,9 @@ class ServedModel:
     """Unix time the process was started."""
     grpc_port: int | None = None
     host: str = "127.0.0.1"
+    instance: str = ""
+    """Key of this server in the state file; ``name`` unless deployed under another key
+    (the rollout engine runs several versions of one model as ``NAME-vVERSION``)."""
     alive: bool = False
     """The process exists (filled in by :meth:`ServingManager.status`)."""
     ready: bool = False
@@ -115,27 +119,38 @@ class ServingManager:
         grpc_port: int | None = None,
         ready_timeout_s: float = DEFAULT_READY_TIMEOUT_S,
         max_batch_size: int | None = None,
+        instance: str | None = None,
+        payload_log: str | Path | None = None,
+        payload_sample_rate: float = 1.0,
+        fault: Any = None,
     ) -> ServedModel:
         """Start a server for ``bundle_dir`` as ``name`` and wait until it is ready.
 
         A server already deployed under ``name`` is stopped first (its port is then free
         for the new one). ``http_port=None`` picks a free port. Raises ``ServingError``
         with the tail of the server log when the server exits or is not ready in time.
+
+        ``instance`` records the server under another key than the model name, so several
+        versions of one model can run side by side; ``payload_log`` (JSONL path or URL)
+        turns on sampled payload logging; ``fault`` (a
+        :class:`~kubeml.serving.telemetry.FaultInjection`) is the fault-injection hook.
         """
         _check_name(name)
+        key = instance or name
+        _check_name(key)
         bundle = Path(bundle_dir).resolve()
         if not bundle.is_dir():
             raise ConfigError(f"bundle directory {bundle} does not exist")
-        self.stop(name)
+        self.stop(key)
         with self._locked() as state:
-            for other in state.values():
-                if other["name"] != name and _pid_alive(other["pid"]):
-                    taken = {other["http_port"], other.get("grpc_port")}
+            for other_key, other in state.items():
+                if other_key != key and _pid_alive(other["pid"]):
+                    taken = {other["http_port"], other.get("grpc_port")} - {None}
                     if http_port in taken or (grpc_port is not None and grpc_port in taken):
                         raise ServingError(
                             f"port {http_port if http_port in taken else grpc_port} is used by "
-                            f"served model {other['name']!r}; stop it "
-                            f"(kubeml serve stop {other['name']}) or choose another port"
+                            f"served model {other_key!r}; stop it "
+                            f"(kubeml serve stop {other_key}) or choose another port"
                         )
         port = http_port if http_port is not None else _free_port(self.host)
         for p in (port, grpc_port):
@@ -147,7 +162,7 @@ class ServingManager:
 
         logs = self.state_dir / "logs"
         logs.mkdir(parents=True, exist_ok=True)
-        log_file = logs / f"{name}.log"
+        log_file = logs / f"{key}.log"
         cmd = [
             sys.executable, "-m", _SERVER_MODULE,
             "--model-dir", str(bundle),
@@ -159,6 +174,12 @@ class ServingManager:
             cmd += ["--grpc-port", str(grpc_port)]
         if max_batch_size is not None:
             cmd += ["--max-batch-size", str(max_batch_size)]
+        if payload_log is not None:
+            cmd += ["--payload-log", str(payload_log)]
+            cmd += ["--payload-sample-rate", str(payload_sample_rate)]
+        if fault is not None and fault.active:
+            cmd += ["--fault-error-rate", str(fault.error_rate)]
+            cmd += ["--fault-latency-ms", str(fault.latency_ms)]
         env = dict(os.environ)
         # kserve imports pyarrow, whose bundled jemalloc starts a background thread that
         # (seen on Linux 6.x VMs) can outlive the interpreter's exit and keep the stopped
@@ -184,25 +205,26 @@ class ServingManager:
             log_file=str(log_file),
             started_at=time.time(),
             host=self.host,
+            instance=key,
         )
         with self._locked() as state:
-            state[name] = served._record()
+            state[key] = served._record()
 
         deadline = time.monotonic() + ready_timeout_s
         while True:
             code = proc.poll()
             if code is not None:
-                self._forget(name)
+                self._forget(key)
                 raise ServingError(
-                    f"model server for {name!r} exited with status {code} before it was "
+                    f"model server for {key!r} exited with status {code} before it was "
                     f"ready; last lines of {log_file}:\n{_tail(log_file)}"
                 )
             if _model_ready(served):
                 return replace(served, alive=True, ready=True)
             if time.monotonic() > deadline:
-                self.stop(name)
+                self.stop(key)
                 raise ServingError(
-                    f"model server for {name!r} was not ready after {ready_timeout_s:.0f} s "
+                    f"model server for {key!r} was not ready after {ready_timeout_s:.0f} s "
                     f"and was stopped; last lines of {log_file}:\n{_tail(log_file)}"
                 )
             time.sleep(0.25)
@@ -216,14 +238,14 @@ class ServingManager:
         with self._locked() as state:
             records = [_from_record(r) for r in state.values()]
         result = []
-        for served in sorted(records, key=lambda s: s.name):
+        for served in sorted(records, key=lambda s: (s.instance or s.name)):
             alive = _pid_alive(served.pid)
             result.append(replace(served, alive=alive, ready=alive and _model_ready(served)))
         return result
 
     def get(self, name: str) -> ServedModel | None:
-        """The recorded server for ``name`` with live checks, or None."""
-        return next((s for s in self.status() if s.name == name), None)
+        """The recorded server for ``name`` (an instance key) with live checks, or None."""
+        return next((s for s in self.status() if (s.instance or s.name) == name), None)
 
     def stop(self, name: str | None = None) -> list[str]:
         """Stop the server ``name`` (or all of them); returns the names removed.
@@ -282,7 +304,8 @@ class ServingManager:
 
 def _from_record(record: dict) -> ServedModel:
     known = {f for f in ServedModel.__dataclass_fields__ if f not in ("alive", "ready")}
-    return ServedModel(**{k: v for k, v in record.items() if k in known})
+    served = ServedModel(**{k: v for k, v in record.items() if k in known})
+    return served if served.instance else replace(served, instance=served.name)
 
 
 # -- process and port helpers ---------------------------------------------------------------
@@ -305,8 +328,11 @@ def _reap(pid: int) -> bool:
         return False
 
 
-def _pid_alive(pid: int) -> bool:
-    """True if ``pid`` runs a kubeml server (not a zombie, not a reused pid)."""
+def _pid_alive(pid: int, *, marker: str = _SERVER_MODULE) -> bool:
+    """True if ``pid`` runs a kubeml server (not a zombie, not a reused pid).
+
+    ``marker`` is the module name its command line must contain (another kubeml process
+    kind, such as the rollout router, passes its own)."""
     if _reap(pid):
         return False
     proc = Path(f"/proc/{pid}")
@@ -315,7 +341,7 @@ def _pid_alive(pid: int) -> bool:
             stat = (proc / "stat").read_text()
             if stat.rsplit(")", 1)[1].split()[0] in ("Z", "X"):
                 return False
-            return _SERVER_MODULE in (proc / "cmdline").read_bytes().decode(errors="replace")
+            return marker in (proc / "cmdline").read_bytes().decode(errors="replace")
         except (OSError, IndexError):
             return False
     try:  # no /proc (macOS): signal 0 checks existence only
@@ -348,9 +374,9 @@ def _group_alive(pgid: int) -> bool:
     return True
 
 
-def _terminate_group(pid: int) -> None:
+def _terminate_group(pid: int, *, marker: str = _SERVER_MODULE) -> None:
     """SIGTERM the process group led by ``pid``, SIGKILL after the grace period."""
-    if not _pid_alive(pid):
+    if not _pid_alive(pid, marker=marker):
         # Never signal a group whose leader is gone or is not ours: the pgid may be reused.
         return
     with contextlib.suppress(ProcessLookupError):

@@ -270,6 +270,9 @@ class BundleModel(kserve.Model):
         self._module: Any = None
         self._torch: Any = None
         self._load_lock = threading.Lock()
+        #: Optional :class:`~kubeml.serving.telemetry.ModelTelemetry` (set by the server):
+        #: receives each batch's predictions for the batch-size and prediction metrics.
+        self.telemetry: Any = None
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -354,7 +357,10 @@ class BundleModel(kserve.Model):
             logits = self._module(torch.from_numpy(payload.features).float())
             probabilities = torch.softmax(logits, dim=1)
         probs = probabilities.numpy().astype(np.float32, copy=False)
-        return _Result(payload, probs.argmax(axis=1).astype(np.int64), probs)
+        predictions = probs.argmax(axis=1).astype(np.int64)
+        if self.telemetry is not None:
+            self.telemetry.observe_batch(predictions)
+        return _Result(payload, predictions, probs)
 
     async def postprocess(
         self, result: _Result, headers: dict[str, str] | None = None, response_headers=None

@@ -197,6 +197,8 @@ def _build_server(
     http_port: int,
     grpc_port: int | None,
     max_body_bytes: int,
+    payload_logger: Any = None,
+    fault: Any = None,
 ) -> Any:
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse
@@ -287,6 +289,18 @@ def _build_server(
         max_body_bytes=max_body_bytes,
         versions={model.name: model.version} if model.version else {},
     )
+    from kubeml.serving.telemetry import ModelTelemetry, TelemetryMiddleware
+
+    model.telemetry = ModelTelemetry(
+        model.name, model.version, tuple(model.spec.classes) if model.spec else ()
+    )
+    # Added last, so it is outermost: 413s and guard errors are timed and counted too.
+    app.add_middleware(
+        TelemetryMiddleware,
+        versions={model.name: model.version},
+        payload_logger=payload_logger,
+        fault=fault,
+    )
 
     server = _Server(
         http_port=http_port,
@@ -315,10 +329,23 @@ def serve(
     grpc_port: int | None = None,
     max_batch_size: int | None = None,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    payload_log: str | None = None,
+    payload_sample_rate: float = 1.0,
+    fault: Any = None,
 ) -> int:
-    """Serve the bundle in ``model_dir`` until SIGTERM/SIGINT; returns the exit status."""
+    """Serve the bundle in ``model_dir`` until SIGTERM/SIGINT; returns the exit status.
+
+    ``payload_log`` (a JSONL path or an http(s) URL) turns on sampled payload logging;
+    ``fault`` (a :class:`~kubeml.serving.telemetry.FaultInjection`) is the fault-injection
+    hook used by rollout tests.
+    """
     model_dir = Path(model_dir)
     _preflight(model_dir)
+    from kubeml.serving.telemetry import PayloadLogger
+
+    payload_logger = (
+        PayloadLogger(payload_log, sample_rate=payload_sample_rate) if payload_log else None
+    )
 
     from kubeml.serving.model import DEFAULT_MAX_BATCH_SIZE, BundleModel
 
@@ -329,13 +356,20 @@ def serve(
         max_batch_size=max_batch_size or DEFAULT_MAX_BATCH_SIZE,
     )
     server = _build_server(
-        model, http_port=http_port, grpc_port=grpc_port, max_body_bytes=max_body_bytes
+        model,
+        http_port=http_port,
+        grpc_port=grpc_port,
+        max_body_bytes=max_body_bytes,
+        payload_logger=payload_logger,
+        fault=fault,
     )
     failed = threading.Event()
 
     def load() -> None:
         try:
             model.load()
+            if model.telemetry is not None and model.spec is not None:
+                model.telemetry.classes = tuple(model.spec.classes)
             log.info("model %s version %r loaded from %s", model_name, model_version, model_dir)
         except Exception:
             log.exception("cannot load model %s from %s; stopping", model_name, model_dir)
@@ -345,7 +379,11 @@ def serve(
     threading.Thread(target=load, name="kubeml-model-loader", daemon=True).start()
     # Registered above but not passed here: ModelServer.start() refuses models that are
     # not ready yet, and this one becomes ready only once the loader thread finishes.
-    server.start([])
+    try:
+        server.start([])
+    finally:
+        if payload_logger is not None:
+            payload_logger.close()
     return EXIT_LOAD_FAILED if failed.is_set() else 0
 
 
@@ -370,11 +408,27 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--grpc-port", type=_port, default=None, help="enable gRPC V2 on this port")
     p.add_argument("--max-batch-size", type=int, default=None, help="most instances per request")
     p.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES)
+    p.add_argument(
+        "--payload-log", default=None, help="JSONL file or http(s) URL for sampled payloads"
+    )
+    p.add_argument(
+        "--payload-sample-rate", type=float, default=1.0, help="share of requests logged (0, 1]"
+    )
+    faults = p.add_argument_group(
+        "fault injection", "test hook: make this server behave like a bad model version"
+    )
+    faults.add_argument(
+        "--fault-error-rate", type=float, default=0.0, help="share of infer requests answered 503"
+    )
+    faults.add_argument(
+        "--fault-latency-ms", type=float, default=0.0, help="delay added to each infer request"
+    )
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    from kubeml.serving.telemetry import FaultInjection
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
@@ -392,6 +446,9 @@ def main(argv: list[str] | None = None) -> int:
             grpc_port=args.grpc_port,
             max_batch_size=args.max_batch_size,
             max_body_bytes=args.max_body_bytes,
+            payload_log=args.payload_log,
+            payload_sample_rate=args.payload_sample_rate,
+            fault=FaultInjection(args.fault_error_rate, args.fault_latency_ms),
         )
     except BundleError as exc:
         log.error("%s", exc)

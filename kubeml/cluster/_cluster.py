@@ -316,6 +316,10 @@ class Cluster:
                 f"--cluster-signing-key-file={pki['ca.key']}",
                 f"--service-cluster-ip-range={_SERVICE_CIDR}",
                 f"--cluster-name={self.name}",
+                # Each controller acts as its own ServiceAccount (kube-system/replicaset-
+                # controller, ...) with the narrow role RBAC bootstraps for it; the
+                # controller-manager's own identity may not create ReplicaSets or Pods.
+                "--use-service-account-credentials=true",
                 "--profiling=false",
                 "--v=1",
             ], kcm_url), kcm_url),

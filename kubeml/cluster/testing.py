@@ -91,7 +91,7 @@ def build_assets_if_needed(items: list[pytest.Item], fixture_name: str = "cluste
     if os.environ.get("KUBEML_TEST_CLUSTER") == "existing":
         return
     users = [item for item in items if fixture_name in getattr(item, "fixturenames", ())]
-    if not users:
+    if not users or users[0].config.getoption("collectonly", False):
         return
     from kubeml.cluster._assets import find_assets
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from kubernetes.client import CoreV1Api, RbacAuthorizationV1Api
 from kubernetes.client.exceptions import ApiException
@@ -18,13 +20,17 @@ def _pod(name: str, security: dict | None = None, pod_security: dict | None = No
     return {"metadata": {"name": name}, "spec": {"containers": [container], "securityContext": pod_security or {}}}
 
 
+def _message(exc: ApiException) -> str:
+    return json.loads(exc.body)["message"]
+
+
 def test_user_without_bindings_gets_403(cluster, namespace):
     with cluster.api_client("mallory", ["team-x"]) as client:
         with pytest.raises(ApiException) as excinfo:
             CoreV1Api(client).list_namespaced_pod(namespace)
 
     assert excinfo.value.status == 403
-    assert 'User "mallory" cannot list resource "pods"' in excinfo.value.body
+    assert 'User "mallory" cannot list resource "pods"' in _message(excinfo.value)
 
 
 def test_group_binding_grants_access_in_that_namespace_only(cluster, admin, namespace):
@@ -66,8 +72,8 @@ def test_privileged_pod_is_rejected_in_a_restricted_namespace(admin, restricted_
         CoreV1Api(admin).create_namespaced_pod(restricted_namespace, _pod("root", {"privileged": True}))
 
     assert excinfo.value.status == 403
-    assert 'violates PodSecurity "restricted:latest"' in excinfo.value.body
-    assert "privileged" in excinfo.value.body
+    assert 'violates PodSecurity "restricted:latest"' in _message(excinfo.value)
+    assert "privileged" in _message(excinfo.value)
 
 
 def test_restricted_compliant_pod_is_admitted_in_a_restricted_namespace(admin, restricted_namespace):
@@ -104,4 +110,4 @@ def test_resource_quota_rejects_pods_beyond_the_gpu_quota(admin, namespace):
         core.create_namespaced_pod(namespace, second)
 
     assert excinfo.value.status == 403
-    assert "exceeded quota: gpus" in excinfo.value.body
+    assert "exceeded quota: gpus" in _message(excinfo.value)

@@ -1,0 +1,419 @@
+"""The local traffic router: one HTTP endpoint in front of a stable and a canary server.
+
+Run as::
+
+    python -m kubeml.serving.rollout.router --port P --routes-file FILE
+
+Where it sits: the rollout engine's local backend starts one router per model and steers
+it through a small admin API; clients only ever see the router's port. It imports
+neither kserve nor torch (it starts in about a second) and never parses a request body:
+inference requests are forwarded as bytes.
+
+Traffic modes (see :class:`Routes`):
+
+* split: each inference request goes to the canary with probability ``weight``/100, else
+  to stable. A canary answer of 5xx (or no answer) is retried once on stable when
+  ``fallback`` is on, so users see stable's answer while the failure still counts
+  against the canary.
+* mirror (shadow): every request is answered by stable; a copy goes to the canary in the
+  background and its answer is only measured and compared.
+
+Prediction divergence: for a share (``compare_rate``) of the requests the canary answers
+(or shadows), the same body is also sent to the other side and the predicted classes are
+compared; the divergence is the share of instances whose classes differ.
+
+Admin API (JSON)::
+
+    GET  /-/rollout/routes          current Routes
+    PUT  /-/rollout/routes          replace Routes (validated; 400 with the reason)
+    GET  /-/rollout/stats?since=T   per-backend requests, errors, p50/p99 since unix time T,
+                                    divergence since T, and totals since start
+    GET  /-/rollout/healthz         200 once a stable backend is set
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import bisect
+import json
+import logging
+import os
+import random
+import sys
+import time
+from collections import deque
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+__all__ = ["ADMIN_PREFIX", "Routes", "main"]
+
+log = logging.getLogger("kubeml.serving.rollout.router")
+
+ADMIN_PREFIX = "/-/rollout"
+#: Per-request records kept for windowed statistics. At a few hundred requests per second
+#: locally this spans several minutes, far longer than an analysis interval (seconds).
+WINDOW_RECORDS = 200_000
+#: Background (shadow or comparison) requests in flight at most; beyond it copies are
+#: skipped, so a slow canary cannot pile up memory or starve the stable path.
+MAX_BACKGROUND = 64
+#: Seconds a backend may take to answer one inference request.
+UPSTREAM_TIMEOUT_S = 30.0
+# Headers a model server needs to decode a request / a client needs to decode an answer.
+_FORWARD_REQUEST = ("content-type", "inference-header-content-length", "x-request-id", "accept")
+_FORWARD_RESPONSE = ("content-type", "inference-header-content-length", "x-request-id")
+
+
+@dataclass(frozen=True)
+class Routes:
+    """Where traffic goes. Frozen: the router swaps the whole object atomically."""
+
+    stable: str
+    """Base URL of the stable server, e.g. ``http://127.0.0.1:8001``."""
+    stable_version: str = ""
+    canary: str | None = None
+    """Base URL of the canary server; None when no rollout is in progress."""
+    canary_version: str = ""
+    weight: int = 0
+    """Percent of inference requests the canary answers (split mode), 0..100."""
+    mirror: bool = False
+    """Shadow mode: stable answers everything, the canary gets copies."""
+    fallback: bool = True
+    """Retry a canary 5xx or connection failure on stable (idempotent inference only)."""
+    compare_rate: float = 1.0
+    """Share of canary-answered (or shadowed) requests also sent to the other side to
+    measure prediction divergence; 0 turns divergence off."""
+
+    def __post_init__(self) -> None:
+        if not self.stable.startswith(("http://", "https://")):
+            raise ValueError(f"stable must be an http(s) URL, got {self.stable!r}")
+        if self.canary is not None and not self.canary.startswith(("http://", "https://")):
+            raise ValueError(f"canary must be an http(s) URL or null, got {self.canary!r}")
+        if not 0 <= self.weight <= 100:
+            raise ValueError(f"weight must be a percentage 0..100, got {self.weight}")
+        if not 0.0 <= self.compare_rate <= 1.0:
+            raise ValueError(f"compare_rate must be in [0, 1], got {self.compare_rate}")
+        if self.canary is None and (self.weight or self.mirror):
+            raise ValueError("weight and mirror need a canary URL")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Routes:
+        known = set(cls.__dataclass_fields__)
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown route fields {sorted(unknown)}; known: {sorted(known)}")
+        return cls(**data)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _is_inference(method: str, path: str) -> bool:
+    return method == "POST" and (path.endswith("/infer") or path.endswith(":predict"))
+
+
+def _predictions(body: bytes) -> list | None:
+    """Predicted classes from a V1 or V2 JSON answer, or None if it has none."""
+    try:
+        answer = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    if not isinstance(answer, dict):
+        return None
+    if isinstance(answer.get("predictions"), list):
+        return answer["predictions"]
+    for output in answer.get("outputs") or ():
+        if isinstance(output, dict) and output.get("name") == "predictions":
+            data = output.get("data")
+            return data if isinstance(data, list) else None
+    return None
+
+
+def _quantile(sorted_values: list[float], q: float) -> float:
+    if not sorted_values:
+        return 0.0
+    index = min(len(sorted_values) - 1, max(0, int(round(q * (len(sorted_values) - 1)))))
+    return sorted_values[index]
+
+
+class _Stats:
+    """Per-request records in time order, plus totals since the router started."""
+
+    def __init__(self) -> None:
+        self.requests: deque[tuple[float, str, int, float]] = deque(maxlen=WINDOW_RECORDS)
+        self.compared: deque[tuple[float, int, int]] = deque(maxlen=WINDOW_RECORDS)
+        self.totals = {b: {"requests": 0, "errors": 0} for b in ("stable", "canary")}
+        self.fallbacks = 0
+        self.skipped_background = 0
+
+    def record(self, backend: str, status: int, latency_s: float) -> None:
+        self.requests.append((time.time(), backend, status, latency_s))
+        self.totals[backend]["requests"] += 1
+        if status >= 500:
+            self.totals[backend]["errors"] += 1
+
+    def record_comparison(self, instances: int, differing: int) -> None:
+        self.compared.append((time.time(), instances, differing))
+
+    def summary(self, since: float) -> dict[str, Any]:
+        times = [r[0] for r in self.requests]
+        recent = list(self.requests)[bisect.bisect_left(times, since) :]
+        backends = {}
+        for name in ("stable", "canary"):
+            rows = [r for r in recent if r[1] == name]
+            errors = sum(1 for r in rows if r[2] >= 500)
+            client_errors = sum(1 for r in rows if 400 <= r[2] < 500)
+            latencies = sorted(r[3] * 1000 for r in rows)
+            backends[name] = {
+                "requests": len(rows),
+                "errors": errors,
+                "client_errors": client_errors,
+                "error_rate": errors / len(rows) if rows else 0.0,
+                "p50_ms": round(_quantile(latencies, 0.50), 3),
+                "p99_ms": round(_quantile(latencies, 0.99), 3),
+            }
+        compared = [c for c in self.compared if c[0] >= since]
+        instances = sum(c[1] for c in compared)
+        differing = sum(c[2] for c in compared)
+        return {
+            "since": since,
+            "now": time.time(),
+            "backends": backends,
+            "divergence": {
+                "compared": instances,
+                "differing": differing,
+                "rate": differing / instances if instances else 0.0,
+            },
+            "totals": {k: dict(v) for k, v in self.totals.items()},
+            "fallbacks": self.fallbacks,
+            "skipped_background": self.skipped_background,
+        }
+
+
+class Router:
+    """The aiohttp application behind the router process."""
+
+    def __init__(self, routes: Routes | None, *, routes_file: Path | None = None, seed: int | None = None):
+        self.routes = routes
+        self.routes_file = routes_file
+        self.stats = _Stats()
+        self._random = random.Random(seed)
+        self._background: set[asyncio.Task] = set()
+        self._session: Any = None
+
+    # -- application -------------------------------------------------------------------------
+
+    def app(self) -> Any:
+        from aiohttp import web
+
+        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app.router.add_route("GET", f"{ADMIN_PREFIX}/routes", self._get_routes)
+        app.router.add_route("PUT", f"{ADMIN_PREFIX}/routes", self._put_routes)
+        app.router.add_route("GET", f"{ADMIN_PREFIX}/stats", self._get_stats)
+        app.router.add_route("GET", f"{ADMIN_PREFIX}/healthz", self._healthz)
+        app.router.add_route("*", "/{tail:.*}", self._proxy)
+        app.on_startup.append(self._start)
+        app.on_cleanup.append(self._stop)
+        return app
+
+    async def _start(self, _app: Any) -> None:
+        import aiohttp
+
+        self._session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=256, ttl_dns_cache=300),
+            timeout=aiohttp.ClientTimeout(total=UPSTREAM_TIMEOUT_S),
+            auto_decompress=False,
+        )
+
+    async def _stop(self, _app: Any) -> None:
+        for task in list(self._background):
+            task.cancel()
+        if self._session is not None:
+            await self._session.close()
+
+    # -- admin -------------------------------------------------------------------------------
+
+    async def _get_routes(self, _request: Any) -> Any:
+        from aiohttp import web
+
+        return web.json_response(self.routes.to_dict() if self.routes else None)
+
+    async def _put_routes(self, request: Any) -> Any:
+        from aiohttp import web
+
+        try:
+            routes = Routes.from_dict(await request.json())
+        except (ValueError, TypeError) as exc:
+            return web.json_response({"error": f"invalid routes: {exc}"}, status=400)
+        self.routes = routes
+        if self.routes_file is not None:
+            tmp = self.routes_file.with_suffix(".tmp")
+            tmp.write_text(json.dumps(routes.to_dict(), indent=2))
+            os.replace(tmp, self.routes_file)
+        log.info("routes: %s", routes.to_dict())
+        return web.json_response(routes.to_dict())
+
+    async def _get_stats(self, request: Any) -> Any:
+        from aiohttp import web
+
+        try:
+            since = float(request.query.get("since", "0"))
+        except ValueError:
+            return web.json_response({"error": "since must be a unix time"}, status=400)
+        summary = self.stats.summary(since)
+        summary["routes"] = self.routes.to_dict() if self.routes else None
+        return web.json_response(summary)
+
+    async def _healthz(self, _request: Any) -> Any:
+        from aiohttp import web
+
+        ok = self.routes is not None
+        return web.json_response({"ready": ok}, status=200 if ok else 503)
+
+    # -- proxy -------------------------------------------------------------------------------
+
+    async def _forward(self, base: str, request: Any, body: bytes) -> tuple[int, bytes, dict]:
+        import aiohttp
+
+        headers = {k: request.headers[k] for k in _FORWARD_REQUEST if k in request.headers}
+        try:
+            async with self._session.request(
+                request.method, base + request.path_qs, data=body, headers=headers
+            ) as upstream:
+                payload = await upstream.read()
+                out = {k: upstream.headers[k] for k in _FORWARD_RESPONSE if k in upstream.headers}
+                return upstream.status, payload, out
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+            error = json.dumps({"error": f"backend {base} unavailable: {type(exc).__name__}"})
+            return 502, error.encode(), {"content-type": "application/json"}
+
+    async def _timed(self, backend: str, base: str, request: Any, body: bytes) -> tuple[int, bytes, dict]:
+        started = time.perf_counter()
+        status, payload, headers = await self._forward(base, request, body)
+        self.stats.record(backend, status, time.perf_counter() - started)
+        return status, payload, headers
+
+    def _in_background(self, coro: Any) -> None:
+        if len(self._background) >= MAX_BACKGROUND:
+            self.stats.skipped_background += 1
+            coro.close()
+            return
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _compare(
+        self, routes: Routes, request: Any, body: bytes, answered: bytes, answered_by: str
+    ) -> None:
+        """Send ``body`` to the side that did not answer and compare predicted classes."""
+        other = "stable" if answered_by == "canary" else "canary"
+        base = routes.stable if other == "stable" else routes.canary
+        assert base is not None
+        if other == "canary":  # a shadow copy is canary traffic and is measured as such
+            status, payload, _ = await self._timed("canary", base, request, body)
+        else:  # a comparison copy to stable is not user traffic: not counted
+            status, payload, _ = await self._forward(base, request, body)
+        if status != 200:
+            return
+        mine, theirs = _predictions(answered), _predictions(payload)
+        if mine is None or theirs is None or len(mine) != len(theirs):
+            return
+        self.stats.record_comparison(len(mine), sum(1 for a, b in zip(mine, theirs) if a != b))
+
+    def _response(self, status: int, payload: bytes, headers: dict, backend: str, version: str) -> Any:
+        from aiohttp import web
+
+        headers = {**headers, "x-kubeml-backend": backend}
+        if version:
+            headers["x-kubeml-model-version"] = version
+        return web.Response(status=status, body=payload, headers=headers)
+
+    async def _proxy(self, request: Any) -> Any:
+        from aiohttp import web
+
+        routes = self.routes  # one snapshot per request: a PUT mid-request changes nothing
+        if routes is None:
+            return web.json_response({"error": "router has no stable backend yet"}, status=503)
+        body = await request.read()
+        if not _is_inference(request.method, request.path):
+            status, payload, headers = await self._forward(routes.stable, request, body)
+            return self._response(status, payload, headers, "stable", routes.stable_version)
+
+        to_canary = (
+            routes.canary is not None
+            and not routes.mirror
+            and routes.weight > 0
+            and (routes.weight >= 100 or self._random.random() * 100 < routes.weight)
+        )
+        if to_canary:
+            assert routes.canary is not None
+            status, payload, headers = await self._timed("canary", routes.canary, request, body)
+            if status < 500:
+                if status == 200 and self._random.random() < routes.compare_rate:
+                    self._in_background(self._compare(routes, request, body, payload, "canary"))
+                return self._response(status, payload, headers, "canary", routes.canary_version)
+            if not routes.fallback:
+                return self._response(status, payload, headers, "canary", routes.canary_version)
+            self.stats.fallbacks += 1
+
+        status, payload, headers = await self._timed("stable", routes.stable, request, body)
+        if (
+            routes.mirror
+            and routes.canary is not None
+            and status == 200
+        ):
+            if self._random.random() < routes.compare_rate:
+                self._in_background(self._compare(routes, request, body, payload, "stable"))
+            else:
+                self._in_background(self._timed("canary", routes.canary, request, body))
+        return self._response(status, payload, headers, "stable", routes.stable_version)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m kubeml.serving.rollout.router",
+        description="Route inference traffic between a stable and a canary model server.",
+    )
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument(
+        "--routes-file",
+        type=Path,
+        required=True,
+        help="JSON Routes read at start and rewritten on every change",
+    )
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    from aiohttp import web
+
+    routes = None
+    if args.routes_file.is_file():
+        try:
+            routes = Routes.from_dict(json.loads(args.routes_file.read_text()))
+        except (ValueError, TypeError) as exc:
+            log.error("%s: invalid routes: %s", args.routes_file, exc)
+            return 2
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:  # optional: plain asyncio is ~30% slower, still correct
+        pass
+    router = Router(routes, routes_file=args.routes_file)
+    # access_log=None: one line per request would cost more than the routing itself.
+    web.run_app(
+        router.app(), host=args.host, port=args.port, access_log=None, print=None,
+        shutdown_timeout=5.0,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

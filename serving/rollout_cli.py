@@ -1,0 +1,326 @@
+"""``kubeml deploy`` and ``kubeml rollout status|promote|abort``: local canary rollouts.
+
+Registered on the main CLI through ``register(app)``. Imports neither kserve nor torch;
+MLflow is imported only when a registry version is resolved.
+
+    kubeml deploy digits --version 4 --canary 10 --steps 10,50,100
+    kubeml rollout status digits
+    kubeml rollout promote digits        # skip the remaining steps
+    kubeml rollout abort digits          # back to the stable version now
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from kubeml.errors import ConfigError, KubemlError, ServingError
+
+__all__ = ["register", "rollout_app"]
+
+_console = Console(soft_wrap=True)
+rollout_app = typer.Typer(
+    help="Canary / blue-green rollouts: status, promote, abort.", no_args_is_help=True
+)
+
+ConfigOpt = Annotated[
+    Path | None, typer.Option("--config", "-c", help="kubeml.yaml to use (default: ./kubeml.yaml).")
+]
+EnvOpt = Annotated[str | None, typer.Option("--env", "-e", help="Environment (default: $KUBEML_ENV or dev).")]
+StateDirOpt = Annotated[
+    Path | None,
+    typer.Option("--state-dir", help="Serving state directory (default: <home>/serving of the environment).",
+                 show_default=False),
+]
+
+
+def _fail(message: Any, code: int = 1) -> typer.Exit:
+    _console.print(f"[red]error:[/red] {message}", highlight=False)
+    return typer.Exit(code)
+
+
+def _config(config: Path | None, env: str | None):
+    from kubeml.config import load_config
+
+    return load_config(config, env)
+
+
+def _state_dir(state_dir: Path | None, config: Path | None, env: str | None) -> Path:
+    if state_dir is not None:
+        return state_dir
+    return Path(_config(config, env).home) / "serving"
+
+
+def _load_rows(path: Path) -> Any:
+    import numpy as np
+
+    suffix = path.suffix.lower()
+    if suffix == ".npy":
+        return np.load(path, allow_pickle=False)
+    if suffix in (".csv", ".parquet"):
+        import pandas as pd
+
+        frame = pd.read_csv(path) if suffix == ".csv" else pd.read_parquet(path)
+        return frame.select_dtypes("number").to_numpy(dtype="float32")
+    raise ConfigError(f"replay file {path} must be .npy, .csv or .parquet")
+
+
+def _resolve_registry_version(cfg: Any, model: str, version: str) -> tuple[Path, Any]:
+    """Bundle directory and held-out rows of an approved registry version."""
+    from kubeml.artifacts import open_store
+    from kubeml.registry import Registry
+
+    try:
+        number = int(version)
+    except ValueError:
+        raise ConfigError(f"registry versions are integers, got {version!r}") from None
+    reg = Registry(cfg.registry.tracking_uri, artifact_root=cfg.artifact_store.uri)
+    mv = reg.get(model, number)
+    if not mv.approved:
+        raise ServingError(
+            f"{model} version {mv.version} is {mv.approval_status}, not approved; refusing to "
+            f"deploy it (approve it with: kubeml models approve {mv.version} --env {cfg.name})"
+        )
+    store = open_store(cfg.artifact_store.uri, endpoint_url=cfg.artifact_store.endpoint_url)
+    root = store.uri.rstrip("/") + "/"
+    if not mv.source.startswith(root):
+        raise ServingError(f"model source {mv.source} is outside the artifact store {store.uri}")
+    key = mv.source[len(root):]
+    bundle = store.local_path(key)
+    if bundle is None:
+        bundle = store.get_dir(key, Path(cfg.home) / "cache" / "bundles" / f"{model}-v{mv.version}")
+    rows = None
+    dataset, dataset_version = mv.tags.get("dataset"), mv.tags.get("dataset_version")
+    if dataset and dataset_version:
+        from kubeml.data import load_dataset
+
+        rows, _ = load_dataset(store, dataset, dataset_version).test()
+    return Path(bundle), rows
+
+
+def _print_decision(d: Any) -> None:
+    d = d if isinstance(d, dict) else d.__dict__
+    m = d.get("metrics") or {}
+    canary = m.get("canary") or {}
+    detail = ""
+    if canary:
+        detail = (
+            f" canary {canary.get('requests', 0)} req, err {canary.get('error_rate', 0):.3f}, "
+            f"p99 {canary.get('p99_ms', 0):.1f} ms, divergence {m.get('divergence', 0):.3f}"
+        )
+    verdict = f" {d['verdict']}" if d.get("verdict") else ""
+    reasons = f" ({'; '.join(d['reasons'])})" if d.get("reasons") else ""
+    when = datetime.fromtimestamp(d["ts"]).strftime("%H:%M:%S")
+    shadow = " shadow" if d.get("mirror") else ""
+    _console.print(
+        f"{when} {d['action']:<13} weight {d['weight']:>3}%{shadow}{verdict}{detail}{reasons}",
+        highlight=False,
+    )
+
+
+def deploy(
+    model: Annotated[str, typer.Argument(help="Registered model name (also the URL name).")],
+    version: Annotated[str, typer.Option("--version", "-v", help="Registry version to deploy.")],
+    canary: Annotated[int | None, typer.Option("--canary", help="First canary traffic percent.")] = None,
+    steps: Annotated[str | None, typer.Option("--steps", help="Traffic steps, e.g. 10,50,100.")] = None,
+    blue_green: Annotated[bool, typer.Option("--blue-green", help="Switch all traffic at once; instant switch back.")] = False,
+    shadow: Annotated[int, typer.Option("--shadow", help="Passing shadow (mirror) analyses before any split.")] = 0,
+    no_canary: Annotated[bool, typer.Option("--no-canary", help="Replace the stable version without analysis.")] = False,
+    interval: Annotated[float, typer.Option("--interval", help="Seconds per analysis window.")] = 10.0,
+    max_error_rate: Annotated[float, typer.Option("--max-error-rate")] = 0.05,
+    max_p99_ms: Annotated[float, typer.Option("--max-p99-ms")] = 1000.0,
+    max_divergence: Annotated[float, typer.Option("--max-divergence")] = 0.2,
+    failure_limit: Annotated[int, typer.Option("--failure-limit")] = 2,
+    bundle: Annotated[Path | None, typer.Option("--bundle", help="Deploy this bundle directory instead of a registry version.")] = None,
+    replay: Annotated[Path | None, typer.Option("--replay", help="Held-out rows (.npy/.csv/.parquet) replayed as traffic.")] = None,
+    no_replay: Annotated[bool, typer.Option("--no-replay", help="Do not replay held-out data (live traffic only).")] = False,
+    port: Annotated[int | None, typer.Option("--port", "-p", help="Router port (default: serving.http_port).")] = None,
+    payload_sample_rate: Annotated[float | None, typer.Option("--payload-sample-rate", help="Log this share of payloads.")] = None,
+    config: ConfigOpt = None,
+    env: EnvOpt = None,
+    state_dir: StateDirOpt = None,
+) -> None:
+    """Deploy VERSION of MODEL: first version directly, later ones as an analysed canary."""
+    from kubeml.serving.rollout.engine import RolloutPolicy
+    from kubeml.serving.rollout.local import deploy_local
+
+    try:
+        cfg = _config(config, env) if bundle is None or state_dir is None or port is None else None
+        if blue_green:
+            step_list: tuple[int, ...] = (100,)
+        elif steps is not None:
+            step_list = RolloutPolicy.parse_steps(steps)
+        elif canary is not None:
+            step_list = (canary, 100) if canary < 100 else (100,)
+        else:
+            step_list = (10, 50, 100)
+        if canary is not None and not blue_green and step_list[0] != canary:
+            raise ConfigError(f"--canary {canary} must equal the first of --steps {steps}")
+        policy = RolloutPolicy(
+            steps=step_list, interval_s=interval, max_error_rate=max_error_rate,
+            max_p99_ms=max_p99_ms, max_divergence=max_divergence, failure_limit=failure_limit,
+            shadow_analyses=shadow, strategy="bluegreen" if blue_green else "canary",
+        )  # fmt: skip
+        rows = None
+        if bundle is None:
+            bundle_dir, rows = _resolve_registry_version(cfg, model, version)
+        else:
+            bundle_dir = bundle
+        if replay is not None:
+            rows = _load_rows(replay)
+        if no_replay:
+            rows = None
+        outcome = deploy_local(
+            model, version, bundle_dir,
+            state_dir=state_dir if state_dir is not None else Path(cfg.home) / "serving",
+            host=cfg.serving.host if cfg is not None else "127.0.0.1",
+            router_port=port if port is not None else cfg.serving.http_port,
+            policy=policy, canary=not no_canary, replay_rows=rows,
+            payload_sample_rate=payload_sample_rate, listener=_print_decision,
+        )  # fmt: skip
+    except (KubemlError, ValueError) as exc:
+        raise _fail(exc) from None
+    colour = {"promoted": "green", "deployed": "green", "replaced": "green", "unchanged": "blue"}
+    _console.print(
+        f"[{colour.get(outcome.action, 'red')}]{outcome.action}[/] {outcome.model}: serving "
+        f"version {outcome.stable_version} at {outcome.url}/v2/models/{outcome.model}/infer"
+        + (f" ({outcome.reason})" if outcome.reason else ""),
+        highlight=False,
+    )
+    if outcome.action in ("rolled_back", "aborted"):
+        raise typer.Exit(1)
+
+
+@rollout_app.command("status")
+def status(
+    model: Annotated[str, typer.Argument(help="Model name.")],
+    all_rollouts: Annotated[bool, typer.Option("--all", help="Decisions of every rollout, not just the last.")] = False,
+    config: ConfigOpt = None,
+    env: EnvOpt = None,
+    state_dir: StateDirOpt = None,
+) -> None:
+    """Show the current routes, the last rollout and its decisions with their metrics."""
+    from kubeml.serving.rollout.engine import DecisionLog
+    from kubeml.serving.rollout.local import LocalBackend, engine_alive, read_json
+
+    try:
+        backend = LocalBackend(model, state_dir=_state_dir(state_dir, config, env))
+        router = backend.router()
+        routes = router.routes() if router is not None else None
+    except KubemlError as exc:
+        raise _fail(exc) from None
+    if routes is None:
+        _console.print(f"{model}: not served (no router running)")
+    else:
+        canary = (
+            f", canary {routes.canary_version} at {routes.weight}%" + (" (shadow)" if routes.mirror else "")
+            if routes.canary else ""
+        )
+        _console.print(f"{model}: stable {routes.stable_version} at {router.url}{canary}", highlight=False)
+    state = read_json(backend.state_file)
+    if not state:
+        _console.print("no rollouts yet")
+        return
+    running = engine_alive(state)
+    phase = state["phase"] if running or state["phase"] not in ("starting", "running") else "interrupted"
+    _console.print(
+        f"rollout {state['rollout_id']}: {state['stable_version']} -> {state['canary_version']} "
+        f"[{state['strategy']}, steps {state['steps']}] phase {phase}, weight {state['weight']}%, "
+        f"failures {state['failures']}",
+        highlight=False,
+    )
+    table = Table("time", "action", "weight", "verdict", "canary req", "err rate", "p99 ms",
+                  "stable p99", "divergence", "reasons")  # fmt: skip
+    for d in DecisionLog(backend.decisions_file).read(None if all_rollouts else state["rollout_id"]):
+        m = d.get("metrics") or {}
+        c, s = m.get("canary") or {}, m.get("stable") or {}
+        table.add_row(
+            datetime.fromtimestamp(d["ts"]).strftime("%H:%M:%S"), d["action"],
+            f"{d['weight']}%" + (" shadow" if d.get("mirror") else ""), d.get("verdict") or "",
+            str(c.get("requests", "")), f"{c['error_rate']:.3f}" if c else "",
+            f"{c['p99_ms']:.1f}" if c else "", f"{s['p99_ms']:.1f}" if s else "",
+            f"{m['divergence']:.3f}" if "divergence" in m else "", "; ".join(d.get("reasons") or ()),
+        )  # fmt: skip
+    _console.print(table)
+
+
+def _steer(model: str, command: str, state_dir: Path) -> None:
+    from kubeml.serving.rollout.engine import Decision, DecisionLog
+    from kubeml.serving.rollout.local import LocalBackend, engine_alive, read_json
+
+    backend = LocalBackend(model, state_dir=state_dir)
+    state = read_json(backend.state_file)
+    if engine_alive(state):
+        backend.control_file.parent.mkdir(parents=True, exist_ok=True)
+        backend.control_file.write_text(json.dumps({"command": command}))
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            state = read_json(backend.state_file) or {}
+            if state.get("phase") not in ("starting", "running"):
+                _console.print(f"{model}: rollout {state.get('rollout_id')} {state.get('phase')}")
+                return
+            time.sleep(0.2)
+        raise ServingError(f"the rollout of {model!r} did not act on {command!r} within 60 s")
+    router = backend.router()
+    routes = router.routes() if router is not None else None
+    if routes is None or routes.canary is None:
+        raise ServingError(f"{model!r} has no rollout in progress (no canary behind its router)")
+    # The process that ran the rollout is gone; act on the routes directly.
+    if command == "promote":
+        backend.promote()
+    else:
+        backend.rollback()
+    DecisionLog(backend.decisions_file).append(
+        Decision(
+            rollout_id=(state or {}).get("rollout_id", "manual"), model=model,
+            stable_version=routes.stable_version, canary_version=routes.canary_version,
+            action="promote" if command == "promote" else "abort",
+            weight=100 if command == "promote" else 0, reasons=(f"{command} by operator",),
+        )  # fmt: skip
+    )
+    if state:
+        state.update(phase="promoted" if command == "promote" else "aborted",
+                     weight=100 if command == "promote" else 0, updated_at=time.time())
+        backend.state_file.write_text(json.dumps(state, indent=2))
+    _console.print(f"{model}: {'promoted' if command == 'promote' else 'aborted'}")
+
+
+@rollout_app.command("promote")
+def promote(
+    model: Annotated[str, typer.Argument(help="Model name.")],
+    config: ConfigOpt = None,
+    env: EnvOpt = None,
+    state_dir: StateDirOpt = None,
+) -> None:
+    """Skip the remaining steps: the canary takes all traffic and becomes stable."""
+    try:
+        _steer(model, "promote", _state_dir(state_dir, config, env))
+    except KubemlError as exc:
+        raise _fail(exc) from None
+
+
+@rollout_app.command("abort")
+def abort(
+    model: Annotated[str, typer.Argument(help="Model name.")],
+    config: ConfigOpt = None,
+    env: EnvOpt = None,
+    state_dir: StateDirOpt = None,
+) -> None:
+    """Roll back now: all traffic to the stable version, canary stopped."""
+    try:
+        _steer(model, "abort", _state_dir(state_dir, config, env))
+    except KubemlError as exc:
+        raise _fail(exc) from None
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``kubeml deploy`` and ``kubeml rollout`` to the main CLI."""
+    app.command("deploy")(deploy)
+    app.add_typer(rollout_app, name="rollout")

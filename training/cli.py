@@ -1,0 +1,262 @@
+"""``kubeml train`` and ``kubeml tune``: top-level commands added through ``register(app)``.
+
+``kubeml train`` ingests the configured data set, trains on the environment's target and
+shows a progress bar (read from the run's ``progress.json``, so it works the same for a
+local run and for one whose workers write to S3) and a final table. ``--resume RUN``
+continues an interrupted run with the configuration and data version it started with.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from kubeml.config import ENVIRONMENTS, EnvironmentConfig, load_config
+from kubeml.errors import ConfigError, KubemlError
+
+__all__ = ["register"]
+
+EXIT_FAILED, EXIT_CONFIG = 1, 2
+TARGETS = ("local", "kuberay", "sagemaker")
+
+console = Console()
+err_console = Console(stderr=True)
+
+ConfigOpt = Annotated[
+    Path | None, typer.Option("--config", "-c", help="kubeml.yaml to use (default: ./kubeml.yaml, else built-in defaults).")
+]
+EnvOpt = Annotated[
+    str | None, typer.Option("--env", "-e", help=f"Environment: {', '.join(ENVIRONMENTS)} (default: $KUBEML_ENV or dev).")
+]
+
+
+def _fail(message: str, code: int = EXIT_FAILED) -> typer.Exit:
+    err_console.print(f"[red]error:[/red] {message}", highlight=False)
+    return typer.Exit(code)
+
+
+def _load(config: Path | None, env: str | None) -> EnvironmentConfig:
+    try:
+        return load_config(config, env)
+    except ConfigError as exc:
+        raise _fail(str(exc), EXIT_CONFIG) from None
+
+
+def _new_run_id(prefix: str = "train") -> str:
+    import secrets
+    from datetime import datetime, timezone
+
+    return datetime.now(timezone.utc).strftime(f"{prefix}-%Y%m%d-%H%M%S-") + secrets.token_hex(2)
+
+
+def _with_overrides(cfg: EnvironmentConfig, **overrides: Any) -> EnvironmentConfig:
+    from pydantic import ValidationError
+
+    from kubeml.config import TrainingConfig
+
+    given = {k: v for k, v in overrides.items() if v is not None}
+    if not given:
+        return cfg
+    try:
+        training = TrainingConfig.model_validate({**cfg.training.model_dump(), **given})
+    except ValidationError as exc:
+        raise _fail(f"invalid option: {exc.errors()[0]['loc']}: {exc.errors()[0]['msg']}", EXIT_CONFIG) from None
+    return cfg.model_copy(update={"training": training})
+
+
+def _follow(store, run_id: str, worker: threading.Thread) -> None:
+    from kubeml.training.trainer import read_progress
+
+    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[detail]}"),
+               TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=False) as progress:
+        task = progress.add_task("starting workers", total=None, detail="")
+        while worker.is_alive():
+            p = read_progress(store, run_id)
+            if p:
+                progress.update(
+                    task, description=f"epoch {p['epoch']}/{p['epochs']}", total=p["total_steps"], completed=p["step"],
+                    detail=f"loss {p['loss']:.4f} · {p['samples_per_s']:.0f} samples/s · lr {p['lr']:.2e}",
+                )
+            worker.join(0.25)
+        p = read_progress(store, run_id)
+        if p:
+            progress.update(task, total=p["total_steps"], completed=p["step"])
+
+
+def _summary_table(result, test_accuracy: float | None) -> Table:
+    last = result.history[-1] if result.history else {}
+    t = Table(title=f"training run {result.run_id}", title_justify="left", show_header=False)
+    t.add_column(style="bold")
+    t.add_column(overflow="fold")
+    t.add_row("epochs", f"{result.epochs}" + (" (stopped early)" if result.stopped_early else ""))
+    t.add_row("train loss", f"{last.get('loss', float('nan')):.4f}")
+    t.add_row("train accuracy", f"{last.get('train_accuracy', float('nan')):.4f}")
+    if "val_accuracy" in last:
+        t.add_row("validation accuracy", f"{last['val_accuracy']:.4f}")
+    if test_accuracy is not None:
+        t.add_row("test accuracy", f"{test_accuracy:.4f}")
+    t.add_row("throughput", f"{last.get('samples_per_s', float('nan')):.0f} samples/s (last epoch)")
+    t.add_row("time to first step", f"{result.time_to_first_step_s:.1f} s")
+    t.add_row("wall time", f"{result.wall_s:.1f} s")
+    t.add_row("worker-group starts", str(len(result.attempts)))
+    t.add_row("bundle", result.bundle_key)
+    t.add_row("final checkpoint", result.checkpoint_uri)
+    t.add_row("best checkpoint", result.best_checkpoint_uri)
+    return t
+
+
+def _test_accuracy(cfg: EnvironmentConfig, store, result, dataset: str, version: str) -> float:
+    from kubeml.bundle import load_bundle
+    from kubeml.data import load_dataset
+    from kubeml.evaluation import evaluate_model
+
+    local = store.local_path(result.bundle_key)
+    if local is None:
+        local = store.get_dir(result.bundle_key, Path(cfg.home) / "cache" / "bundles" / result.run_id)
+    model, spec = load_bundle(local)
+    x, y = load_dataset(store, dataset, version).test()
+    return evaluate_model(model, x, y, num_classes=len(spec.classes)).accuracy
+
+
+def _train_local(cfg: EnvironmentConfig, store, run_id: str, dataset: str, version: str, resume: bool | None):
+    from kubeml.training.trainer import _ensure_ray, fit
+
+    _ensure_ray(cfg)  # in the main thread: ray.init installs signal handlers
+    outcome: dict[str, Any] = {}
+
+    def work() -> None:
+        try:
+            outcome["result"] = fit(cfg, store, dataset=dataset, dataset_version=version, run_id=run_id, resume=resume)
+        except BaseException as exc:  # handed to the main thread
+            outcome["error"] = exc
+
+    worker = threading.Thread(target=work, name=f"fit-{run_id}", daemon=True)
+    worker.start()
+    _follow(store, run_id, worker)
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
+
+
+def train(
+    config: ConfigOpt = None,
+    env: EnvOpt = None,
+    target: Annotated[str | None, typer.Option(help=f"Where to train: {', '.join(TARGETS)} (default: training.target).")] = None,
+    run_id: Annotated[str | None, typer.Option(help="Run id (default: generated).")] = None,
+    resume: Annotated[str | None, typer.Option("--resume", help="Continue this interrupted run from its last checkpoint.")] = None,
+    epochs: Annotated[int | None, typer.Option(help="Override training.epochs.")] = None,
+    workers: Annotated[int | None, typer.Option(help="Override training.workers.")] = None,
+    precision: Annotated[str | None, typer.Option(help="Override training.precision: fp32, bf16, fp16.")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Cluster targets: print the job manifest, submit nothing.")] = False,
+    timeout: Annotated[float, typer.Option(help="Cluster targets: seconds to follow the job before giving up.")] = 24 * 3600.0,
+) -> None:
+    """Train a model with Ray Train (locally, as a KubeRay RayJob, or on SageMaker) and show the result."""
+    from kubeml.artifacts import open_store
+
+    cfg = _with_overrides(_load(config, env), epochs=epochs, workers=workers, precision=precision)
+    target = target or cfg.training.target
+    if target not in TARGETS:
+        raise _fail(f"--target {target!r} is not supported; allowed values: {', '.join(TARGETS)}", EXIT_CONFIG)
+    store = open_store(cfg.artifact_store.uri, endpoint_url=cfg.artifact_store.endpoint_url)
+    try:
+        if resume:
+            from kubeml.training.trainer import run_spec_key
+
+            try:
+                spec = json.loads(store.get_text(run_spec_key(resume)))
+            except KubemlError:
+                raise _fail(f"run {resume!r} is not in {store.uri}; list runs under {store.uri}/runs", EXIT_CONFIG) from None
+            # Continue exactly: the configuration and data version the run started with.
+            cfg = EnvironmentConfig.model_validate(spec["config"])
+            run, dataset, version = resume, spec["dataset"], spec["dataset_version"]
+        else:
+            from kubeml.data import ingest
+
+            m = ingest(store, cfg.data)
+            run, dataset, version = run_id or _new_run_id(), m.name, m.version
+        if target != "local":
+            _train_cluster(cfg, target, run, dataset, version, dry_run=dry_run, timeout=timeout, resume=bool(resume))
+            return
+        console.print(f"kubeml train [bold]{run}[/bold] · {cfg.training.model} · {cfg.training.workers} workers · "
+                      f"{cfg.training.precision} · data {dataset}@{version}")
+        result = _train_local(cfg, store, run, dataset, version, True if resume else None)
+        accuracy = _test_accuracy(cfg, store, result, dataset, version)
+    except KubemlError as exc:
+        raise _fail(str(exc)) from None
+    console.print(_summary_table(result, accuracy))
+
+
+def _train_cluster(cfg, target: str, run: str, dataset: str, version: str, *, dry_run: bool, timeout: float,
+                   resume: bool) -> None:
+    import yaml
+
+    if target == "kuberay":
+        from kubeml.training.launch_kuberay import KubeRayOptions, rayjob_manifest, submit_and_follow
+
+        opts = KubeRayOptions.from_training(cfg.training)
+        manifest = rayjob_manifest(cfg, run_id=run, dataset=dataset, dataset_version=version, options=opts, resume=resume)
+    else:
+        from kubeml.training.launch_sagemaker import SageMakerOptions, submit_and_follow, training_job_manifest
+
+        opts = SageMakerOptions.from_training(cfg.training)
+        manifest = training_job_manifest(cfg, run_id=run, dataset=dataset, dataset_version=version, options=opts)
+    if dry_run:
+        console.print(yaml.safe_dump(manifest, sort_keys=False), highlight=False, markup=False)
+        return
+    console.print(f"submitting {manifest['kind']} {manifest['metadata']['name']} to namespace {opts.namespace}")
+    final = submit_and_follow(manifest, namespace=opts.namespace, timeout_s=timeout,
+                              on_status=lambda s: console.print(f"  status: {s}", highlight=False))
+    console.print(f"{manifest['kind']} {manifest['metadata']['name']}: {final}")
+
+
+def tune(
+    config: ConfigOpt = None,
+    env: EnvOpt = None,
+    trials: Annotated[int, typer.Option(help="Trials to run.")] = 12,
+    epochs: Annotated[int | None, typer.Option(help="Max epochs per trial (default: training.epochs).")] = None,
+    time_budget: Annotated[float, typer.Option(help="Stop starting trials after this many seconds.")] = 600.0,
+    concurrency: Annotated[int, typer.Option(help="Trials running at once.")] = 2,
+    run_id: Annotated[str | None, typer.Option(help="Run id (default: generated).")] = None,
+) -> None:
+    """Search hyperparameters with Ray Tune (Optuna TPE, ASHA early stopping); log trials to MLflow."""
+    from kubeml.artifacts import open_store
+    from kubeml.data import ingest
+    from kubeml.training.tune import TuneOptions, run_tune
+
+    cfg = _with_overrides(_load(config, env), epochs=epochs)
+    store = open_store(cfg.artifact_store.uri, endpoint_url=cfg.artifact_store.endpoint_url)
+    run = run_id or _new_run_id("tune")
+    try:
+        m = ingest(store, cfg.data)
+        console.print(f"kubeml tune [bold]{run}[/bold] · {trials} trials · up to {cfg.training.epochs} epochs each")
+        with console.status("tuning (Optuna TPE + ASHA)..."):
+            result = run_tune(cfg, store, dataset=m.name, dataset_version=m.version, run_id=run,
+                              options=TuneOptions(trials=trials, time_budget_s=time_budget, max_concurrent=concurrency))
+    except KubemlError as exc:
+        raise _fail(str(exc)) from None
+    t = Table(title=f"tune {run}: trials by validation accuracy", title_justify="left")
+    for col in ("trial", "val_accuracy", "val_loss", "epochs", "learning_rate", "batch_size", "weight_decay", "warmup"):
+        t.add_column(col)
+    for tr in result.trials:
+        c = tr["config"]
+        t.add_row(tr["trial_id"], f"{tr.get('val_accuracy', float('nan')):.4f}", f"{tr.get('val_loss', float('nan')):.4f}",
+                  str(tr.get("epochs", "")), f"{c['learning_rate']:.2e}", str(c["batch_size"]),
+                  f"{c['weight_decay']:.1e}", f"{c['warmup_fraction']:.2f}")
+    console.print(t)
+    console.print(f"best: {json.dumps(result.best_config)} (val_accuracy {result.best_val_accuracy:.4f}); "
+                  f"default config: {result.default_val_accuracy:.4f}; MLflow run {result.mlflow_run_id}")
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``kubeml train`` and ``kubeml tune`` to the top-level app."""
+    app.command("train")(train)
+    app.command("tune")(tune)
+
