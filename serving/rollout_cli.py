@@ -19,7 +19,6 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.table import Table
 
 from kubeml.errors import ConfigError, KubemlError, ServingError
 
@@ -109,11 +108,13 @@ def _print_decision(d: Any) -> None:
     d = d if isinstance(d, dict) else d.__dict__
     m = d.get("metrics") or {}
     canary = m.get("canary") or {}
+    stable = m.get("stable") or {}
     detail = ""
     if canary:
         detail = (
             f" canary {canary.get('requests', 0)} req, err {canary.get('error_rate', 0):.3f}, "
-            f"p99 {canary.get('p99_ms', 0):.1f} ms, divergence {m.get('divergence', 0):.3f}"
+            f"p99 {canary.get('p99_ms', 0):.1f} ms | stable {stable.get('requests', 0)} req, "
+            f"p99 {stable.get('p99_ms', 0):.1f} ms | divergence {m.get('divergence', 0):.3f}"
         )
     verdict = f" {d['verdict']}" if d.get("verdict") else ""
     reasons = f" ({'; '.join(d['reasons'])})" if d.get("reasons") else ""
@@ -236,19 +237,9 @@ def status(
         f"failures {state['failures']}",
         highlight=False,
     )
-    table = Table("time", "action", "weight", "verdict", "canary req", "err rate", "p99 ms",
-                  "stable p99", "divergence", "reasons")  # fmt: skip
+    # One line per decision (not a table): long reasons stay whole and greppable.
     for d in DecisionLog(backend.decisions_file).read(None if all_rollouts else state["rollout_id"]):
-        m = d.get("metrics") or {}
-        c, s = m.get("canary") or {}, m.get("stable") or {}
-        table.add_row(
-            datetime.fromtimestamp(d["ts"]).strftime("%H:%M:%S"), d["action"],
-            f"{d['weight']}%" + (" shadow" if d.get("mirror") else ""), d.get("verdict") or "",
-            str(c.get("requests", "")), f"{c['error_rate']:.3f}" if c else "",
-            f"{c['p99_ms']:.1f}" if c else "", f"{s['p99_ms']:.1f}" if s else "",
-            f"{m['divergence']:.3f}" if "divergence" in m else "", "; ".join(d.get("reasons") or ()),
-        )  # fmt: skip
-    _console.print(table)
+        _print_decision(d)
 
 
 def _steer(model: str, command: str, state_dir: Path) -> None:

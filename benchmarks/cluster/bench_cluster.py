@@ -85,6 +85,7 @@ def main() -> None:
                 down_times.append(time.monotonic() - start)
             print(f"run {run + 1}: up {up_times[-1]:.1f} s, down {down_times[-1]:.1f} s")
 
+    load = os.getloadavg()
     median_up = statistics.median(up_times)
     rss_median = {name: statistics.median(values) for name, values in rss.items()}
     total_rss = sum(rss_median.values())
@@ -94,7 +95,9 @@ def main() -> None:
         f"## Local control plane (kubeml.cluster) — {dt.date.today().isoformat()}",
         "",
         f"Machine: {_machine()}. Kubernetes {assets.bin_dir.parent.name.removeprefix('k8s-')}, "
-        f"{args.runs} warm runs, default node groups (2 CPU + 2 p4d GPU kwok nodes), 7 CRDs.",
+        f"{args.runs} warm runs, default node groups (2 CPU + 2 p4d GPU kwok nodes), 7 CRDs. "
+        f"Load average at the end: {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} (1/5/15 min; "
+        "other work on the machine slows every figure below except the build's).",
         "",
         "| measure | value |",
         "|---|---|",

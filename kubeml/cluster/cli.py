@@ -14,6 +14,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from kubeml.cluster._cluster import Cluster, ClusterStatus
@@ -51,6 +52,14 @@ def _print_status(status: ClusterStatus) -> None:
     _console.print(f"  logs: {status.state_dir / 'logs'}")
 
 
+def _cluster(name: str, state_dir: Path | None) -> Cluster:
+    try:
+        return Cluster(name, state_dir=state_dir)
+    except ClusterError as exc:
+        _err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
+        raise typer.Exit(2) from None
+
+
 @app.command()
 def up(
     name: NameOpt = "kubeml",
@@ -61,12 +70,12 @@ def up(
 ) -> None:
     """Start etcd, kube-apiserver, controller-manager, scheduler and kwok with EKS-like fake nodes."""
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    cluster = Cluster(name, state_dir=state_dir, apiserver_port=port)
     started = time.monotonic()
     try:
+        cluster = Cluster(name, state_dir=state_dir, apiserver_port=port)
         cluster.up(build_assets=build, timeout_s=timeout)
     except ClusterError as exc:
-        _err.print(f"[red]error:[/red] {exc}", highlight=False, markup=False)
+        _err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
         raise typer.Exit(1) from None
     _console.print(f"started in {time.monotonic() - started:.1f} s")
     _print_status(cluster.status())
@@ -76,7 +85,7 @@ def up(
 @app.command()
 def down(name: NameOpt = "kubeml", state_dir: StateDirOpt = None) -> None:
     """Stop every component and delete the cluster's state directory."""
-    cluster = Cluster(name, state_dir=state_dir)
+    cluster = _cluster(name, state_dir)
     was_running = cluster.status().running
     cluster.down()
     _console.print(f"cluster {name}: {'stopped' if was_running else 'was not running'}; state removed")
@@ -85,7 +94,7 @@ def down(name: NameOpt = "kubeml", state_dir: StateDirOpt = None) -> None:
 @app.command()
 def status(name: NameOpt = "kubeml", state_dir: StateDirOpt = None) -> None:
     """Print kubeconfig paths and the health of every component (exit 1 when unhealthy)."""
-    result = Cluster(name, state_dir=state_dir).status()
+    result = _cluster(name, state_dir).status()
     _print_status(result)
     if not result.healthy:
         raise typer.Exit(1)
@@ -100,8 +109,8 @@ def kubeconfig(
 ) -> None:
     """Write a kubeconfig for USER in the given groups and print its path."""
     try:
-        path = Cluster(name, state_dir=state_dir).kubeconfig_for(user, tuple(group or ()))
+        path = _cluster(name, state_dir).kubeconfig_for(user, tuple(group or ()))
     except ClusterError as exc:
-        _err.print(f"[red]error:[/red] {exc}", highlight=False, markup=False)
+        _err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
         raise typer.Exit(1) from None
     _console.print(str(path))

@@ -128,11 +128,11 @@ class InferenceServiceBackend:
         from kubernetes.client.exceptions import ApiException
 
         try:
-            # JSON merge patch: None deletes a field (canaryTrafficPercent, spec.canary).
+            # A dict body goes out as a JSON merge patch: None deletes a field
+            # (canaryTrafficPercent, spec.canary).
             return self.api.patch_namespaced_custom_object(
-                _GROUP, _VERSION, self.namespace, _PLURAL, self.name, body,
-                _content_type="application/merge-patch+json",
-            )  # fmt: skip
+                _GROUP, _VERSION, self.namespace, _PLURAL, self.name, body
+            )
         except ApiException as exc:
             raise ServingError(
                 f"patching InferenceService {self.namespace}/{self.name} failed "

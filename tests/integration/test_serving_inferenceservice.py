@@ -23,6 +23,16 @@ from kubeml.serving.rollout.cluster import InferenceServiceBackend
 pytestmark = pytest.mark.integration
 
 GROUP, VERSION, PLURAL = "serving.kserve.io", "v1beta1", "inferenceservices"
+
+
+def _skip_without_spec_canary(admin) -> None:
+    """Standard-mode canaries need the CRD of KServe >= 0.20 (``spec.canary``)."""
+    from kubernetes.client import ApiextensionsV1Api
+
+    crd = ApiextensionsV1Api(admin).read_custom_resource_definition(f"{PLURAL}.{GROUP}")
+    version = next(v for v in crd.spec.versions if v.name == VERSION)
+    if "canary" not in version.schema.open_apiv3_schema.properties["spec"].properties:
+        pytest.skip("the installed InferenceService CRD predates spec.canary (KServe >= 0.20)")
 IMAGE = "ghcr.io/kubeml/kubeml-server:0.1.0"
 
 
@@ -41,13 +51,16 @@ def _predictor(version: str, **kwargs) -> PredictorConfig:
 @pytest.mark.parametrize("mode", ["knative", "standard"])
 @pytest.mark.parametrize("gpus", [0, 1])
 def test_manifests_pass_server_side_dry_run(admin, namespace, mode, gpus):
+    if mode == "standard":
+        _skip_without_spec_canary(admin)
     api = CustomObjectsApi(admin)
     stable = _predictor("3", resources=Resources(gpus=gpus), grpc=True)
     isvc = inference_service("digits", stable, mode=mode)
     canary = with_canary(isvc, _predictor("4", resources=Resources(gpus=gpus)), 10)
     for manifest in (isvc, canary):
+        # Strict: an unknown field is an error, not silently pruned.
         created = api.create_namespaced_custom_object(
-            GROUP, VERSION, namespace, PLURAL, manifest, dry_run="All"
+            GROUP, VERSION, namespace, PLURAL, manifest, dry_run="All", field_validation="Strict"
         )
         assert created["metadata"]["name"] == "digits"
     if mode == "knative":
@@ -67,6 +80,8 @@ def test_schema_violation_is_rejected_by_the_apiserver(admin, namespace):
 
 @pytest.mark.parametrize("mode", ["knative", "standard"])
 def test_backend_patches_traffic_then_rolls_back(admin, namespace, mode):
+    if mode == "standard":
+        _skip_without_spec_canary(admin)
     api = CustomObjectsApi(admin)
     stable, canary = _predictor("3"), _predictor("4")
     api.create_namespaced_custom_object(
@@ -92,6 +107,7 @@ def test_backend_patches_traffic_then_rolls_back(admin, namespace, mode):
 
 
 def test_standard_mode_promotion_makes_the_canary_the_predictor(admin, namespace):
+    _skip_without_spec_canary(admin)
     api = CustomObjectsApi(admin)
     stable, canary = _predictor("3"), _predictor("4")
     api.create_namespaced_custom_object(

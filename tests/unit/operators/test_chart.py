@@ -1,0 +1,168 @@
+"""Helm chart: lint, schema, and the rendered objects for the main value combinations.
+
+Needs the ``helm`` binary of the control-plane assets (``make cluster-assets``); skipped
+without it. Rendering is local: no cluster, no network.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from kubeml.cluster import AssetsMissing, find_assets
+
+REPO = Path(__file__).resolve().parents[3]
+CHART = REPO / "charts" / "kubeml-platform"
+
+
+@pytest.fixture(scope="module")
+def helm() -> str:
+    try:
+        return str(find_assets().binary("helm"))
+    except AssetsMissing as exc:
+        pytest.skip(f"helm not built: {exc}")
+
+
+def render(helm: str, *sets: str, check: bool = True) -> list[dict] | subprocess.CompletedProcess[str]:
+    argv = [helm, "template", "kubeml", str(CHART), "--namespace", "kubeml-system", "--kube-version", "1.37.0"]
+    for s in sets:
+        argv += ["--set", s]
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    if not check:
+        return result
+    assert result.returncode == 0, result.stderr
+    return [d for d in yaml.safe_load_all(result.stdout) if d]
+
+
+def kinds(docs: list[dict]) -> dict[str, list[dict]]:
+    out: dict[str, list[dict]] = {}
+    for doc in docs:
+        out.setdefault(doc["kind"], []).append(doc)
+    return out
+
+
+def test_helm_lint_is_clean(helm):
+    for sets in ([], ["kubeflowDashboard.enabled=true"], ["serviceMonitor.enabled=false", "rbac.create=false"]):
+        argv = [helm, "lint", str(CHART), "--strict", *[a for s in sets for a in ("--set", s)]]
+        result = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert "[WARNING]" not in result.stdout and "[ERROR]" not in result.stdout
+
+
+def test_default_values_render_the_operator_monitoring_and_roles(helm):
+    by_kind = kinds(render(helm))
+
+    assert len(by_kind["Deployment"]) == 1
+    assert len(by_kind["ServiceMonitor"]) == 2
+    assert len(by_kind["PrometheusRule"]) == 1
+    assert {r["metadata"]["name"] for r in by_kind["ClusterRole"]} == {
+        "kubeml-kubeml-platform-operator", "kubeml-tenant-admin", "kubeml-tenant-editor", "kubeml-tenant-viewer"}
+    dashboard = by_kind["ConfigMap"][0]
+    assert json.loads(dashboard["data"]["kubeml-platform.json"])["uid"] == "kubeml-platform"
+    assert "centraldashboard-config" not in {c["metadata"]["name"] for c in by_kind["ConfigMap"]}
+
+
+def test_operator_pod_meets_the_restricted_pod_security_standard(helm):
+    deployment = kinds(render(helm))["Deployment"][0]
+    pod = deployment["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+
+    assert deployment["spec"]["replicas"] == 1
+    assert deployment["spec"]["strategy"]["type"] == "Recreate"
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
+    assert container["securityContext"] == {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
+                                            "capabilities": {"drop": ["ALL"]}}
+    assert container["resources"]["limits"] and container["resources"]["requests"]
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert container["image"] == "ghcr.io/kubeml/kubeml:0.1.0"
+
+
+def test_operator_rbac_is_least_privilege(helm):
+    role = next(r for r in kinds(render(helm))["ClusterRole"] if r["metadata"]["name"].endswith("-operator"))
+    verbs = {v for rule in role["rules"] for v in rule["verbs"]}
+    resources = {res for rule in role["rules"] for res in rule["resources"]}
+
+    assert not verbs & {"escalate", "impersonate", "*"}
+    assert "secrets" not in resources and "*" not in resources
+    bind = [r for r in role["rules"] if "bind" in r["verbs"]]
+    assert bind == [{"apiGroups": ["rbac.authorization.k8s.io"], "resources": ["clusterroles"], "verbs": ["bind"],
+                     "resourceNames": ["kubeml-tenant-admin", "kubeml-tenant-editor", "kubeml-tenant-viewer"]}]
+
+
+def test_tenant_roles_grant_no_escalation_and_nothing_cluster_scoped(helm):
+    roles = [r for r in kinds(render(helm))["ClusterRole"] if r["metadata"]["name"].startswith("kubeml-tenant-")]
+    cluster_scoped = {"namespaces", "nodes", "clusterroles", "clusterrolebindings", "persistentvolumes",
+                      "customresourcedefinitions", "tenants", "profiles"}
+
+    for role in roles:
+        for rule in role["rules"]:
+            assert not set(rule["verbs"]) & {"escalate", "bind", "impersonate", "*"}, role["metadata"]["name"]
+            assert not set(rule["resources"]) & cluster_scoped
+            assert "*" not in rule["resources"] and "*" not in rule["apiGroups"]
+            assert "nonResourceURLs" not in rule
+    viewer = next(r for r in roles if r["metadata"]["name"] == "kubeml-tenant-viewer")
+    assert all(set(rule["verbs"]) <= {"get", "list", "watch"} for rule in viewer["rules"])
+    assert not any("secrets" in rule["resources"] for rule in viewer["rules"])
+
+
+@pytest.mark.parametrize("sets,absent", [
+    (["serviceMonitor.enabled=false", "modelServers.serviceMonitor.enabled=false"], "ServiceMonitor"),
+    (["prometheusRule.enabled=false"], "PrometheusRule"),
+    (["rbac.create=false"], "ClusterRoleBinding"),
+    (["serviceAccount.create=false"], "ServiceAccount"),
+])
+def test_optional_parts_can_be_switched_off(helm, sets, absent):
+    assert absent not in kinds(render(helm, *sets))
+
+
+def test_kubeflow_links_and_operator_flags_follow_values(helm):
+    docs = render(helm, "kubeflowDashboard.enabled=true", "operator.kubeflowProfiles=false",
+                  "operator.resyncSeconds=30", "operator.podSecurityVersion=v1.31", "image.tag=abc")
+    by_kind = kinds(docs)
+    links = next(c for c in by_kind["ConfigMap"] if c["metadata"]["name"] == "centraldashboard-config")
+    args = by_kind["Deployment"][0]["spec"]["template"]["spec"]["containers"][0]["args"]
+    operator_role = next(r for r in by_kind["ClusterRole"] if r["metadata"]["name"].endswith("-operator"))
+
+    assert links["metadata"]["namespace"] == "kubeflow"
+    assert {m["text"] for m in json.loads(links["data"]["links"])["menuLinks"]} >= {"Models", "Monitoring"}
+    assert {"--no-kubeflow-profiles", "--resync-seconds=30", "--pod-security-version=v1.31"} <= set(args)
+    assert not any("profiles" in r["resources"] for r in operator_role["rules"])
+    assert by_kind["Deployment"][0]["spec"]["template"]["spec"]["containers"][0]["image"].endswith(":abc")
+
+
+@pytest.mark.parametrize("bad", ["unknown=1", "operator.bogus=1", "replicaCount=2", "operator.logLevel=LOUD",
+                                 "operator.podSecurityVersion=1.30", "serviceMonitor.interval=soon"])
+def test_values_schema_rejects_unknown_keys_and_bad_values(helm, bad):
+    result = render(helm, bad, check=False)
+
+    assert result.returncode != 0
+    assert "values don't meet the specifications of the schema" in result.stderr or "schema" in result.stderr
+
+
+def test_every_value_is_documented():
+    """helm-docs style: every leaf key has a ``# --`` comment, or sits in a documented map."""
+    lines = (CHART / "values.yaml").read_text().splitlines()
+    stack: list[tuple[int, bool]] = []  # (indent, documented) of the enclosing keys
+    undocumented = []
+    for i, line in enumerate(lines):
+        stripped = line.strip()
+        if not stripped or stripped.startswith(("#", "-")) or ":" not in stripped:
+            continue
+        indent = len(line) - len(line.lstrip())
+        while stack and stack[-1][0] >= indent:
+            stack.pop()
+        j = i - 1
+        while j >= 0 and lines[j].strip().startswith("#") and not lines[j].strip().startswith("# --"):
+            j -= 1
+        documented = j >= 0 and lines[j].strip().startswith("# --")
+        inherited = any(d for _, d in stack)
+        is_heading = stripped.endswith(":")
+        if not is_heading and not documented and not inherited:
+            undocumented.append(stripped)
+        stack.append((indent, documented or inherited))
+    assert not undocumented, undocumented

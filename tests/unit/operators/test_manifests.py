@@ -1,0 +1,63 @@
+"""Kustomize manifests stay in step with the chart, and the public API stays curated."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+import kubeml.operators
+from kubeml.cluster import AssetsMissing, find_assets
+
+REPO = Path(__file__).resolve().parents[3]
+
+
+@pytest.fixture(scope="module")
+def assets():
+    try:
+        return find_assets()
+    except AssetsMissing as exc:
+        pytest.skip(f"helm/kubectl not built: {exc}")
+
+
+def test_base_is_the_chart_rendered_with_defaults(assets, tmp_path):
+    copy = tmp_path / "manifests"
+    subprocess.run(["cp", "-r", str(REPO / "manifests"), str(copy)], check=True)
+    (tmp_path / "charts").symlink_to(REPO / "charts")
+    subprocess.run(["bash", str(copy / "render-base.sh")], check=True, timeout=60,
+                   env={**os.environ, "HELM": str(assets.binary("helm"))})
+
+    assert (copy / "base" / "platform.yaml").read_text() == (REPO / "manifests" / "base" / "platform.yaml").read_text(), \
+        "manifests/base/platform.yaml is stale: run manifests/render-base.sh"
+
+
+def test_chart_crd_is_the_one_in_the_base(assets):
+    crd = yaml.safe_load((REPO / "charts/kubeml-platform/crds/tenants.kubeml.io.yaml").read_text())
+    base = [d for d in yaml.safe_load_all((REPO / "manifests/base/platform.yaml").read_text()) if d]
+
+    assert crd in base
+
+
+@pytest.mark.parametrize("overlay,namespace,tag", [("dev", "kubeml-dev", "dev"), ("staging", "kubeml-staging", "0.1.0-rc.1"),
+                                                   ("prod", "kubeml-system", "0.1.0")])
+def test_overlays_build(assets, overlay, namespace, tag):
+    out = subprocess.run([str(assets.binary("kubectl")), "kustomize", str(REPO / "manifests/overlays" / overlay)],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    docs = [d for d in yaml.safe_load_all(out.stdout) if d]
+    deployment = next(d for d in docs if d["kind"] == "Deployment")
+
+    assert deployment["metadata"]["namespace"] == namespace
+    assert deployment["spec"]["replicas"] == 1
+    assert deployment["spec"]["template"]["spec"]["containers"][0]["image"] == f"ghcr.io/kubeml/kubeml:{tag}"
+    assert next(d for d in docs if d["kind"] == "Namespace")["metadata"]["name"] == namespace
+
+
+def test_public_api_is_sorted_and_complete():
+    names = kubeml.operators.__all__
+
+    assert names == sorted(names)
+    assert all(hasattr(kubeml.operators, n) for n in names)
