@@ -17,6 +17,7 @@ try:
     import kserve
     from kserve import InferOutput, InferRequest, InferResponse, ModelServer
     from kserve.errors import InvalidInput, ModelNotFound, ModelNotReady
+    from kserve.model_repository import ModelRepository
     from kserve.protocol.dataplane import DataPlane
 finally:
     sys.argv = _argv
@@ -29,6 +30,7 @@ __all__ = [
     "InvalidInput",
     "ModelNotFound",
     "ModelNotReady",
+    "ModelRepository",
     "ModelServer",
     "kserve",
 ]

@@ -123,6 +123,7 @@ class ServingManager:
         payload_log: str | Path | None = None,
         payload_sample_rate: float = 1.0,
         fault: Any = None,
+        runtime: str = "pytorch",
     ) -> ServedModel:
         """Start a server for ``bundle_dir`` as ``name`` and wait until it is ready.
 
@@ -133,7 +134,8 @@ class ServingManager:
         ``instance`` records the server under another key than the model name, so several
         versions of one model can run side by side; ``payload_log`` (JSONL path or URL)
         turns on sampled payload logging; ``fault`` (a
-        :class:`~kubeml.serving.telemetry.FaultInjection`) is the fault-injection hook.
+        :class:`~kubeml.serving.telemetry.FaultInjection`) is the fault-injection hook;
+        ``runtime="onnx"`` serves the bundle's ``model.onnx`` with ONNX Runtime.
         """
         _check_name(name)
         key = instance or name
@@ -174,6 +176,8 @@ class ServingManager:
             cmd += ["--grpc-port", str(grpc_port)]
         if max_batch_size is not None:
             cmd += ["--max-batch-size", str(max_batch_size)]
+        if runtime != "pytorch":
+            cmd += ["--runtime", runtime]
         if payload_log is not None:
             cmd += ["--payload-log", str(payload_log)]
             cmd += ["--payload-sample-rate", str(payload_sample_rate)]

@@ -1,4 +1,4 @@
-"""``kubeml deploy`` and ``kubeml rollout status|promote|abort``: local canary rollouts.
+"""``kubeml deploy``, ``kubeml rollout status|promote|abort`` and ``kubeml predict-batch``.
 
 Registered on the main CLI through ``register(app)``. Imports neither kserve nor torch;
 MLflow is imported only when a registry version is resolved.
@@ -139,9 +139,11 @@ def deploy(
     max_p99_ms: Annotated[float, typer.Option("--max-p99-ms")] = 1000.0,
     max_divergence: Annotated[float, typer.Option("--max-divergence")] = 0.2,
     failure_limit: Annotated[int, typer.Option("--failure-limit")] = 2,
+    min_requests: Annotated[int, typer.Option("--min-requests", help="Canary requests a window needs to be judged.")] = 20,
     bundle: Annotated[Path | None, typer.Option("--bundle", help="Deploy this bundle directory instead of a registry version.")] = None,
     replay: Annotated[Path | None, typer.Option("--replay", help="Held-out rows (.npy/.csv/.parquet) replayed as traffic.")] = None,
     no_replay: Annotated[bool, typer.Option("--no-replay", help="Do not replay held-out data (live traffic only).")] = False,
+    replay_rate: Annotated[float, typer.Option("--replay-rate", help="Replayed requests per second (0: unlimited).")] = 50.0,
     port: Annotated[int | None, typer.Option("--port", "-p", help="Router port (default: serving.http_port).")] = None,
     payload_sample_rate: Annotated[float | None, typer.Option("--payload-sample-rate", help="Log this share of payloads.")] = None,
     config: ConfigOpt = None,
@@ -168,6 +170,7 @@ def deploy(
             steps=step_list, interval_s=interval, max_error_rate=max_error_rate,
             max_p99_ms=max_p99_ms, max_divergence=max_divergence, failure_limit=failure_limit,
             shadow_analyses=shadow, strategy="bluegreen" if blue_green else "canary",
+            min_requests=min_requests,
         )  # fmt: skip
         rows = None
         if bundle is None:
@@ -184,6 +187,7 @@ def deploy(
             host=cfg.serving.host if cfg is not None else "127.0.0.1",
             router_port=port if port is not None else cfg.serving.http_port,
             policy=policy, canary=not no_canary, replay_rows=rows,
+            replay_rate_per_s=replay_rate or None,
             payload_sample_rate=payload_sample_rate, listener=_print_decision,
         )  # fmt: skip
     except (KubemlError, ValueError) as exc:
@@ -311,7 +315,42 @@ def abort(
         raise _fail(exc) from None
 
 
+def predict_batch(
+    model: Annotated[str, typer.Argument(help="Served model name.")],
+    input_path: Annotated[Path, typer.Option("--input", "-i", help="CSV or Parquet dataset.")],
+    output_path: Annotated[Path, typer.Option("--output", "-o", help="CSV or Parquet output.")],
+    url: Annotated[str | None, typer.Option("--url", help="Server or router URL (default: the model's local router).")] = None,
+    exclude: Annotated[list[str] | None, typer.Option("--exclude", help="Non-feature column (repeatable).")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size")] = 256,
+    concurrency: Annotated[int, typer.Option("--concurrency")] = 4,
+    config: ConfigOpt = None,
+    env: EnvOpt = None,
+    state_dir: StateDirOpt = None,
+) -> None:
+    """Predict a dataset through a served model; rows come back with class and version."""
+    from kubeml.serving.batch import predict_file
+    from kubeml.serving.manager import ServingManager
+    from kubeml.serving.rollout.local import LocalBackend
+
+    try:
+        if url is None:
+            states = _state_dir(state_dir, config, env)
+            router = LocalBackend(model, state_dir=states).router()
+            served = ServingManager(states).get(model) if router is None else None
+            if router is None and served is None:
+                raise ServingError(f"model {model!r} is not served here; pass --url or deploy it first")
+            url = router.url if router is not None else served.url
+        rows = predict_file(
+            input_path, output_path, url=url, model=model, exclude=tuple(exclude or ()),
+            batch_size=batch_size, concurrency=concurrency,
+        )  # fmt: skip
+    except KubemlError as exc:
+        raise _fail(exc) from None
+    _console.print(f"wrote {rows} predictions to {output_path}", highlight=False)
+
+
 def register(app: typer.Typer) -> None:
-    """Add ``kubeml deploy`` and ``kubeml rollout`` to the main CLI."""
+    """Add ``kubeml deploy``, ``kubeml predict-batch`` and ``kubeml rollout`` to the main CLI."""
     app.command("deploy")(deploy)
+    app.command("predict-batch")(predict_batch)
     app.add_typer(rollout_app, name="rollout")

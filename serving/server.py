@@ -18,6 +18,16 @@ gaps where kserve answers a client mistake with a 5xx or no JSON:
 * ``/v2/models/NAME/versions/V/...`` is answered for the served version (kserve itself
   answers 501 for any versioned route) and 404 for any other version.
 
+Multi-model mode (``--models-dir DIR [--max-memory-mb M]``) serves every bundle under
+``DIR/NAME/``, loaded and unloaded through the V2 model repository API with
+least-recently-used eviction under the memory cap (see ``repository.py``). ``--runtime
+onnx`` serves a bundle's ``model.onnx`` with ONNX Runtime instead of PyTorch eager.
+
+Every inference request is timed and counted per model and version on ``/metrics``, may
+be sampled to a payload log (``--payload-log``), and carries an ``x-request-id``
+(``telemetry.py``). ``--fault-error-rate`` / ``--fault-latency-ms`` are a fault-injection
+hook for rollout tests: they make a healthy model look like a bad version.
+
 The model loads in a background thread: the port opens at once (liveness) and
 ``/v2/health/ready`` and ``/v2/models/NAME/ready`` turn 200 only after the weights are
 loaded. A bundle that cannot be loaded stops the process with exit status 1 and the
@@ -41,7 +51,7 @@ from typing import Any
 from kubeml.bundle import SPEC_FILE, WEIGHTS_FILE, read_spec
 from kubeml.errors import BundleError
 
-__all__ = ["DEFAULT_MAX_BODY_BYTES", "main", "serve"]
+__all__ = ["DEFAULT_MAX_BODY_BYTES", "main", "serve", "serve_repository"]
 
 log = logging.getLogger("kubeml.serving.server")
 
@@ -54,15 +64,21 @@ DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
 GRACE_PERIOD_S = 5
 #: Exit status when the bundle cannot be loaded (distinct from a crash or a signal).
 EXIT_LOAD_FAILED = 1
+#: Model runtimes ``--runtime`` accepts: PyTorch eager (safetensors) or ONNX Runtime (model.onnx).
+RUNTIMES = ("pytorch", "onnx")
 
 _VERSIONED_ROUTE = re.compile(
     r"^/v2/models/(?P<name>[^/]+)/versions/(?P<version>[^/]+)(?P<rest>/.*)?$"
 )
 
 
-def _preflight(model_dir: Path) -> None:
+def _preflight(model_dir: Path, runtime: str = "pytorch") -> None:
     """Fail in milliseconds, before kserve and torch are imported, on a broken bundle."""
     spec = read_spec(model_dir)
+    if runtime == "onnx":
+        if not (model_dir / "model.onnx").is_file():
+            raise BundleError(f"{model_dir}: model.onnx is missing (export it with export_onnx)")
+        return
     weights = model_dir / WEIGHTS_FILE
     if not weights.is_file():
         raise BundleError(f"{model_dir}: {WEIGHTS_FILE} is missing")
@@ -191,9 +207,21 @@ class _ClientErrorsWithoutTraceback(logging.Filter):
         return True
 
 
+class _RepositoryVersions:
+    """``versions.get(name)`` for a multi-model server: whatever version is loaded now."""
+
+    def __init__(self, repository: Any):
+        self.repository = repository
+
+    def get(self, name: str, default: str = "") -> str:
+        model = self.repository.models.get(name)
+        return getattr(model, "version", default) if model is not None else default
+
+
 def _build_server(
     model: Any,
     *,
+    repository: Any = None,
     http_port: int,
     grpc_port: int | None,
     max_body_bytes: int,
@@ -240,7 +268,7 @@ def _build_server(
 
         async def ready(self) -> bool:
             models = self.model_registry.get_models()
-            if not models:
+            if not models and repository is None:
                 return False
             for name in models:
                 if not await self.model_registry.is_model_ready(name):
@@ -257,7 +285,7 @@ def _build_server(
 
     class _Server(ModelServer):
         def __init__(self, **kwargs: Any):
-            super().__init__(**kwargs)
+            super().__init__(registered_models=repository, **kwargs)
             self.dataplane = _StrictDataPlane(model_registry=self.registered_models)
 
     app = _kserve_pkg.model_server.app
@@ -281,23 +309,26 @@ def _build_server(
             headers=getattr(exc, "headers", None),
         )
 
+    if repository is not None:
+        _add_repository_routes(app, repository)
     # kserve registers its own handlers at start(); these two types it leaves alone.
     app.exception_handlers[RequestValidationError] = validation_error
     app.exception_handlers[StarletteHTTPException] = http_error
     app.add_middleware(
         _RequestGuard,
         max_body_bytes=max_body_bytes,
-        versions={model.name: model.version} if model.version else {},
+        versions={model.name: model.version} if model is not None and model.version else {},
     )
     from kubeml.serving.telemetry import ModelTelemetry, TelemetryMiddleware
 
-    model.telemetry = ModelTelemetry(
-        model.name, model.version, tuple(model.spec.classes) if model.spec else ()
-    )
+    if model is not None:
+        model.telemetry = ModelTelemetry(
+            model.name, model.version, tuple(model.spec.classes) if model.spec else ()
+        )
     # Added last, so it is outermost: 413s and guard errors are timed and counted too.
     app.add_middleware(
         TelemetryMiddleware,
-        versions={model.name: model.version},
+        versions={model.name: model.version} if model is not None else _RepositoryVersions(repository),
         payload_logger=payload_logger,
         fault=fault,
     )
@@ -316,8 +347,83 @@ def _build_server(
         ssl_certfile=None,
         ssl_keyfile=None,
     )
-    server.register_model(model)
+    if model is not None:
+        server.register_model(model)
     return server
+
+
+def _add_repository_routes(app: Any, repository: Any) -> None:
+    """Model repository routes, registered before kserve's own (FastAPI matches the first).
+
+    kserve loads in the event loop (every other model stalls meanwhile) and answers 503
+    for any load failure; here loads run in a worker thread, an unknown bundle is a 404
+    and a model bigger than the whole memory cap a 400.
+    """
+    import asyncio
+
+    from fastapi.responses import JSONResponse
+
+    from kubeml.errors import BundleError
+
+    async def load(model_name: str) -> Any:
+        try:
+            await asyncio.to_thread(repository.load, model_name)
+        except BundleError as exc:
+            status = 400 if "cap" in str(exc) else 404
+            return JSONResponse(status_code=status, content={"error": str(exc)})
+        return {"name": model_name, "load": True, "loaded": repository.loaded(),
+                "used_bytes": repository.used_bytes}
+
+    async def unload(model_name: str) -> Any:
+        try:
+            repository.unload(model_name)
+        except KeyError:
+            return JSONResponse(
+                status_code=404, content={"error": f"model {model_name!r} is not loaded"}
+            )
+        return {"name": model_name, "unload": True}
+
+    async def index() -> Any:
+        loaded = set(repository.loaded())
+        names = sorted(
+            d.name for d in repository.root.iterdir() if (d / "kubeml-model.json").is_file()
+        )
+        return [
+            {"name": n, "state": "READY" if n in loaded else "UNAVAILABLE", "reason": ""}
+            for n in names
+        ]
+
+    app.add_api_route("/v2/repository/models/{model_name}/load", load, methods=["POST"])
+    app.add_api_route("/v2/repository/models/{model_name}/unload", unload, methods=["POST"])
+    app.add_api_route("/v2/repository/index", index, methods=["POST", "GET"])
+
+
+def serve_repository(
+    models_dir: str | Path,
+    *,
+    http_port: int,
+    grpc_port: int | None = None,
+    max_memory_bytes: int,
+    runtime: str = "pytorch",
+    preload: tuple[str, ...] = (),
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+) -> int:
+    """Serve every bundle under ``models_dir/NAME`` on demand (V2 repository API), with
+    least-recently-used eviction under ``max_memory_bytes``; returns the exit status."""
+    from kubeml.serving.repository import BundleRepository
+
+    repository = BundleRepository(models_dir, max_memory_bytes=max_memory_bytes, runtime=runtime)
+    for name in preload:
+        repository.load(name)
+    server = _build_server(
+        None,
+        repository=repository,
+        http_port=http_port,
+        grpc_port=grpc_port,
+        max_body_bytes=max_body_bytes,
+    )
+    server.start([])
+    return 0
 
 
 def serve(
@@ -332,6 +438,7 @@ def serve(
     payload_log: str | None = None,
     payload_sample_rate: float = 1.0,
     fault: Any = None,
+    runtime: str = "pytorch",
 ) -> int:
     """Serve the bundle in ``model_dir`` until SIGTERM/SIGINT; returns the exit status.
 
@@ -340,7 +447,9 @@ def serve(
     hook used by rollout tests.
     """
     model_dir = Path(model_dir)
-    _preflight(model_dir)
+    if runtime not in RUNTIMES:
+        raise ValueError(f"runtime must be one of {RUNTIMES}, got {runtime!r}")
+    _preflight(model_dir, runtime)
     from kubeml.serving.telemetry import PayloadLogger
 
     payload_logger = (
@@ -349,7 +458,10 @@ def serve(
 
     from kubeml.serving.model import DEFAULT_MAX_BATCH_SIZE, BundleModel
 
-    model = BundleModel(
+    model_class = BundleModel
+    if runtime == "onnx":
+        from kubeml.serving.onnx_model import OnnxBundleModel as model_class
+    model = model_class(
         model_name,
         model_dir,
         version=model_version,
@@ -399,15 +511,22 @@ def _parser() -> argparse.ArgumentParser:
         prog="python -m kubeml.serving.server",
         description="Serve a kubeml model bundle over KServe V1 and Open Inference Protocol V2.",
     )
-    p.add_argument("--model-dir", required=True, type=Path, help="bundle directory")
-    p.add_argument(
-        "--model-name", required=True, help="name in /v1/models/NAME and /v2/models/NAME"
+    p.add_argument("--model-dir", type=Path, help="bundle directory (one model)")
+    p.add_argument("--model-name", help="name in /v1/models/NAME and /v2/models/NAME")
+    multi = p.add_argument_group(
+        "multi-model", "serve every bundle under a directory, loaded through /v2/repository"
     )
+    multi.add_argument("--models-dir", type=Path, help="directory of bundles, one per NAME/")
+    multi.add_argument(
+        "--max-memory-mb", type=float, default=1024.0, help="cap on loaded weights; LRU eviction"
+    )
+    multi.add_argument("--preload", default="", help="comma-separated models to load at start")
     p.add_argument("--model-version", default="", help="version reported in V2 metadata/responses")
     p.add_argument("--http-port", required=True, type=_port)
     p.add_argument("--grpc-port", type=_port, default=None, help="enable gRPC V2 on this port")
     p.add_argument("--max-batch-size", type=int, default=None, help="most instances per request")
     p.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES)
+    p.add_argument("--runtime", choices=RUNTIMES, default="pytorch", help="model runtime")
     p.add_argument(
         "--payload-log", default=None, help="JSONL file or http(s) URL for sampled payloads"
     )
@@ -427,8 +546,31 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
     from kubeml.serving.telemetry import FaultInjection
+
+    if args.models_dir is not None:
+        if args.model_dir is not None:
+            parser.error("use either --model-dir (one model) or --models-dir (many), not both")
+        logging.basicConfig(
+            level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        )
+        try:
+            return serve_repository(
+                args.models_dir,
+                http_port=args.http_port,
+                grpc_port=args.grpc_port,
+                max_memory_bytes=int(args.max_memory_mb * 1024 * 1024),
+                runtime=args.runtime,
+                preload=tuple(n for n in args.preload.split(",") if n),
+                max_body_bytes=args.max_body_bytes,
+            )
+        except BundleError as exc:
+            log.error("%s", exc)
+            return EXIT_LOAD_FAILED
+    if args.model_dir is None or not args.model_name:
+        parser.error("--model-dir and --model-name are required (or --models-dir)")
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
@@ -449,6 +591,7 @@ def main(argv: list[str] | None = None) -> int:
             payload_log=args.payload_log,
             payload_sample_rate=args.payload_sample_rate,
             fault=FaultInjection(args.fault_error_rate, args.fault_latency_ms),
+            runtime=args.runtime,
         )
     except BundleError as exc:
         log.error("%s", exc)

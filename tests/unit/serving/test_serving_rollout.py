@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import requests
+from typer.testing import CliRunner
 
 from kubeml.serving.rollout import (
     DecisionLog,
@@ -24,7 +25,6 @@ from kubeml.serving.rollout import (
     RolloutEngine,
     RolloutPolicy,
     TrafficReplayer,
-    deploy_local,
 )
 from kubeml.serving.rollout.local import instance_name
 from kubeml.serving.telemetry import FaultInjection
@@ -170,17 +170,52 @@ def test_divergent_canary_in_shadow_mode_is_rolled_back_without_answering_anyone
     assert any(d["mirror"] for d in decisions if d["action"] == "traffic")
 
 
-def test_good_canary_is_promoted_step_by_step_to_full_traffic(backend, digits_bundle, rows, state_dir):
+def test_predict_batch_writes_predictions_with_the_answering_version(backend, rows, digits_bundle, tmp_path):
+    import pandas as pd
+
+    from kubeml.serving.model import BundleModel
+
+    frame = pd.DataFrame(rows, columns=[f"px{i}" for i in range(64)]).assign(row_id=range(len(rows)))
+    frame.to_parquet(tmp_path / "in.parquet")
+    result = CliRunner().invoke(
+        _cli(),
+        ["predict-batch", MODEL, "-i", str(tmp_path / "in.parquet"), "-o", str(tmp_path / "out.csv"),
+         "--exclude", "row_id", "--batch-size", "10", "--state-dir", str(backend.state_dir)],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    out = pd.read_csv(tmp_path / "out.csv")
+    expected, _ = BundleModel("d", digits_bundle).predict_array(rows)
+    assert out["prediction"].tolist() == expected.tolist()
+    assert out["row_id"].tolist() == list(range(len(rows)))
+    assert set(out["model_version"].astype(str)) == {"1"}
+
+
+def _cli():
+    import typer
+
+    from kubeml.serving.rollout_cli import register
+
+    app = typer.Typer()
+    register(app)
+    return app
+
+
+def test_good_canary_is_promoted_step_by_step_through_the_cli(backend, digits_bundle, rows, state_dir, tmp_path):
     router = _router(backend)
-    policy = RolloutPolicy(steps=(10, 50, 100), interval_s=1.5, min_requests=5, max_p99_ms=None)
-    outcome = deploy_local(
-        MODEL, "6", digits_bundle, state_dir=state_dir, policy=policy, replay_rows=rows,
-        replay_rate_per_s=None, payload_sample_rate=0.5,
-    )
-    assert (outcome.action, outcome.stable_version, outcome.max_weight) == ("promoted", "6", 100)
+    np.save(tmp_path / "heldout.npy", rows)
+    result = CliRunner().invoke(
+        _cli(),
+        ["deploy", MODEL, "--version", "6", "--bundle", str(digits_bundle), "--steps", "10,50,100",
+         "--interval", "1.5", "--min-requests", "5", "--replay", str(tmp_path / "heldout.npy"),
+         "--replay-rate", "0", "--payload-sample-rate", "0.5", "--port", str(router.port),
+         "--state-dir", str(state_dir)],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "promoted digits: serving version 6" in result.output
     routes = router.routes()
     assert (routes.stable_version, routes.canary) == ("6", None)
-    decisions = DecisionLog(backend.decisions_file).read(outcome.rollout_id)
+    state = json.loads(backend.state_file.read_text())
+    decisions = DecisionLog(backend.decisions_file).read(state["rollout_id"])
     weights = [d["weight"] for d in decisions if d["action"] == "traffic"]
     assert weights == [10, 50, 100]
     assert decisions[-1]["action"] == "promote"
@@ -190,6 +225,12 @@ def test_good_canary_is_promoted_step_by_step_to_full_traffic(backend, digits_bu
     assert answer.status_code == 200
     assert answer.json()["model_version"] == "6"
     assert answer.headers["x-kubeml-model-version"] == "6"
+
+    status = CliRunner().invoke(_cli(), ["rollout", "status", MODEL, "--state-dir", str(state_dir)])
+    assert status.exit_code == 0, status.output
+    assert "stable 6" in status.output and "phase promoted" in status.output
+    assert status.output.count("analysis") >= 3 and "canary" in status.output
+
     # Payload logs of the promoted version carry its version and request ids.
     log = state_dir / "payloads" / f"{instance_name(MODEL, '6')}.jsonl"
     deadline = time.monotonic() + 10
@@ -197,3 +238,9 @@ def test_good_canary_is_promoted_step_by_step_to_full_traffic(backend, digits_bu
         time.sleep(0.2)
     record = json.loads(log.read_text().splitlines()[0])
     assert record["version"] == "6" and record["request_id"] and record["status"] == 200
+    # Prometheus metrics per model and version on the server.
+    served = backend.manager.get(instance_name(MODEL, "6"))
+    metrics = requests.get(f"{served.url}/metrics", timeout=10).text
+    assert 'kubeml_requests_total{model="digits",protocol="v2",status="200",version="6"}' in metrics
+    assert 'kubeml_batch_size_bucket{le="1.0",model="digits",version="6"}' in metrics
+    assert 'kubeml_predictions_total{class=' in metrics
