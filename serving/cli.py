@@ -82,7 +82,7 @@ def status(state_dir: StateDir = None) -> None:
             if s.ready
             else ("[yellow]not ready[/yellow]" if s.alive else "[red]dead[/red]")
         )
-        table.add_row(s.name, s.version or "-", str(s.pid), state, s.url, s.v2_url)
+        table.add_row(s.instance or s.name, s.version or "-", str(s.pid), state, s.url, s.v2_url)
     _console.print(table)
 
 

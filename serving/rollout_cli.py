@@ -7,6 +7,7 @@ MLflow is imported only when a registry version is resolved.
     kubeml rollout status digits
     kubeml rollout promote digits        # skip the remaining steps
     kubeml rollout abort digits          # back to the stable version now
+    kubeml rollout stop digits           # stop the router and every version server
 """
 
 from __future__ import annotations
@@ -313,6 +314,23 @@ def abort(
         _steer(model, "abort", _state_dir(state_dir, config, env))
     except KubemlError as exc:
         raise _fail(exc) from None
+
+
+@rollout_app.command("stop")
+def stop(
+    model: Annotated[str, typer.Argument(help="Model name.")],
+    config: ConfigOpt = None,
+    env: EnvOpt = None,
+    state_dir: StateDirOpt = None,
+) -> None:
+    """Stop serving MODEL: its router and every version server."""
+    from kubeml.serving.rollout.local import LocalBackend
+
+    try:
+        stopped = LocalBackend(model, state_dir=_state_dir(state_dir, config, env)).stop()
+    except KubemlError as exc:
+        raise _fail(exc) from None
+    _console.print("\n".join(f"stopped {s}" for s in stopped) or f"{model}: nothing running")
 
 
 def predict_batch(

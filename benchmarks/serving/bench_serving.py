@@ -194,7 +194,7 @@ def main() -> None:
     parser.add_argument("--no-write", action="store_true", help="do not append to RESULTS.md")
     args = parser.parse_args()
 
-    from kubeml.serving.rollout import LocalBackend, RolloutEngine  # noqa: F401
+    from kubeml.serving.rollout import LocalBackend
     from kubeml.serving.rollout.router import Routes
 
     work = Path(tempfile.mkdtemp(prefix="kubeml-bench-"))

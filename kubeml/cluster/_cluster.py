@@ -531,9 +531,13 @@ class Cluster:
         from kubernetes.client.exceptions import ApiException
 
         nodes = [node for group in self.node_groups for node in group.manifests()]
-        with self.api_client() as client:
-            client.configuration.connection_pool_maxsize = 16
-            client.rest_client.pool_manager.connection_pool_kw["maxsize"] = 16
+        from kubernetes import client as k8s, config
+
+        configuration = k8s.Configuration()
+        config.load_kube_config(config_file=str(self.admin_kubeconfig), client_configuration=configuration)
+        # One connection per worker thread; urllib3's default pool keeps 4 and warns beyond.
+        configuration.connection_pool_maxsize = 8
+        with k8s.ApiClient(configuration) as client:
             ext, core = ApiextensionsV1Api(client), CoreV1Api(client)
             with ThreadPoolExecutor(max_workers=8) as pool:
                 futures = {pool.submit(ext.create_custom_resource_definition, crd): f"CRD {crd['metadata']['name']}"

@@ -17,12 +17,13 @@ import contextlib
 import os
 import secrets
 import time
-from collections.abc import Iterator
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import pytest
 
+from kubeml.cluster._assets import cache_root
 from kubeml.cluster._cluster import Cluster
 from kubeml.cluster._errors import ClusterError
 from kubeml.cluster._existing import ExistingCluster
@@ -50,8 +51,9 @@ def cluster_fixture(
     """Make a pytest fixture yielding a running ``Cluster`` (or an ``ExistingCluster``).
 
     Args:
-        name: local cluster name; its state lives in ``~/.cache/kubeml/clusters/<name>``.
-            A cluster of that name left by a killed session is cleaned up on start.
+        name: local cluster name prefix; the cluster is ``<name>-<pid>`` and its state lives
+            in ``~/.cache/kubeml/clusters/<name>-<pid>``. Clusters with this prefix left by
+            a killed session (their pytest process is gone) are stopped and removed on start.
         scope: pytest scope; "session" starts one cluster for the whole run (~15 s).
         node_groups: fake nodes to create (ignored for an existing cluster).
         build_assets: build missing binaries instead of failing (a cold build takes tens
@@ -69,7 +71,10 @@ def cluster_fixture(
         if mode == "existing":
             yield ExistingCluster.from_env(work_dir=tmp_path_factory.mktemp("kubeconfigs"))
             return
-        cluster = Cluster(name, node_groups=node_groups)
+        _reap_crashed_sessions(name)
+        # One cluster per pytest process: two sessions on one machine (a developer and CI,
+        # or two checkouts) must not share, or stop, each other's cluster.
+        cluster = Cluster(f"{name}-{os.getpid()}", node_groups=node_groups)
         try:
             cluster.up(build_assets=build_assets, timeout_s=timeout_s, owner_pid=os.getpid())
         except ClusterError as exc:
@@ -80,6 +85,15 @@ def cluster_fixture(
             cluster.down()
 
     return _cluster
+
+
+def _reap_crashed_sessions(prefix: str) -> None:
+    clusters = cache_root() / "clusters"
+    for state_dir in clusters.glob(f"{prefix}-*"):
+        pid = state_dir.name.removeprefix(f"{prefix}-")
+        if not pid.isdigit() or int(pid) == os.getpid() or Path(f"/proc/{pid}").exists():
+            continue
+        Cluster(state_dir.name, state_dir=state_dir).down()
 
 
 def build_assets_if_needed(items: list[pytest.Item], fixture_name: str = "cluster") -> None:

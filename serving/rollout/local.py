@@ -266,9 +266,8 @@ class LocalBackend:
             _terminate_group(router.pid, marker=_ROUTER_MODULE)
             stopped.append(f"{self.model} (router)")
         (self.rollout_dir / "router.json").unlink(missing_ok=True)
-        prefix = f"{self.model}-v"
         for served in self.manager.status():
-            if served.instance.startswith(prefix) or served.instance == self.model:
+            if served.name == self.model:  # every version server of this model, by model name
                 stopped += self.manager.stop(served.instance)
         return stopped
 

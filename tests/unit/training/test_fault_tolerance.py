@@ -107,7 +107,7 @@ def test_more_failures_than_allowed_fail_cleanly_then_resume_skips_a_truncated_c
     _, _, store, _ = env
     fault = FaultInjection(epoch=2, rank=0, marker_dir=str(tmp_path / "markers"), times=5, mode="raise")
 
-    with pytest.raises(TrainingFailed, match=r"max_failures=0.*\n.*kubeml train --resume interrupted"):
+    with pytest.raises(TrainingFailed, match=r"(?s)max_failures=0.*kubeml train --resume interrupted"):
         _fit(env, "interrupted", fault=fault, training={"max_failures": 0})
 
     # No leaked workers: every CPU is free again and no actor is left alive.
