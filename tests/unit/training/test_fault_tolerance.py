@@ -94,10 +94,12 @@ def test_killed_worker_is_replaced_and_the_run_resumes_from_the_last_checkpoint(
     assert _losses(result) == _losses(ref)
 
 
-def _alive_actors() -> list[dict]:
+def _alive_workers() -> list[dict]:
+    """Training worker actors still alive (each holds a CPU and a torch process group)."""
     from ray._private import state
 
-    return [a for a in state.actors().values() if a.get("State") == "ALIVE"]
+    return [a for a in state.actors().values()
+            if a.get("State") == "ALIVE" and a.get("ActorClassName") == "RayTrainWorker"]
 
 
 def test_more_failures_than_allowed_fail_cleanly_then_resume_skips_a_truncated_checkpoint(env, reference, tmp_path):
@@ -110,14 +112,14 @@ def test_more_failures_than_allowed_fail_cleanly_then_resume_skips_a_truncated_c
     with pytest.raises(TrainingFailed, match=r"(?s)max_failures=0.*kubeml train --resume interrupted"):
         _fit(env, "interrupted", fault=fault, training={"max_failures": 0})
 
-    # No leaked workers: every CPU is free again and no actor is left alive.
+    # No leaked workers: every CPU is free again and no training worker is left alive.
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and (
-        ray.available_resources().get("CPU", 0) < ray.cluster_resources()["CPU"] or _alive_actors()
+        ray.available_resources().get("CPU", 0) < ray.cluster_resources()["CPU"] or _alive_workers()
     ):
         time.sleep(0.5)
     assert ray.available_resources().get("CPU", 0) == ray.cluster_resources()["CPU"]
-    assert _alive_actors() == []
+    assert _alive_workers() == []
 
     # The newest checkpoint is cut short, as by a node dying mid-upload.
     run_dir = store.local_path("checkpoints/interrupted")
