@@ -1,7 +1,8 @@
 """``kubeml``: the command line.
 
 Exit codes: 0 success; 1 a stage or command failed; 2 bad configuration or usage;
-3 the model did not pass the promotion gate (a clean outcome: nothing was registered).
+3 the model did not pass the promotion gate (a clean outcome: nothing was registered);
+4 the new version was registered but its canary was rolled back (the previous version serves).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from kubeml.errors import ConfigError, KubemlError
 
 __all__ = ["app", "main"]
 
-EXIT_FAILED, EXIT_CONFIG, EXIT_GATE = 1, 2, 3
+EXIT_FAILED, EXIT_CONFIG, EXIT_GATE, EXIT_ROLLED_BACK = 1, 2, 3, 4
 
 app = typer.Typer(
     help="kubeml: Kubernetes-native ML platform (KFP, Ray Train, KServe, MLflow).",
@@ -166,6 +167,10 @@ def run(
         err_console.print("[red]error:[/red] the gate passed but register did not run; see " + str(log_path))
         raise typer.Exit(EXIT_FAILED)
     _summary(by, run_id)
+    dep = by["deploy"].outputs
+    if dep.get("rollout") in ("rolled_back", "aborted"):
+        console.print(f"[yellow]canary rolled back:[/yellow] {dep.get('reason')}")
+        raise typer.Exit(EXIT_ROLLED_BACK)
 
 
 def _summary(by, run_id: str) -> None:
@@ -179,6 +184,8 @@ def _summary(by, run_id: str) -> None:
     t.add_row("macro-F1", f"{ev.get('macro_f1', float('nan')):.4f}")
     t.add_row("model version", f"{reg.get('model_name')} v{reg.get('version')} ({reg.get('approval_status')})")
     t.add_row("endpoint", dep.get("v2_url") or by["deploy"].message)
+    if dep.get("rollout"):
+        t.add_row("rollout", f"{dep['rollout']} (serving v{dep.get('stable_version')})")
     console.print(t)
 
 

@@ -169,7 +169,7 @@ def deploy_stage(config_json: str, run_id: str, model_version: int) -> str:
     from kubeml.data import load_dataset
     from kubeml.registry import Registry
     from kubeml.serving.client import smoke_test
-    from kubeml.serving.manager import ServingManager
+    from kubeml.serving.rollout.local import deploy_local
 
     cfg, store, ledger = _open(config_json, run_id)
     with ledger.stage("deploy") as rec:
@@ -185,21 +185,33 @@ def deploy_stage(config_json: str, run_id: str, model_version: int) -> str:
             return ""
         bundle_key = _key_from_url(store, mv.source)
         bundle_dir = _local_bundle(cfg, store, bundle_key, f"{mv.name}-v{mv.version}")
-        manager = ServingManager(Path(cfg.home) / "serving", host=cfg.serving.host)
-        served = manager.deploy(
-            mv.name, bundle_dir, version=str(mv.version), http_port=cfg.serving.http_port,
-            grpc_port=cfg.serving.grpc_port,
-        )
-        # Smoke test: held-out samples through V1 and V2 must give exactly the offline answers.
-        evaluation = json.loads(store.get_text(f"runs/{run_id}/evaluation.json"))
         ingest_out = ledger.read("ingest").outputs
         x, _ = load_dataset(store, ingest_out["dataset"], ingest_out["version"]).test()
+        # The router listens on serving.http_port whichever version answers. The first version
+        # is served directly; a later one goes out as a canary against the one being served,
+        # with held-out rows replayed as traffic, and is promoted or rolled back by the analysis.
+        outcome = deploy_local(
+            mv.name, str(mv.version), bundle_dir, state_dir=Path(cfg.home) / "serving",
+            host=cfg.serving.host, router_port=cfg.serving.http_port, replay_rows=x,
+        )
+        v2_url = f"{outcome.url}/v2/models/{mv.name}/infer"
+        rec.outputs = {"url": outcome.url, "v1_url": f"{outcome.url}/v1/models/{mv.name}:predict", "v2_url": v2_url,
+                       "model_version": mv.version, "rollout": outcome.action, "stable_version": outcome.stable_version,
+                       "reason": outcome.reason, "rollout_id": outcome.rollout_id, "max_weight": outcome.max_weight}
+        if outcome.stable_version != str(mv.version):
+            rec.outputs["deployed"] = False
+            rec.message = (f"canary v{mv.version} {outcome.action.replace('_', ' ')} at {outcome.max_weight}%: "
+                           f"{outcome.reason}; v{outcome.stable_version} keeps serving {outcome.url}")
+            return ""
+        # Smoke test: held-out samples through V1 and V2 must give exactly the offline answers.
+        evaluation = json.loads(store.get_text(f"runs/{run_id}/evaluation.json"))
         n = min(cfg.serving.smoke_samples, len(x))
-        report = smoke_test(served.url, mv.name, x[:n], expected=evaluation["predictions"][:n], min_accuracy=1.0)
-        rec.outputs = {"deployed": True, "url": served.url, "v1_url": served.v1_url, "v2_url": served.v2_url,
-                       "smoke_samples": n, "model_version": mv.version, "smoke_agreement": report.accuracy}
-        rec.message = f"{served.v2_url} (smoke test: {n} held-out samples via V1 and V2 match offline evaluation)"
-    return served.v2_url
+        report = smoke_test(outcome.url, mv.name, x[:n], expected=evaluation["predictions"][:n], min_accuracy=1.0)
+        rec.outputs.update({"deployed": True, "smoke_samples": n, "smoke_agreement": report.accuracy})
+        how = {"deployed": "deployed", "promoted": "canary promoted 10->50->100", "replaced": "replaced",
+               "unchanged": "already serving"}.get(outcome.action, outcome.action)
+        rec.message = f"{v2_url} ({how}; smoke test: {n} held-out samples via V1 and V2 match offline evaluation)"
+    return v2_url
 
 
 def _key_from_url(store, url: str) -> str:

@@ -65,6 +65,21 @@ def deploy(
     _console.print(f"  V2: {served.v2_url}")
 
 
+def _routers(state_dir: Path | None) -> list:
+    """Live rollout routers (one per model deployed through the rollout engine)."""
+    from kubeml.serving.rollout.local import LocalBackend
+
+    root = _manager(state_dir).state_dir / "rollouts"
+    if not root.is_dir():
+        return []
+    found = []
+    for d in sorted(root.iterdir()):
+        router = LocalBackend(d.name, state_dir=root.parent).router() if (d / "router.json").is_file() else None
+        if router is not None:
+            found.append(router)
+    return found
+
+
 @app.command()
 def status(state_dir: StateDir = None) -> None:
     """List model servers with their URLs and health."""
@@ -72,10 +87,14 @@ def status(state_dir: StateDir = None) -> None:
         servers = _manager(state_dir).status()
     except KubemlError as exc:
         raise _fail(exc) from None
-    if not servers:
+    routers = _routers(state_dir)
+    if not servers and not routers:
         _console.print("no model servers")
         return
     table = Table("name", "version", "pid", "state", "url", "V2 infer")
+    for r in routers:
+        table.add_row(f"{r.model} (router)", "-", str(r.pid), "[green]up[/green]", r.url,
+                      f"{r.url}/v2/models/{r.model}/infer")
     for s in servers:
         state = (
             "[green]ready[/green]"
@@ -93,7 +112,13 @@ def stop(
 ) -> None:
     """Stop one model server, or all of them."""
     try:
-        stopped = _manager(state_dir).stop(name)
+        from kubeml.serving.rollout.local import LocalBackend
+
+        stopped = []
+        for r in _routers(state_dir):
+            if name is None or r.model == name:
+                stopped += LocalBackend(r.model, state_dir=_manager(state_dir).state_dir).stop()
+        stopped += _manager(state_dir).stop(name)
     except KubemlError as exc:
         raise _fail(exc) from None
     if not stopped:

@@ -95,6 +95,7 @@ def test_second_run_registers_version_2_and_redeploys(project):
     r = kubeml(root, "run")
     assert r.returncode == 0, r.stdout + r.stderr
     assert "digits-cnn v2 (approved)" in r.stdout
+    assert "promoted (serving v2)" in r.stdout, r.stdout
     assert [v["version"] for v in versions(root)] == [1, 2]
     meta = requests.get(f"http://127.0.0.1:{base['serving']['http_port']}/v2/models/digits-cnn", timeout=10).json()
     assert "2" in meta.get("versions", []), meta
