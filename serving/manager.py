@@ -124,6 +124,9 @@ class ServingManager:
         payload_sample_rate: float = 1.0,
         fault: Any = None,
         runtime: str = "pytorch",
+        batch_max_size: int | None = None,
+        batch_max_latency_ms: float | None = None,
+        request_timeout_s: float | None = None,
     ) -> ServedModel:
         """Start a server for ``bundle_dir`` as ``name`` and wait until it is ready.
 
@@ -135,7 +138,10 @@ class ServingManager:
         versions of one model can run side by side; ``payload_log`` (JSONL path or URL)
         turns on sampled payload logging; ``fault`` (a
         :class:`~kubeml.serving.telemetry.FaultInjection`) is the fault-injection hook;
-        ``runtime="onnx"`` serves the bundle's ``model.onnx`` with ONNX Runtime.
+        ``runtime="onnx"`` serves the bundle's ``model.onnx`` with ONNX Runtime;
+        ``batch_max_size`` / ``batch_max_latency_ms`` turn on adaptive batching across
+        requests and ``request_timeout_s`` sets the inference deadline (server defaults
+        when None; see ``kubeml.serving.server``).
         """
         _check_name(name)
         key = instance or name
@@ -178,6 +184,12 @@ class ServingManager:
             cmd += ["--max-batch-size", str(max_batch_size)]
         if runtime != "pytorch":
             cmd += ["--runtime", runtime]
+        if batch_max_size is not None:
+            cmd += ["--batch-max-size", str(batch_max_size)]
+        if batch_max_latency_ms is not None:
+            cmd += ["--batch-max-latency-ms", str(batch_max_latency_ms)]
+        if request_timeout_s is not None:
+            cmd += ["--request-timeout-s", str(request_timeout_s)]
         if payload_log is not None:
             cmd += ["--payload-log", str(payload_log)]
             cmd += ["--payload-sample-rate", str(payload_sample_rate)]

@@ -8,8 +8,14 @@ V2 and gRPC V2, and can be driven in-process by tests.
 Request flow (kserve's ``Model.__call__``)::
 
     preprocess   dict (V1) | InferRequest (V2 REST/gRPC)  ->  _Batch   (all validation here)
-    predict      _Batch                                   ->  _Result  (torch, no_grad)
+    predict      _Batch                                   ->  _Result  (worker thread, torch)
     postprocess  _Result                                  ->  dict (V1) | InferResponse (V2)
+
+The forward pass runs in one worker thread per model, so the event loop keeps answering
+health checks and can cancel a request whose deadline passed. With adaptive batching on
+(``batching=BatchingConfig(...)``, see ``batching.py``), ``predict`` queues the request's
+validated rows and concurrent requests share one forward pass; each request still gets
+only its own rows back, with its own id. Invalid requests never reach the queue.
 
 Every problem with a request is raised as kserve's ``InvalidInput`` (HTTP 400, gRPC
 INVALID_ARGUMENT) with a message that says what was expected.
@@ -17,6 +23,8 @@ INVALID_ARGUMENT) with a message that says what was expected.
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import math
 import threading
 import uuid
@@ -29,6 +37,7 @@ import numpy as np
 
 from kubeml.bundle import BundleSpec, load_bundle
 from kubeml.serving._kserve import InferOutput, InferRequest, InferResponse, InvalidInput, kserve
+from kubeml.serving.batching import AdaptiveBatcher, BatchingConfig
 
 __all__ = [
     "DEFAULT_MAX_BATCH_SIZE",
@@ -260,11 +269,17 @@ class BundleModel(kserve.Model):
         *,
         version: str = "",
         max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
+        batching: BatchingConfig | None = None,
     ):
         super().__init__(name)
         self.bundle_dir = Path(bundle_dir)
         self.version = version
         self.max_batch_size = max_batch_size
+        """Most instances one request may carry (checked before any batching)."""
+        self.batching = batching
+        """Adaptive batching across requests; None runs each request on its own."""
+        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+        self._batcher: AdaptiveBatcher | None = None
         self.spec: BundleSpec | None = None
         self.signature: InputSignature | None = None
         self._module: Any = None
@@ -297,7 +312,16 @@ class BundleModel(kserve.Model):
 
     def stop(self) -> None:
         self.ready = False
+        self._shutdown_workers()
         self._module = None
+
+    def _shutdown_workers(self) -> None:
+        if self._batcher is not None:
+            self._batcher.close()
+            self._batcher = None
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+            self._executor = None
 
     # -- metadata (V2 model metadata endpoint) ----------------------------------------------
 
@@ -351,16 +375,50 @@ class BundleModel(kserve.Model):
             )
         return _Batch(self.signature.features_from_v1(payload), None)
 
-    def predict(self, payload: _Batch, headers: dict[str, str] | None = None) -> _Result:
-        torch = self._torch
-        with torch.inference_mode():
-            logits = self._module(torch.from_numpy(payload.features).float())
-            probabilities = torch.softmax(logits, dim=1)
-        probs = probabilities.numpy().astype(np.float32, copy=False)
-        predictions = probs.argmax(axis=1).astype(np.int64)
+    async def predict(self, payload: _Batch, headers: dict[str, str] | None = None) -> _Result:
+        if self.batching is not None:
+            if self._batcher is None:
+                self._batcher = AdaptiveBatcher(
+                    self._infer,
+                    max_batch_size=self.batching.max_batch_size,
+                    max_latency_ms=self.batching.max_latency_ms,
+                    executor=self._inference_executor(),
+                    name=self.name,
+                )
+            predictions, probabilities = await self._batcher.submit(payload.features)
+        else:
+            loop = asyncio.get_running_loop()
+            predictions, probabilities = await loop.run_in_executor(
+                self._inference_executor(), self._infer, payload.features
+            )
+        return _Result(payload, predictions, probabilities)
+
+    def _inference_executor(self) -> concurrent.futures.ThreadPoolExecutor:
+        # One thread: torch and ONNX Runtime already spread one forward pass over every
+        # core, and concurrent passes would only contend for them. Requests queue here (or
+        # in the batcher) instead; a cancelled request that has not started never runs.
+        if self._executor is None:
+            self._executor = concurrent.futures.ThreadPoolExecutor(
+                max_workers=1, thread_name_prefix=f"kubeml-infer-{self.name}"
+            )
+        return self._executor
+
+    def _infer(self, features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """One forward pass over ``features`` (one request, or a coalesced batch of
+        several); reports the pass's size and predicted classes to telemetry."""
+        predictions, probabilities = self._forward(features)
         if self.telemetry is not None:
             self.telemetry.observe_batch(predictions)
-        return _Result(payload, predictions, probs)
+        return predictions, probabilities
+
+    def _forward(self, features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(predictions int64 [N], probabilities float32 [N, classes])``; runtimes override."""
+        torch = self._torch
+        with torch.inference_mode():
+            logits = self._module(torch.from_numpy(features).float())
+            probabilities = torch.softmax(logits, dim=1)
+        probs = probabilities.numpy().astype(np.float32, copy=False)
+        return probs.argmax(axis=1).astype(np.int64), probs
 
     async def postprocess(
         self, result: _Result, headers: dict[str, str] | None = None, response_headers=None
@@ -413,6 +471,4 @@ class BundleModel(kserve.Model):
             self.load()
         assert self.signature is not None
         rows = {"instances": np.asarray(features).tolist()}
-        batch = _Batch(self.signature.features_from_v1(rows), None)
-        result = self.predict(batch)
-        return result.predictions, result.probabilities
+        return self._infer(self.signature.features_from_v1(rows))

@@ -19,7 +19,8 @@ import numpy as np
 
 from kubeml.bundle import read_spec
 from kubeml.errors import BundleError
-from kubeml.serving.model import DEFAULT_MAX_BATCH_SIZE, BundleModel, InputSignature, _Batch, _Result
+from kubeml.serving.batching import BatchingConfig
+from kubeml.serving.model import DEFAULT_MAX_BATCH_SIZE, BundleModel, InputSignature
 
 __all__ = ["ONNX_FILE", "OnnxBundleModel", "export_onnx"]
 
@@ -61,9 +62,12 @@ class OnnxBundleModel(BundleModel):
         *,
         version: str = "",
         max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
+        batching: BatchingConfig | None = None,
         intra_op_threads: int = 0,
     ):
-        super().__init__(name, bundle_dir, version=version, max_batch_size=max_batch_size)
+        super().__init__(
+            name, bundle_dir, version=version, max_batch_size=max_batch_size, batching=batching
+        )
         self.intra_op_threads = intra_op_threads
         """ONNX Runtime threads per inference; 0 lets it use every core."""
         self._session: Any = None
@@ -99,14 +103,12 @@ class OnnxBundleModel(BundleModel):
 
     def stop(self) -> None:
         self.ready = False
+        self._shutdown_workers()
         self._session = None
 
-    def predict(self, payload: _Batch, headers: dict[str, str] | None = None) -> _Result:
-        logits = self._session.run(None, {"input": payload.features.astype(np.float32, copy=False)})[0]
+    def _forward(self, features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        logits = self._session.run(None, {"input": features.astype(np.float32, copy=False)})[0]
         shifted = logits - logits.max(axis=1, keepdims=True)
         exp = np.exp(shifted)
         probs = (exp / exp.sum(axis=1, keepdims=True)).astype(np.float32)
-        predictions = probs.argmax(axis=1).astype(np.int64)
-        if self.telemetry is not None:
-            self.telemetry.observe_batch(predictions)
-        return _Result(payload, predictions, probs)
+        return probs.argmax(axis=1).astype(np.int64), probs

@@ -26,7 +26,22 @@ onnx`` serves a bundle's ``model.onnx`` with ONNX Runtime instead of PyTorch eag
 Every inference request is timed and counted per model and version on ``/metrics``, may
 be sampled to a payload log (``--payload-log``), and carries an ``x-request-id``
 (``telemetry.py``). ``--fault-error-rate`` / ``--fault-latency-ms`` are a fault-injection
-hook for rollout tests: they make a healthy model look like a bad version.
+hook for rollout tests: they make a healthy model look like a bad version (the injected
+latency counts as inference time, so ``--request-timeout-s`` cuts it short like a slow
+forward pass).
+
+Inference runs in a worker thread, under a deadline: ``--request-timeout-s`` (default
+30 s, 0 = none), or a shorter one a client sends as ``x-request-timeout-ms`` (or Envoy's
+``x-envoy-expected-rq-timeout-ms``). A request past its deadline gets 504 with the usual
+``{"error": "..."}`` body (gRPC: ``DEADLINE_EXCEEDED``), is counted as a 504 on
+``/metrics``, and the server keeps answering health checks and other requests meanwhile.
+
+Adaptive batching (single-model mode, off by default): ``--batch-max-size N
+[--batch-max-latency-ms T]`` queues validated requests to the model and runs them
+together, up to ``N`` instances summed over requests per forward pass, flushed when full
+or when the oldest has waited ``T`` ms (``batching.py``). V1, V2 and gRPC requests share
+the queue; each gets back only its own rows and id, and ``kubeml_batch_size`` records
+the coalesced passes. ``--max-batch-size`` stays the per-request limit on instances.
 
 The model loads in a background thread: the port opens at once (liveness) and
 ``/v2/health/ready`` and ``/v2/models/NAME/ready`` turn 200 only after the weights are
@@ -40,6 +55,7 @@ import argparse
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 import signal
@@ -51,7 +67,14 @@ from typing import Any
 from kubeml.bundle import SPEC_FILE, WEIGHTS_FILE, read_spec
 from kubeml.errors import BundleError
 
-__all__ = ["DEFAULT_MAX_BODY_BYTES", "main", "serve", "serve_repository"]
+__all__ = [
+    "CLIENT_TIMEOUT_HEADERS",
+    "DEFAULT_MAX_BODY_BYTES",
+    "DEFAULT_REQUEST_TIMEOUT_S",
+    "main",
+    "serve",
+    "serve_repository",
+]
 
 log = logging.getLogger("kubeml.serving.server")
 
@@ -66,6 +89,13 @@ GRACE_PERIOD_S = 5
 EXIT_LOAD_FAILED = 1
 #: Model runtimes ``--runtime`` accepts: PyTorch eager (safetensors) or ONNX Runtime (model.onnx).
 RUNTIMES = ("pytorch", "onnx")
+#: Seconds one inference may take before it is answered 504. The digits CNN answers in
+#: milliseconds; 30 s only trips on a stuck or badly overloaded server, and stays under
+#: the 60 s idle timeouts of common load balancers, so the client sees our 504, not theirs.
+DEFAULT_REQUEST_TIMEOUT_S = 30.0
+#: Request headers carrying a client's own deadline in milliseconds; only a shorter one
+#: than ``--request-timeout-s`` has an effect. Envoy (Istio, Knative) sends the second.
+CLIENT_TIMEOUT_HEADERS = ("x-request-timeout-ms", "x-envoy-expected-rq-timeout-ms")
 
 _VERSIONED_ROUTE = re.compile(
     r"^/v2/models/(?P<name>[^/]+)/versions/(?P<version>[^/]+)(?P<rest>/.*)?$"
@@ -91,6 +121,36 @@ def _preflight(model_dir: Path, runtime: str = "pytorch") -> None:
             raise BundleError(
                 f"{weights}: checksum mismatch with {SPEC_FILE} (truncated or modified file)"
             )
+
+
+def _request_budget_s(
+    headers: dict[str, str] | None, server_timeout_s: float
+) -> tuple[float | None, str]:
+    """``(seconds, where the limit comes from)`` for one inference; ``(None, "")``: none.
+
+    >>> _request_budget_s({"x-request-timeout-ms": "250"}, 30.0)
+    (0.25, 'x-request-timeout-ms header')
+    >>> _request_budget_s({"x-request-timeout-ms": "60000"}, 30.0)
+    (30.0, '--request-timeout-s')
+    >>> _request_budget_s({}, 0.0)
+    (None, '')
+    """
+    budget, source = (server_timeout_s, "--request-timeout-s") if server_timeout_s else (None, "")
+    for name in CLIENT_TIMEOUT_HEADERS:
+        raw = headers.get(name) if headers else None
+        if raw is None:
+            continue
+        try:
+            ms = float(raw)
+        except ValueError:
+            ms = math.nan
+        if not (math.isfinite(ms) and ms > 0):
+            raise ValueError(
+                f"{name} header must be a positive number of milliseconds, got {raw!r}"
+            )
+        if budget is None or ms / 1000 < budget:
+            budget, source = ms / 1000, f"{name} header"
+    return budget, source
 
 
 # --------------------------------------------------------------------------------------
@@ -227,8 +287,12 @@ def _build_server(
     max_body_bytes: int,
     payload_logger: Any = None,
     fault: Any = None,
+    request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S,
 ) -> Any:
+    import asyncio
+
     from fastapi.exceptions import RequestValidationError
+    from grpc_interceptor.exceptions import DeadlineExceeded
     from fastapi.responses import JSONResponse
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -240,6 +304,23 @@ def _build_server(
         ModelServer,
     )
     from kubeml.serving._kserve import kserve as _kserve_pkg
+    from kubeml.serving.telemetry import FaultInjection
+
+    # The injected latency is spent inside the deadline, as a slow forward pass would be;
+    # the middleware keeps injecting errors only.
+    fault_latency_s = fault.latency_ms / 1000 if fault is not None else 0.0
+    middleware_fault = FaultInjection(error_rate=fault.error_rate) if fault is not None else None
+
+    class _InferenceTimeout(DeadlineExceeded):
+        """An inference past its deadline: HTTP 504; kserve's gRPC interceptor maps
+        ``GrpcException`` subclasses to their status, here DEADLINE_EXCEEDED."""
+
+        def __init__(self, details: str):
+            super().__init__(details)
+            Exception.__init__(self, details)
+
+        def __str__(self) -> str:
+            return self.details
 
     class _StrictDataPlane(DataPlane):
         """kserve's DataPlane with request decoding that never blames the server."""
@@ -265,6 +346,30 @@ def _build_server(
                 raise
             except Exception as exc:  # decoding only ever sees client bytes
                 raise InvalidInput(f"malformed request: {type(exc).__name__}: {exc}") from exc
+
+        async def infer(
+            self, model_name: str, request: Any, headers: dict[str, str] | None = None
+        ) -> Any:
+            try:
+                budget, source = _request_budget_s(headers, request_timeout_s)
+            except ValueError as exc:
+                raise InvalidInput(str(exc)) from None
+            if budget is None and not fault_latency_s:
+                return await super().infer(model_name, request, headers)
+            timer = asyncio.timeout(budget)
+            try:
+                async with timer:
+                    if fault_latency_s:
+                        await asyncio.sleep(fault_latency_s)
+                    return await super().infer(model_name, request, headers)
+            except TimeoutError:
+                if not timer.expired():
+                    raise
+                raise _InferenceTimeout(
+                    f"inference on model {model_name!r} did not finish within {budget:g} s "
+                    f"(the {source}); the model is slow or the server overloaded: "
+                    "retry later, or send fewer instances per request"
+                ) from None
 
         async def ready(self) -> bool:
             models = self.model_registry.get_models()
@@ -302,6 +407,10 @@ def _build_server(
         )
         return JSONResponse(status_code=400, content={"error": f"invalid request: {problems}"})
 
+    async def inference_timeout(_request: Any, exc: _InferenceTimeout) -> Any:
+        log.warning("%s", exc)
+        return JSONResponse(status_code=504, content={"error": str(exc)})
+
     async def http_error(_request: Any, exc: StarletteHTTPException) -> Any:
         return JSONResponse(
             status_code=exc.status_code,
@@ -314,6 +423,7 @@ def _build_server(
     # kserve registers its own handlers at start(); these two types it leaves alone.
     app.exception_handlers[RequestValidationError] = validation_error
     app.exception_handlers[StarletteHTTPException] = http_error
+    app.exception_handlers[_InferenceTimeout] = inference_timeout
     app.add_middleware(
         _RequestGuard,
         max_body_bytes=max_body_bytes,
@@ -330,7 +440,7 @@ def _build_server(
         TelemetryMiddleware,
         versions={model.name: model.version} if model is not None else _RepositoryVersions(repository),
         payload_logger=payload_logger,
-        fault=fault,
+        fault=middleware_fault,
     )
 
     server = _Server(
@@ -407,6 +517,7 @@ def serve_repository(
     runtime: str = "pytorch",
     preload: tuple[str, ...] = (),
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S,
 ) -> int:
     """Serve every bundle under ``models_dir/NAME`` on demand (V2 repository API), with
     least-recently-used eviction under ``max_memory_bytes``; returns the exit status."""
@@ -421,6 +532,7 @@ def serve_repository(
         http_port=http_port,
         grpc_port=grpc_port,
         max_body_bytes=max_body_bytes,
+        request_timeout_s=request_timeout_s,
     )
     server.start([])
     return 0
@@ -439,9 +551,14 @@ def serve(
     payload_sample_rate: float = 1.0,
     fault: Any = None,
     runtime: str = "pytorch",
+    batching: Any = None,
+    request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S,
 ) -> int:
     """Serve the bundle in ``model_dir`` until SIGTERM/SIGINT; returns the exit status.
 
+    ``max_batch_size`` caps the instances of one request; ``batching`` (a
+    :class:`~kubeml.serving.batching.BatchingConfig`) turns on adaptive batching across
+    requests; ``request_timeout_s`` (0: none) is the deadline of one inference.
     ``payload_log`` (a JSONL path or an http(s) URL) turns on sampled payload logging;
     ``fault`` (a :class:`~kubeml.serving.telemetry.FaultInjection`) is the fault-injection
     hook used by rollout tests.
@@ -449,6 +566,7 @@ def serve(
     model_dir = Path(model_dir)
     if runtime not in RUNTIMES:
         raise ValueError(f"runtime must be one of {RUNTIMES}, got {runtime!r}")
+    _check_timeouts(request_timeout_s, batching)
     _preflight(model_dir, runtime)
     from kubeml.serving.telemetry import PayloadLogger
 
@@ -466,6 +584,7 @@ def serve(
         model_dir,
         version=model_version,
         max_batch_size=max_batch_size or DEFAULT_MAX_BATCH_SIZE,
+        batching=batching,
     )
     server = _build_server(
         model,
@@ -474,6 +593,7 @@ def serve(
         max_body_bytes=max_body_bytes,
         payload_logger=payload_logger,
         fault=fault,
+        request_timeout_s=request_timeout_s,
     )
     failed = threading.Event()
 
@@ -497,6 +617,21 @@ def serve(
         if payload_logger is not None:
             payload_logger.close()
     return EXIT_LOAD_FAILED if failed.is_set() else 0
+
+
+def _check_timeouts(request_timeout_s: float, batching: Any) -> None:
+    if not math.isfinite(request_timeout_s) or request_timeout_s < 0:
+        raise ValueError(
+            f"request timeout must be >= 0 seconds (0: none), got {request_timeout_s}"
+        )
+    if batching is not None and request_timeout_s and (
+        batching.max_latency_ms / 1000 >= request_timeout_s
+    ):
+        raise ValueError(
+            f"batch max latency {batching.max_latency_ms:g} ms is not below the request "
+            f"timeout {request_timeout_s:g} s: requests would time out waiting for a batch; "
+            "lower --batch-max-latency-ms or raise --request-timeout-s"
+        )
 
 
 def _port(text: str) -> int:
@@ -526,6 +661,28 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--grpc-port", type=_port, default=None, help="enable gRPC V2 on this port")
     p.add_argument("--max-batch-size", type=int, default=None, help="most instances per request")
     p.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES)
+    p.add_argument(
+        "--request-timeout-s",
+        type=float,
+        default=DEFAULT_REQUEST_TIMEOUT_S,
+        help="answer 504 when one inference takes longer (0: no limit)",
+    )
+    batching = p.add_argument_group(
+        "adaptive batching",
+        "coalesce concurrent requests into one forward pass (single-model mode; off by default)",
+    )
+    batching.add_argument(
+        "--batch-max-size",
+        type=int,
+        default=None,
+        help="most instances per forward pass, summed over requests; turns batching on",
+    )
+    batching.add_argument(
+        "--batch-max-latency-ms",
+        type=float,
+        default=None,
+        help="longest wait of the oldest queued request before its batch runs (default 5)",
+    )
     p.add_argument("--runtime", choices=RUNTIMES, default="pytorch", help="model runtime")
     p.add_argument(
         "--payload-log", default=None, help="JSONL file or http(s) URL for sampled payloads"
@@ -548,7 +705,26 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
+    from kubeml.serving.batching import BatchingConfig
     from kubeml.serving.telemetry import FaultInjection
+
+    batching = None
+    if args.batch_max_size is not None:
+        if args.models_dir is not None:
+            parser.error("--batch-max-size is for one model (--model-dir), not --models-dir")
+        try:
+            batching = BatchingConfig(
+                args.batch_max_size,
+                *(() if args.batch_max_latency_ms is None else (args.batch_max_latency_ms,)),
+            )
+        except ValueError as exc:
+            parser.error(str(exc))
+    elif args.batch_max_latency_ms is not None:
+        parser.error("--batch-max-latency-ms needs --batch-max-size (which turns batching on)")
+    try:
+        _check_timeouts(args.request_timeout_s, batching)
+    except ValueError as exc:
+        parser.error(str(exc))
 
     if args.models_dir is not None:
         if args.model_dir is not None:
@@ -565,6 +741,7 @@ def main(argv: list[str] | None = None) -> int:
                 runtime=args.runtime,
                 preload=tuple(n for n in args.preload.split(",") if n),
                 max_body_bytes=args.max_body_bytes,
+                request_timeout_s=args.request_timeout_s,
             )
         except BundleError as exc:
             log.error("%s", exc)
@@ -592,6 +769,8 @@ def main(argv: list[str] | None = None) -> int:
             payload_sample_rate=args.payload_sample_rate,
             fault=FaultInjection(args.fault_error_rate, args.fault_latency_ms),
             runtime=args.runtime,
+            batching=batching,
+            request_timeout_s=args.request_timeout_s,
         )
     except BundleError as exc:
         log.error("%s", exc)
