@@ -8,7 +8,7 @@ It speaks HTTP to the router's admin API and never imports kserve or torch.
 State layout under ``state_dir`` (the same directory ``kubeml serve`` uses)::
 
     servers.json                  version servers (ServingManager)
-    rollouts/NAME/router.json     router process: pid, port, routes file
+    rollouts/NAME/router.json     router process: pid, port, gRPC port, routes file
     rollouts/NAME/routes.json     the router's current routes (rewritten by the router)
     rollouts/NAME/state.json      the current or last rollout (RolloutEngine)
     rollouts/NAME/decisions.jsonl every decision of every rollout, with its metrics
@@ -70,10 +70,17 @@ class RouterProcess:
     host: str
     routes_file: str
     log_file: str
+    grpc_port: int | None = None
+    """Port of the router's Open Inference Protocol gRPC front; None: REST only."""
 
     @property
     def url(self) -> str:
         return f"http://{self.host}:{self.port}"
+
+    @property
+    def grpc_target(self) -> str | None:
+        """``host:port`` for gRPC clients, or None when the router serves REST only."""
+        return f"{self.host}:{self.grpc_port}" if self.grpc_port is not None else None
 
     def alive(self) -> bool:
         return _pid_alive(self.pid, marker=_ROUTER_MODULE)
@@ -125,6 +132,7 @@ class LocalBackend:
         state_dir: str | Path | None = None,
         host: str = "127.0.0.1",
         router_port: int | None = None,
+        router_grpc_port: int | None = None,
         payload_sample_rate: float | None = None,
         ready_timeout_s: float = 180.0,
     ):
@@ -132,6 +140,10 @@ class LocalBackend:
         self.state_dir = Path(state_dir) if state_dir is not None else default_state_dir()
         self.host = host
         self.router_port = router_port
+        self.router_grpc_port = router_grpc_port
+        """gRPC port for a router this backend starts (0: any free port); None: REST only.
+        A router already running keeps its own ports; version servers get gRPC ports
+        whenever the model's router serves gRPC."""
         self.payload_sample_rate = payload_sample_rate
         self.ready_timeout_s = ready_timeout_s
         self.manager = ServingManager(self.state_dir, host=host)
@@ -184,6 +196,14 @@ class LocalBackend:
         port = self.router_port if self.router_port is not None else _free_port(self.host)
         if not _port_free(self.host, port):
             raise ServingError(f"port {port} on {self.host} is in use; choose another router port")
+        grpc_port = self.router_grpc_port
+        if grpc_port == 0:
+            grpc_port = _free_port(self.host)
+        if grpc_port is not None and (grpc_port == port or not _port_free(self.host, grpc_port)):
+            raise ServingError(
+                f"gRPC port {grpc_port} on {self.host} is in use; choose another gRPC port "
+                "(serving.grpc_port in kubeml.yaml)"
+            )
         routes_file = self.rollout_dir / "routes.json"
         routes_file.write_text(json.dumps(routes.to_dict(), indent=2))
         log_file = self.rollout_dir / "router.log"
@@ -191,6 +211,8 @@ class LocalBackend:
             sys.executable, "-m", _ROUTER_MODULE, "--host", self.host, "--port", str(port),
             "--routes-file", str(routes_file),
         ]  # fmt: skip
+        if grpc_port is not None:
+            cmd += ["--grpc-port", str(grpc_port)]
         with log_file.open("wb") as log:
             proc = subprocess.Popen(
                 cmd,
@@ -200,7 +222,9 @@ class LocalBackend:
                 start_new_session=True,
                 close_fds=True,
             )
-        router = RouterProcess(self.model, proc.pid, port, self.host, str(routes_file), str(log_file))
+        router = RouterProcess(
+            self.model, proc.pid, port, self.host, str(routes_file), str(log_file), grpc_port
+        )
         (self.rollout_dir / "router.json").write_text(json.dumps(router.__dict__, indent=2))
         deadline = time.monotonic() + ROUTER_READY_TIMEOUT_S
         while True:
@@ -226,6 +250,10 @@ class LocalBackend:
             )
         return router
 
+    def _serves_grpc(self) -> bool:
+        router = self.router()
+        return router.grpc_port is not None if router is not None else self.router_grpc_port is not None
+
     def _deploy_version(self, bundle: Path, version: str, fault: Any = None) -> ServedModel:
         payload_log = self._payload_log(version)
         return self.manager.deploy(
@@ -237,6 +265,7 @@ class LocalBackend:
             payload_log=payload_log,
             payload_sample_rate=self.payload_sample_rate or 1.0,
             fault=fault,
+            grpc_port=_free_port(self.host) if self._serves_grpc() else None,
         )
 
     # -- deploy without a rollout ------------------------------------------------------------
@@ -246,7 +275,7 @@ class LocalBackend:
         if not version:
             raise ConfigError("a version label is required to deploy through the router")
         served = self._deploy_version(Path(bundle), version)
-        routes = Routes(stable=served.url, stable_version=version)
+        routes = Routes(stable=served.url, stable_version=version, stable_grpc=_grpc_target(served))
         router = self.router()
         old = self.stable_version
         if router is None:
@@ -304,8 +333,10 @@ class LocalBackend:
             Routes(
                 stable=routes.stable,
                 stable_version=routes.stable_version,
+                stable_grpc=routes.stable_grpc,
                 canary=self._canary.url,
                 canary_version=self.canary_version,
+                canary_grpc=_grpc_target(self._canary),
                 weight=weight,
                 mirror=mirror,
                 fallback=routes.fallback,
@@ -340,6 +371,7 @@ class LocalBackend:
             Routes(
                 stable=routes.canary,
                 stable_version=routes.canary_version,
+                stable_grpc=routes.canary_grpc,
                 fallback=routes.fallback,
                 compare_rate=routes.compare_rate,
             )
@@ -358,6 +390,7 @@ class LocalBackend:
                     Routes(
                         stable=routes.stable,
                         stable_version=routes.stable_version,
+                        stable_grpc=routes.stable_grpc,
                         fallback=routes.fallback,
                         compare_rate=routes.compare_rate,
                     )
@@ -365,6 +398,10 @@ class LocalBackend:
         if version:
             self.manager.stop(instance_name(self.model, version))
         self._canary = None
+
+
+def _grpc_target(served: ServedModel) -> str | None:
+    return f"{served.host}:{served.grpc_port}" if served.grpc_port is not None else None
 
 
 def read_json(path: Path) -> dict[str, Any] | None:
@@ -406,6 +443,8 @@ class DeployOutcome:
     reason: str = ""
     rollout_id: str = ""
     max_weight: int = 0
+    grpc_target: str = ""
+    """The router's gRPC (Open Inference Protocol V2) ``host:port``; empty: REST only."""
 
 
 def deploy_local(
@@ -416,6 +455,7 @@ def deploy_local(
     state_dir: str | Path | None = None,
     host: str = "127.0.0.1",
     router_port: int | None = None,
+    router_grpc_port: int | None = None,
     policy: Any = None,
     canary: bool = True,
     replay_rows: Any = None,
@@ -431,6 +471,9 @@ def deploy_local(
     by the analysis (``canary=False`` replaces the stable version without analysis).
     ``replay_rows`` (held-out features) are replayed as traffic during the rollout when
     there is no live traffic. ``fault`` is the fault-injection hook for tests.
+    ``router_grpc_port`` (the config's ``serving.grpc_port``) gives a new router an Open
+    Inference Protocol gRPC front and every version server a gRPC port; a router already
+    running keeps the ports it was started with.
     """
     from kubeml.serving.rollout.engine import DecisionLog, RolloutEngine, RolloutPolicy
     from kubeml.serving.rollout.replay import TrafficReplayer
@@ -440,15 +483,19 @@ def deploy_local(
         state_dir=state_dir,
         host=host,
         router_port=router_port,
+        router_grpc_port=router_grpc_port,
         payload_sample_rate=payload_sample_rate,
     )
     router = backend.router()
     if router is None or not canary:
         action = "deployed" if router is None else "replaced"
         router = backend.deploy_stable(bundle, version)
-        return DeployOutcome(model, version, router.url, action, version)
+        return DeployOutcome(model, version, router.url, action, version, grpc_target=router.grpc_target or "")
     if backend.stable_version == version:
-        return DeployOutcome(model, version, router.url, "unchanged", version, "already the stable version")
+        return DeployOutcome(
+            model, version, router.url, "unchanged", version, "already the stable version",
+            grpc_target=router.grpc_target or "",
+        )  # fmt: skip
     backend.prepare_canary(bundle, version, fault=fault)
     traffic = None
     if replay_rows is not None:
@@ -465,5 +512,5 @@ def deploy_local(
     result = engine.run()
     return DeployOutcome(
         model, version, router.url, result.outcome, backend.stable_version, result.reason,
-        result.rollout_id, result.max_weight,
+        result.rollout_id, result.max_weight, router.grpc_target or "",
     )

@@ -2,12 +2,14 @@
 
 Run as::
 
-    python -m kubeml.serving.rollout.router --port P --routes-file FILE
+    python -m kubeml.serving.rollout.router --port P --routes-file FILE [--grpc-port G]
 
 Where it sits: the rollout engine's local backend starts one router per model and steers
-it through a small admin API; clients only ever see the router's port. It imports
-neither kserve nor torch (it starts in about a second) and never parses a request body:
-inference requests are forwarded as bytes.
+it through a small admin API; clients only ever see the router's port(s). It imports
+neither kserve nor torch (it starts in about a second) and never parses a REST request
+body: inference requests are forwarded as bytes. With ``--grpc-port`` it also answers the
+Open Inference Protocol V2 over gRPC (``grpc_front.py``) with the same routes, the same
+traffic modes and into the same statistics, so the engine's analysis sees both protocols.
 
 Traffic modes (see :class:`Routes`):
 
@@ -28,7 +30,7 @@ Admin API (JSON)::
     PUT  /-/rollout/routes          replace Routes (validated; 400 with the reason)
     GET  /-/rollout/stats?since=T   per-backend requests, errors, p50/p99 since unix time T,
                                     divergence since T, and totals since start
-    GET  /-/rollout/healthz         200 once a stable backend is set
+    GET  /-/rollout/healthz         200 once a stable backend is set; names the gRPC port
 """
 
 from __future__ import annotations
@@ -75,6 +77,10 @@ class Routes:
     canary: str | None = None
     """Base URL of the canary server; None when no rollout is in progress."""
     canary_version: str = ""
+    stable_grpc: str | None = None
+    """gRPC target (``host:port``) of the stable server; None when it serves no gRPC."""
+    canary_grpc: str | None = None
+    """gRPC target of the canary server; None when there is no canary or it serves no gRPC."""
     weight: int = 0
     """Percent of inference requests the canary answers (split mode), 0..100."""
     mirror: bool = False
@@ -96,6 +102,12 @@ class Routes:
             raise ValueError(f"compare_rate must be in [0, 1], got {self.compare_rate}")
         if self.canary is None and (self.weight or self.mirror):
             raise ValueError("weight and mirror need a canary URL")
+        if self.canary is None and self.canary_grpc is not None:
+            raise ValueError("canary_grpc needs a canary URL (the canary's REST endpoint)")
+        for name in ("stable_grpc", "canary_grpc"):
+            target = getattr(self, name)
+            if target is not None and not _is_grpc_target(target):
+                raise ValueError(f"{name} must be a host:port gRPC target or null, got {target!r}")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Routes:
@@ -107,6 +119,11 @@ class Routes:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def _is_grpc_target(target: str) -> bool:
+    host, sep, port = target.rpartition(":")
+    return bool(sep and host and "/" not in target and port.isdigit() and 0 < int(port) < 65536)
 
 
 def _is_inference(method: str, path: str) -> bool:
@@ -146,6 +163,9 @@ class _Stats:
         self.totals = {b: {"requests": 0, "errors": 0} for b in ("stable", "canary")}
         self.fallbacks = 0
         self.skipped_background = 0
+        self.rejected = 0
+        """Requests the router answered itself as malformed (gRPC bodies that are not the
+        method's protobuf message); they reach no backend and are in no backend's counts."""
 
     def record(self, backend: str, status: int, latency_s: float) -> None:
         self.requests.append((time.time(), backend, status, latency_s))
@@ -188,19 +208,32 @@ class _Stats:
             "totals": {k: dict(v) for k, v in self.totals.items()},
             "fallbacks": self.fallbacks,
             "skipped_background": self.skipped_background,
+            "rejected": self.rejected,
         }
 
 
 class Router:
     """The aiohttp application behind the router process."""
 
-    def __init__(self, routes: Routes | None, *, routes_file: Path | None = None, seed: int | None = None):
+    def __init__(
+        self,
+        routes: Routes | None,
+        *,
+        routes_file: Path | None = None,
+        seed: int | None = None,
+        grpc_host: str = "127.0.0.1",
+        grpc_port: int | None = None,
+    ):
         self.routes = routes
         self.routes_file = routes_file
         self.stats = _Stats()
         self._random = random.Random(seed)
         self._background: set[asyncio.Task] = set()
         self._session: Any = None
+        self.grpc_host = grpc_host
+        self.grpc_port = grpc_port
+        """Port of the gRPC front; None: REST only. 0 picks a free port at start."""
+        self._grpc: Any = None
 
     # -- application -------------------------------------------------------------------------
 
@@ -225,8 +258,16 @@ class Router:
             timeout=aiohttp.ClientTimeout(total=UPSTREAM_TIMEOUT_S),
             auto_decompress=False,
         )
+        if self.grpc_port is not None:
+            from kubeml.serving.rollout.grpc_front import GrpcFront
+
+            self._grpc = GrpcFront(self)
+            self.grpc_port = await self._grpc.start(self.grpc_host, self.grpc_port)
+            log.info("gRPC (Open Inference Protocol V2) on %s:%d", self.grpc_host, self.grpc_port)
 
     async def _stop(self, _app: Any) -> None:
+        if self._grpc is not None:
+            await self._grpc.stop()
         for task in list(self._background):
             task.cancel()
         if self._session is not None:
@@ -247,6 +288,8 @@ class Router:
         except (ValueError, TypeError) as exc:
             return web.json_response({"error": f"invalid routes: {exc}"}, status=400)
         self.routes = routes
+        if self._grpc is not None:
+            self._grpc.routes_changed(routes)
         if self.routes_file is not None:
             tmp = self.routes_file.with_suffix(".tmp")
             tmp.write_text(json.dumps(routes.to_dict(), indent=2))
@@ -269,7 +312,7 @@ class Router:
         from aiohttp import web
 
         ok = self.routes is not None
-        return web.json_response({"ready": ok}, status=200 if ok else 503)
+        return web.json_response({"ready": ok, "grpc_port": self.grpc_port}, status=200 if ok else 503)
 
     # -- proxy -------------------------------------------------------------------------------
 
@@ -293,6 +336,19 @@ class Router:
         status, payload, headers = await self._forward(base, request, body)
         self.stats.record(backend, status, time.perf_counter() - started)
         return status, payload, headers
+
+    def to_canary(self, routes: Routes) -> bool:
+        """Whether this inference request goes to the canary (split mode's weighted draw)."""
+        return (
+            routes.canary is not None
+            and not routes.mirror
+            and routes.weight > 0
+            and (routes.weight >= 100 or self._random.random() * 100 < routes.weight)
+        )
+
+    def compare_now(self, routes: Routes) -> bool:
+        """Whether this answered request is also sent to the other side to be compared."""
+        return self._random.random() < routes.compare_rate
 
     def _in_background(self, coro: Any) -> None:
         if len(self._background) >= MAX_BACKGROUND:
@@ -340,17 +396,11 @@ class Router:
             status, payload, headers = await self._forward(routes.stable, request, body)
             return self._response(status, payload, headers, "stable", routes.stable_version)
 
-        to_canary = (
-            routes.canary is not None
-            and not routes.mirror
-            and routes.weight > 0
-            and (routes.weight >= 100 or self._random.random() * 100 < routes.weight)
-        )
-        if to_canary:
+        if self.to_canary(routes):
             assert routes.canary is not None
             status, payload, headers = await self._timed("canary", routes.canary, request, body)
             if status < 500:
-                if status == 200 and self._random.random() < routes.compare_rate:
+                if status == 200 and self.compare_now(routes):
                     self._in_background(self._compare(routes, request, body, payload, "canary"))
                 return self._response(status, payload, headers, "canary", routes.canary_version)
             if not routes.fallback:
@@ -363,7 +413,7 @@ class Router:
             and routes.canary is not None
             and status == 200
         ):
-            if self._random.random() < routes.compare_rate:
+            if self.compare_now(routes):
                 self._in_background(self._compare(routes, request, body, payload, "stable"))
             else:
                 self._in_background(self._timed("canary", routes.canary, request, body))
@@ -382,6 +432,12 @@ def _parser() -> argparse.ArgumentParser:
         type=Path,
         required=True,
         help="JSON Routes read at start and rewritten on every change",
+    )
+    p.add_argument(
+        "--grpc-port",
+        type=int,
+        default=None,
+        help="also serve Open Inference Protocol V2 gRPC on this port (routes' *_grpc targets)",
     )
     return p
 
@@ -406,7 +462,7 @@ def main(argv: list[str] | None = None) -> int:
         uvloop.install()
     except ImportError:  # optional: plain asyncio is ~30% slower, still correct
         pass
-    router = Router(routes, routes_file=args.routes_file)
+    router = Router(routes, routes_file=args.routes_file, grpc_host=args.host, grpc_port=args.grpc_port)
     # access_log=None: one line per request would cost more than the routing itself.
     web.run_app(
         router.app(), host=args.host, port=args.port, access_log=None, print=None,
