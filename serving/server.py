@@ -685,7 +685,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--runtime", choices=RUNTIMES, default="pytorch", help="model runtime")
     p.add_argument(
-        "--payload-log", default=None, help="JSONL file or http(s) URL for sampled payloads"
+        "--payload-log",
+        default=None,
+        help="sink for sampled payloads: a JSONL file, an http(s) URL, "
+        "or kafka://HOST:PORT[,HOST:PORT]/TOPIC",
     )
     p.add_argument(
         "--payload-sample-rate", type=float, default=1.0, help="share of requests logged (0, 1]"
