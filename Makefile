@@ -12,12 +12,13 @@ UV_VERSION := 0.13.9
 UV := $(KUBEML_CACHE)/tools/bin/uv
 PYTEST_ARGS ?=
 
-.PHONY: demo test install lock cluster-assets prometheus-assets test-unit test-integration test-e2e clean help
+.PHONY: demo test install lock cluster-assets kafka-assets prometheus-assets test-unit test-integration test-e2e clean help
 
 help:
 	@echo "make demo            install, then run the whole pipeline locally (kubeml run)"
 	@echo "make test            install, build test assets, run every test tier"
 	@echo "make cluster-assets  build the control-plane binaries and CRDs into $(KUBEML_CACHE)"
+	@echo "make kafka-assets    fetch the Kafka broker jars (test broker) into $(KUBEML_CACHE)"
 	@echo "make prometheus-assets  install the prometheus binary the rollout tests start"
 
 $(UV):
@@ -52,13 +53,17 @@ cluster-assets:
 prometheus-assets:
 	bash hack/prometheus/install.sh
 
-test: install cluster-assets prometheus-assets
+# The Kafka broker of the integration tests runs from Maven jars (needs Java 17 and mvn).
+kafka-assets:
+	bash hack/kafka/fetch.sh >/dev/null
+
+test: install cluster-assets prometheus-assets kafka-assets
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 test-unit: install
 	$(PY) -m pytest -m "not integration and not e2e" $(PYTEST_ARGS)
 
-test-integration: install cluster-assets prometheus-assets
+test-integration: install cluster-assets prometheus-assets kafka-assets
 	$(PY) -m pytest -m integration $(PYTEST_ARGS)
 
 test-e2e: install
