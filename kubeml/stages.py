@@ -59,28 +59,60 @@ def validate_stage(config_json: str, run_id: str, dataset: str, version: str) ->
 
 
 def train_stage(config_json: str, run_id: str, dataset: str, version: str) -> str:
-    """Returns the model bundle's store key."""
-    from kubeml.training.trainer import fit
+    """Returns the model bundle's store key (``models/RUN_ID/bundle``, whichever the target).
 
+    ``training.target`` of the environment picks the launcher: ``local`` runs Ray Train on
+    this machine's Ray runtime; ``kuberay`` / ``sagemaker`` create a KubeRay ``RayJob`` / ACK
+    SageMaker ``TrainingJob``, follow it to the end (each status change goes to the ledger
+    and the step's log), and read back what the job wrote to the (S3) artifact store; see
+    :mod:`kubeml.training.launch`. A retried step adopts the job it started before.
+    """
     cfg, store, ledger = _open(config_json, run_id)
+    target = cfg.training.target
     with ledger.stage("train") as rec:
-        result = fit(cfg, store, dataset=dataset, dataset_version=version, run_id=run_id)
-        last = result.history[-1] if result.history else {}
+        if target == "local":
+            from kubeml.training.trainer import fit
+
+            result = fit(cfg, store, dataset=dataset, dataset_version=version, run_id=run_id)
+            checkpoint_uri, epochs, history = result.checkpoint_uri, result.epochs, result.history
+            first_step_s, bundle_key, job = result.time_to_first_step_s, result.bundle_key, None
+        else:
+            from kubeml.training.launch import cancel_on_sigterm, train_on_cluster
+
+            def on_status(line: str) -> None:
+                rec.message = f"{target} job: {line}"
+                print(f"train: {rec.message}", flush=True)  # the step's log
+                ledger.write(rec)
+
+            with cancel_on_sigterm() as stop:  # a cancelled KFP run deletes the job it started
+                res = train_on_cluster(cfg, store, target=target, run_id=run_id, dataset=dataset,
+                                       dataset_version=version, on_status=on_status, stop=stop)
+            checkpoint_uri, epochs, history = res.checkpoint_uri, res.epochs, res.history
+            first_step_s, bundle_key = res.time_to_first_step_s, res.bundle_key
+            job = {"kind": res.job.kind, "namespace": res.job.namespace, "name": res.job.name,
+                   "status": res.job.status, "transitions": list(res.job.transitions), "adopted": res.job.adopted,
+                   "replaced": res.job.replaced, "wait_s": res.job.wall_s, "model_artifacts": res.job.model_artifacts}
+        last = history[-1] if history else {}
         rec.outputs = {
-            "bundle_key": result.bundle_key,
-            "checkpoint_uri": result.checkpoint_uri,
-            "epochs": result.epochs,
+            "target": target,
+            "bundle_key": bundle_key,
+            "bundle_uri": store.url(bundle_key),
+            "checkpoint_uri": checkpoint_uri,
+            "epochs": epochs,
             "final_loss": last.get("loss"),
             "train_accuracy": last.get("train_accuracy"),
             "samples_per_s": last.get("samples_per_s"),
-            "time_to_first_step_s": result.time_to_first_step_s,
-            "history": list(result.history),
+            "time_to_first_step_s": first_step_s,
+            "history": list(history),
         }
+        if job:
+            rec.outputs["job"] = job
+        where = f"{job['kind']} {job['namespace']}/{job['name']}, " if job else ""
         rec.message = (
-            f"{cfg.training.workers} workers, {result.epochs} epochs, "
+            f"{where}{cfg.training.workers} workers, {epochs} epochs, "
             f"loss {last.get('loss', float('nan')):.4f}, {last.get('samples_per_s', 0):.0f} samples/s"
         )
-    return result.bundle_key
+    return bundle_key
 
 
 def _local_bundle(cfg: EnvironmentConfig, store, bundle_key: str, dest_name: str):

@@ -4,6 +4,11 @@
 shows a progress bar (read from the run's ``progress.json``, so it works the same for a
 local run and for one whose workers write to S3) and a final table. ``--resume RUN``
 continues an interrupted run with the configuration and data version it started with.
+
+``--target kuberay|sagemaker`` (default: ``training.target`` of the environment) creates a
+KubeRay ``RayJob`` or an ACK SageMaker ``TrainingJob`` through
+:func:`kubeml.training.launch.train_on_cluster`, the same code the pipeline's train step
+runs, and follows its status until it ends; ``--dry-run`` prints the manifest instead.
 """
 
 from __future__ import annotations
@@ -156,7 +161,9 @@ def train(
     workers: Annotated[int | None, typer.Option(help="Override training.workers.")] = None,
     precision: Annotated[str | None, typer.Option(help="Override training.precision: fp32, bf16, fp16.")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Cluster targets: print the job manifest, submit nothing.")] = False,
-    timeout: Annotated[float, typer.Option(help="Cluster targets: seconds to follow the job before giving up.")] = 24 * 3600.0,
+    timeout: Annotated[float | None, typer.Option(
+        help="Cluster targets: seconds to follow the job before giving up; it keeps running "
+             "(default: training.launcher.wait_timeout_s).")] = None,
 ) -> None:
     """Train a model with Ray Train (locally, as a KubeRay RayJob, or on SageMaker) and show the result."""
     from kubeml.artifacts import open_store
@@ -183,38 +190,60 @@ def train(
             m = ingest(store, cfg.data)
             run, dataset, version = run_id or _new_run_id(), m.name, m.version
         if target != "local":
-            _train_cluster(cfg, target, run, dataset, version, dry_run=dry_run, timeout=timeout, resume=bool(resume))
+            _train_cluster(cfg, store, target, run, dataset, version, dry_run=dry_run, timeout=timeout,
+                           resume=bool(resume))
             return
         console.print(f"kubeml train [bold]{run}[/bold] · {cfg.training.model} · {cfg.training.workers} workers · "
                       f"{cfg.training.precision} · data {dataset}@{version}")
         result = _train_local(cfg, store, run, dataset, version, True if resume else None)
         accuracy = _test_accuracy(cfg, store, result, dataset, version)
+    except ConfigError as exc:
+        raise _fail(str(exc), EXIT_CONFIG) from None
     except KubemlError as exc:
         raise _fail(str(exc)) from None
     console.print(_summary_table(result, accuracy))
 
 
-def _train_cluster(cfg, target: str, run: str, dataset: str, version: str, *, dry_run: bool, timeout: float,
-                   resume: bool) -> None:
+def _train_cluster(cfg, store, target: str, run: str, dataset: str, version: str, *, dry_run: bool,
+                   timeout: float | None, resume: bool) -> None:
+    """Build the job; with ``dry_run`` print it, else submit it and follow it to the end."""
     import yaml
 
-    if target == "kuberay":
-        from kubeml.training.launch_kuberay import KubeRayOptions, rayjob_manifest, submit_and_follow
+    from kubeml.training.launch import build_manifest, cancel_on_sigterm, train_on_cluster
 
-        opts = KubeRayOptions.from_training(cfg.training)
-        manifest = rayjob_manifest(cfg, run_id=run, dataset=dataset, dataset_version=version, options=opts, resume=resume)
-    else:
-        from kubeml.training.launch_sagemaker import SageMakerOptions, submit_and_follow, training_job_manifest
-
-        opts = SageMakerOptions.from_training(cfg.training)
-        manifest = training_job_manifest(cfg, run_id=run, dataset=dataset, dataset_version=version, options=opts)
+    manifest, opts = build_manifest(cfg, target, run_id=run, dataset=dataset, dataset_version=version, resume=resume)
     if dry_run:
         console.print(yaml.safe_dump(manifest, sort_keys=False), highlight=False, markup=False)
         return
-    console.print(f"submitting {manifest['kind']} {manifest['metadata']['name']} to namespace {opts.namespace}")
-    final = submit_and_follow(manifest, namespace=opts.namespace, timeout_s=timeout,
-                              on_status=lambda s: console.print(f"  status: {s}", highlight=False))
-    console.print(f"{manifest['kind']} {manifest['metadata']['name']}: {final}")
+    kind, name = manifest["kind"], manifest["metadata"]["name"]
+    console.print(f"kubeml train [bold]{run}[/bold] · {kind} {opts.namespace}/{name} · data {dataset}@{version}")
+    try:
+        # SIGTERM (a stopped CI job, a terminated pod) deletes the job; Ctrl-C only stops following.
+        with cancel_on_sigterm() as stop:
+            result = train_on_cluster(cfg, store, target=target, run_id=run, dataset=dataset, dataset_version=version,
+                                      resume=resume, timeout_s=timeout, stop=stop,
+                                      on_status=lambda s: console.print(f"  {kind} status: {s}", highlight=False,
+                                                                        markup=False))
+    except KeyboardInterrupt:
+        raise _fail(f"stopped following; {kind} {opts.namespace}/{name} keeps running. Follow it again with the same "
+                    f"command and --run-id {run}, or delete it: kubectl -n {opts.namespace} delete "
+                    f"{kind.lower()}s {name}") from None
+    job = result.job
+    t = Table(title=f"training run {run} ({kind} {job.namespace}/{job.name})", title_justify="left", show_header=False)
+    t.add_column(style="bold")
+    t.add_column(overflow="fold")
+    t.add_row("job", f"{job.status}" + (" (adopted: it existed already)" if job.adopted else "")
+              + (" (a failed job was replaced)" if job.replaced else ""))
+    t.add_row("epochs", str(result.epochs))
+    last = result.history[-1] if result.history else {}
+    if "val_accuracy" in last:
+        t.add_row("validation accuracy", f"{last['val_accuracy']:.4f}")
+    t.add_row("wait", f"{job.wall_s:.0f} s")
+    t.add_row("bundle", result.bundle_uri)
+    t.add_row("final checkpoint", result.checkpoint_uri)
+    if job.model_artifacts:
+        t.add_row("SageMaker model artifacts", job.model_artifacts)
+    console.print(t)
 
 
 def tune(

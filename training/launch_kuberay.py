@@ -7,30 +7,33 @@ interfaces ``vpc.amazonaws.com/efa`` for NCCL over EFA), tolerate the GPU taint,
 run on spot capacity. Spot is only allowed with an ``s3://`` artifact store: checkpoints
 then outlive the node, and an interruption costs at most ``checkpoint_every_epochs``.
 
-Only :func:`submit_and_follow` and :func:`server_dry_run` talk to the Kubernetes API.
+This module only builds the manifest; :mod:`kubeml.training.launch` creates the ``RayJob``,
+follows its status and holds the artifact contract: the job's entrypoint writes the model
+bundle to ``models/RUN_ID/bundle`` in the (S3) artifact store of ``KUBEML_CONFIG``, where the
+train stage and the evaluate/register steps after it read it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
-import time
-from collections.abc import Callable
+import re
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from kubeml.config import EnvironmentConfig, TrainingConfig
-from kubeml.errors import ConfigError, KubemlError
+from kubeml.errors import ConfigError
 
-__all__ = ["KubeRayOptions", "rayjob_manifest", "server_dry_run", "submit_and_follow"]
+__all__ = ["KubeRayOptions", "rayjob_manifest", "rayjob_name"]
 
 GROUP, VERSION, PLURAL = "ray.io", "v1", "rayjobs"
 NODEGROUP_LABEL = "eks.amazonaws.com/nodegroup"
 CAPACITY_LABEL = "eks.amazonaws.com/capacityType"
 EFA_RESOURCE = "vpc.amazonaws.com/efa"
-#: RayJob states after which nothing changes (KubeRay ``JobDeploymentStatus`` / Ray ``JobStatus``).
-DONE_DEPLOYMENT = {"Complete", "Failed"}
-DONE_JOB = {"SUCCEEDED", "FAILED", "STOPPED"}
+#: KubeRay refuses longer RayJob names (``ValidationFailed``): it appends 6 characters for the
+#: RayCluster, whose name is capped at 53 so that its Service names stay DNS labels.
+MAX_RAYJOB_NAME = 47
 
 
 class KubeRayOptions(BaseModel):
@@ -65,6 +68,18 @@ class KubeRayOptions(BaseModel):
     active_deadline_seconds: int | None = Field(None, ge=1)
     backoff_limit: int = Field(2, ge=0)
     """Job submissions KubeRay retries (each a new Ray cluster); the run resumes from S3 each time."""
+    wait_timeout_s: float | None = Field(None, gt=0)
+    """Seconds the train step (or ``kubeml train``) waits for the job before giving up (the job
+    keeps running; a retried step adopts it). None: ``active_deadline_seconds`` plus an hour
+    for scheduling, else 24 hours."""
+    poll_s: float = Field(10.0, gt=0)
+    """Seconds between two status reads of the RayJob while waiting."""
+
+    @property
+    def effective_wait_timeout_s(self) -> float:
+        if self.wait_timeout_s is not None:
+            return self.wait_timeout_s
+        return self.active_deadline_seconds + 3600.0 if self.active_deadline_seconds else 24 * 3600.0
 
     @classmethod
     def from_training(cls, tc: TrainingConfig) -> KubeRayOptions:
@@ -75,12 +90,20 @@ class KubeRayOptions(BaseModel):
             raise ConfigError(f"invalid KubeRay launcher options: {problems}; allowed keys: {', '.join(sorted(cls.model_fields))}") from None
 
 
-def _name(run_id: str) -> str:
-    """A DNS-1123 name from a run id (lower case, at most 63 characters)."""
-    import re
+def rayjob_name(run_id: str) -> str:
+    """The RayJob's name for a run: ``kubeml-<run id>`` as a DNS-1035 label KubeRay accepts.
 
-    name = re.sub(r"[^a-z0-9-]", "-", run_id.lower()).strip("-")
-    return ("kubeml-" + name)[:63].rstrip("-")
+    Run ids too long for :data:`MAX_RAYJOB_NAME` are cut and given a hash of the whole id, so
+    two long run ids sharing a prefix never map to the same job (which would be adopted).
+    """
+    safe = re.sub(r"-+", "-", re.sub(r"[^a-z0-9-]", "-", run_id.lower())).strip("-")
+    if not safe:
+        raise ConfigError(f"run id {run_id!r} has no letters or digits to name a RayJob after")
+    name = "kubeml-" + safe
+    if len(name) <= MAX_RAYJOB_NAME:
+        return name
+    digest = hashlib.sha256(run_id.encode()).hexdigest()[:8]
+    return name[: MAX_RAYJOB_NAME - 9].rstrip("-") + "-" + digest
 
 
 def rayjob_manifest(
@@ -120,7 +143,8 @@ def rayjob_manifest(
     if opts.spot:
         worker_selector[CAPACITY_LABEL] = "SPOT"
     shm = {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": opts.shm_size}}
-    labels = {"app.kubernetes.io/name": "kubeml", "app.kubernetes.io/component": "training", "kubeml.io/run-id": _name(run_id)[7:]}
+    name = rayjob_name(run_id)
+    labels = {"app.kubernetes.io/name": "kubeml", "app.kubernetes.io/component": "training", "kubeml.io/run-id": name[7:]}
 
     def container(name: str, resources: dict[str, str]) -> dict[str, Any]:
         return {
@@ -176,83 +200,10 @@ def rayjob_manifest(
     return {
         "apiVersion": f"{GROUP}/{VERSION}",
         "kind": "RayJob",
-        "metadata": {"name": _name(run_id), "namespace": opts.namespace, "labels": labels},
+        # The full run id (labels are cut to 63 characters): the launcher adopts an existing
+        # RayJob of this name only if it belongs to the same run.
+        "metadata": {"name": name, "namespace": opts.namespace, "labels": labels,
+                     "annotations": {"kubeml.io/run-id": run_id}},
         "spec": spec,
     }
 
-
-def _api(api_client: Any | None):
-    from kubernetes import client, config
-
-    if api_client is not None:
-        return client.CustomObjectsApi(api_client)
-    try:
-        config.load_incluster_config()
-    except config.ConfigException:
-        config.load_kube_config()
-    return client.CustomObjectsApi()
-
-
-def server_dry_run(manifest: dict[str, Any], *, namespace: str, api_client: Any | None = None) -> dict[str, Any]:
-    """Ask the apiserver to validate ``manifest`` against the CRD schema without storing it."""
-    group, version = manifest["apiVersion"].split("/")
-    plural = manifest["kind"].lower() + "s"
-    return _api(api_client).create_namespaced_custom_object(group, version, namespace, plural, manifest, dry_run="All")
-
-
-def _status_of(obj: dict[str, Any]) -> tuple[str, bool, bool]:
-    """(text, done, succeeded) from a RayJob or SageMaker TrainingJob object."""
-    st = obj.get("status") or {}
-    if obj.get("kind") == "TrainingJob":
-        s = st.get("trainingJobStatus", "")
-        secondary = st.get("secondaryStatus", "")
-        return (f"{s} {secondary}".strip() or "Pending"), s in ("Completed", "Failed", "Stopped"), s == "Completed"
-    dep, job = st.get("jobDeploymentStatus", ""), st.get("jobStatus", "")
-    text = " / ".join(x for x in (dep, job) if x) or "Pending"
-    done = dep in DONE_DEPLOYMENT or job in DONE_JOB
-    return text, done, job == "SUCCEEDED" or (dep == "Complete" and job in ("", "SUCCEEDED"))
-
-
-def submit_and_follow(
-    manifest: dict[str, Any],
-    *,
-    namespace: str,
-    timeout_s: float = 24 * 3600.0,
-    poll_s: float = 5.0,
-    on_status: Callable[[str], None] | None = None,
-    api_client: Any | None = None,
-) -> str:
-    """Create the job (or attach to it if it exists: a resubmission follows the same run) and
-    poll its status until it is done; return the final status or raise ``KubemlError``."""
-    from kubernetes.client.exceptions import ApiException
-
-    api = _api(api_client)
-    group, version = manifest["apiVersion"].split("/")
-    plural = manifest["kind"].lower() + "s"
-    name = manifest["metadata"]["name"]
-    body = {**manifest, "metadata": {**manifest["metadata"], "namespace": namespace}}
-    try:
-        api.create_namespaced_custom_object(group, version, namespace, plural, body)
-    except ApiException as exc:
-        if exc.status != 409:
-            raise KubemlError(f"creating {manifest['kind']} {namespace}/{name} failed ({exc.status}): {exc.body}") from exc
-    deadline = time.monotonic() + timeout_s
-    last = None
-    while True:
-        try:
-            obj = api.get_namespaced_custom_object(group, version, namespace, plural, name)
-        except ApiException as exc:
-            raise KubemlError(f"reading {manifest['kind']} {namespace}/{name} failed ({exc.status})") from exc
-        text, done, ok = _status_of(obj)
-        if text != last and on_status:
-            on_status(text)
-        last = text
-        if done:
-            if not ok:
-                msg = (obj.get("status") or {}).get("message") or (obj.get("status") or {}).get("failureReason", "")
-                raise KubemlError(f"{manifest['kind']} {namespace}/{name} ended {text}: {msg}")
-            return text
-        if time.monotonic() > deadline:
-            raise KubemlError(f"{manifest['kind']} {namespace}/{name} still {text} after {timeout_s:.0f} s; "
-                              f"it keeps running: kubectl -n {namespace} get {plural} {name}")
-        time.sleep(poll_s)

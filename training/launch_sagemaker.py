@@ -11,8 +11,12 @@ checkpoints in the S3 artifact store anyway, so an interrupted job resumes from 
 - :func:`model_trainer` builds a ``sagemaker.train.ModelTrainer`` (SDK v3): call ``.train()``
   with AWS credentials to start the job.
 - :func:`training_job_manifest` builds the ACK ``TrainingJob`` (``sagemaker.services.k8s.aws/v1alpha1``)
-  for clusters running the ACK SageMaker controller; the KFP step applies it and follows
-  its status with :func:`kubeml.training.launch_kuberay.submit_and_follow`.
+  for clusters running the ACK SageMaker controller; the KFP step (or ``kubeml train
+  --target sagemaker``) creates it and follows its status with :func:`kubeml.training.launch.run_job`.
+
+The job writes the model bundle to ``models/RUN_ID/bundle`` in the S3 artifact store of
+``KUBEML_CONFIG`` (the contract is in :mod:`kubeml.training.launch`), not only to SageMaker's
+``/opt/ml/model``: the pipeline's evaluate and register steps read it there.
 
 No AWS call is made here. (Tests validate the SDK objects locally and the manifest against
 the real CRD schema on the test control plane; a real AWS account is the one stand-in.)
@@ -27,9 +31,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from kubeml.config import EnvironmentConfig, TrainingConfig
 from kubeml.errors import ConfigError
-from kubeml.training.launch_kuberay import submit_and_follow
 
-__all__ = ["SageMakerOptions", "model_trainer", "submit_and_follow", "training_job_manifest"]
+__all__ = ["SageMakerOptions", "model_trainer", "training_job_manifest"]
 
 #: GPUs per instance type, for the Ray worker count (one worker per GPU).
 GPUS = {"ml.p4d.24xlarge": 8, "ml.p4de.24xlarge": 8, "ml.p5.48xlarge": 8, "ml.g5.xlarge": 1, "ml.g5.12xlarge": 4}
@@ -57,6 +60,18 @@ class SageMakerOptions(BaseModel):
     namespace: str = "kubeml"
     """Namespace of the ACK TrainingJob."""
     job_name_prefix: str = "kubeml"
+    wait_timeout_s: float | None = Field(None, gt=0)
+    """Seconds the train step (or ``kubeml train``) waits for the job before giving up (the job
+    keeps running; a retried step adopts it). None: the job's own limit (``max_wait_s`` with
+    spot, else ``max_run_s``) plus an hour for provisioning and the model upload."""
+    poll_s: float = Field(30.0, gt=0)
+    """Seconds between two status reads of the TrainingJob (ACK itself syncs with AWS about once a minute)."""
+
+    @property
+    def effective_wait_timeout_s(self) -> float:
+        if self.wait_timeout_s is not None:
+            return self.wait_timeout_s
+        return float((self.max_wait_s if self.spot and self.max_wait_s else self.max_run_s) + 3600)
 
     @model_validator(mode="after")
     def _spot(self) -> SageMakerOptions:
@@ -82,7 +97,8 @@ def _job_name(prefix: str, run_id: str) -> str:
     return re.sub(r"-+", "-", name)[:63].strip("-")
 
 
-def _job_env(cfg: EnvironmentConfig, opts: SageMakerOptions, run_id: str, dataset: str, dataset_version: str) -> dict[str, str]:
+def _job_env(cfg: EnvironmentConfig, opts: SageMakerOptions, run_id: str, dataset: str, dataset_version: str,
+             resume: bool = False) -> dict[str, str]:
     if not cfg.artifact_store.uri.startswith("s3://"):
         raise ConfigError("SageMaker jobs read data and write checkpoints in S3: set artifact_store.uri to s3://...")
     gpus = GPUS.get(opts.instance_type, 1)
@@ -90,7 +106,7 @@ def _job_env(cfg: EnvironmentConfig, opts: SageMakerOptions, run_id: str, datase
     training = cfg.training.model_copy(update={"target": "local", "use_gpu": True,
                                                 "workers": gpus * opts.instance_count})
     job_cfg = cfg.model_copy(update={"training": training})
-    return {
+    env = {
         "KUBEML_CONFIG": job_cfg.model_dump_json(),
         "KUBEML_RUN_ID": run_id,
         "KUBEML_DATASET": dataset,
@@ -100,6 +116,9 @@ def _job_env(cfg: EnvironmentConfig, opts: SageMakerOptions, run_id: str, datase
         "FI_EFA_USE_DEVICE_RDMA": "1",
         "NCCL_DEBUG": "WARN",
     }
+    if resume:
+        env["KUBEML_RESUME"] = "1"
+    return env
 
 
 def _s3(cfg: EnvironmentConfig, *parts: str) -> str:
@@ -113,8 +132,9 @@ def training_job_manifest(
     dataset: str,
     dataset_version: str,
     options: SageMakerOptions | None = None,
+    resume: bool = False,
 ) -> dict[str, Any]:
-    """The ACK ``TrainingJob`` for this run."""
+    """The ACK ``TrainingJob`` for this run (``resume``: require checkpoints to continue from)."""
     opts = options or SageMakerOptions.from_training(cfg.training)
     name = _job_name(opts.job_name_prefix, run_id)
     stopping: dict[str, int] = {"maxRuntimeInSeconds": opts.max_run_s}
@@ -124,7 +144,9 @@ def training_job_manifest(
         "apiVersion": "sagemaker.services.k8s.aws/v1alpha1",
         "kind": "TrainingJob",
         "metadata": {"name": name.lower()[:63], "namespace": opts.namespace,
-                     "labels": {"app.kubernetes.io/name": "kubeml", "app.kubernetes.io/component": "training"}},
+                     "labels": {"app.kubernetes.io/name": "kubeml", "app.kubernetes.io/component": "training"},
+                     # The launcher adopts an existing TrainingJob of this name only for the same run.
+                     "annotations": {"kubeml.io/run-id": run_id}},
         "spec": {
             "trainingJobName": name,
             "roleARN": opts.role_arn,
@@ -136,7 +158,7 @@ def training_job_manifest(
             "enableManagedSpotTraining": opts.spot,
             "checkpointConfig": {"s3URI": _s3(cfg, "sagemaker", "checkpoints", run_id),
                                  "localPath": opts.checkpoint_local_path},
-            "environment": _job_env(cfg, opts, run_id, dataset, dataset_version),
+            "environment": _job_env(cfg, opts, run_id, dataset, dataset_version, resume),
             "hyperParameters": {"sagemaker_program": "kubeml.training.ray_main"},
             # SageMaker restarts the job on an internal error up to this many times; it resumes from S3.
             "retryStrategy": {"maximumRetryAttempts": 2},

@@ -8,7 +8,10 @@ environment carries everything :func:`~kubeml.training.trainer.fit` needs:
 - ``KUBEML_RESUME``: ``1`` to require checkpoints to continue from (unset: continue if any).
 
 Checkpoints go to the configured artifact store (S3 on a cluster), so a restarted job,
-on a new spot node or a new SageMaker instance, continues from the last one.
+on a new spot node or a new SageMaker instance, continues from the last one. The model
+bundle and the run's result record go there too (``models/RUN_ID/bundle``,
+``runs/RUN_ID/train/result.json``): the train step that launched the job reads them back
+(the contract is in :mod:`kubeml.training.launch`).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ def main(environ: dict[str, str] | None = None) -> int:
     from kubeml.artifacts import open_store
     from kubeml.config import EnvironmentConfig
     from kubeml.errors import KubemlError
+    from kubeml.training.launch import write_result
     from kubeml.training.trainer import fit
 
     env = os.environ if environ is None else environ
@@ -36,6 +40,7 @@ def main(environ: dict[str, str] | None = None) -> int:
     try:
         result = fit(cfg, store, dataset=env["KUBEML_DATASET"], dataset_version=env["KUBEML_DATASET_VERSION"],
                      run_id=env["KUBEML_RUN_ID"], resume=True if env.get("KUBEML_RESUME") == "1" else None)
+        write_result(store, result)
     except KubemlError as exc:
         print(f"training failed: {exc}", file=sys.stderr)
         return 1

@@ -1,4 +1,13 @@
-"""train: Ray Train TorchTrainer on the configured Ray cluster; returns the bundle's store key."""
+"""train: the environment's launcher trains the model; returns the bundle's store key.
+
+``training.target`` of the environment picks the launcher (see :func:`kubeml.stages.train_stage`):
+``local`` runs Ray Train in the step itself; ``kuberay`` / ``sagemaker`` make the step create a
+KubeRay ``RayJob`` / ACK SageMaker ``TrainingJob`` and wait for it (KFP v2 has no ResourceOp),
+then return the bundle key the job wrote in the S3 artifact store. On a cluster the step's
+service account needs create, get and delete on those objects
+(``kubeml.training.launch.RBAC_RULES``); a retried step adopts the job it started, and a
+cancelled run deletes it.
+"""
 
 from kfp import dsl
 

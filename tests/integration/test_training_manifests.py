@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from kubeml.config import KubemlConfig
-from kubeml.training.launch_kuberay import rayjob_manifest, server_dry_run, submit_and_follow
+from kubeml.training.launch import server_dry_run
+from kubeml.training.launch_kuberay import rayjob_manifest
 from kubeml.training.launch_sagemaker import training_job_manifest
 
 pytestmark = pytest.mark.integration
@@ -35,24 +36,3 @@ def test_ack_training_job_passes_server_side_dry_run(admin, namespace):
 
     assert created["spec"] == job["spec"]  # nothing pruned: every field is in the schema
 
-
-def test_submit_follows_the_rayjob_status_until_it_completes(admin, namespace):
-    from kubernetes.client import CustomObjectsApi
-
-    job = rayjob_manifest(_cfg(workers=1, launcher={"namespace": namespace, "gpus_per_worker": 0}),
-                          run_id="follow", dataset="digits", dataset_version="v-1")
-    api = CustomObjectsApi(admin)
-    seen: list[str] = []
-
-    def on_status(text: str) -> None:
-        seen.append(text)
-        # The test plays the KubeRay operator (none runs on the test control plane): it
-        # writes the status subresource the way the operator does when the job finishes.
-        if len(seen) == 1:
-            api.patch_namespaced_custom_object_status(
-                "ray.io", "v1", namespace, "rayjobs", job["metadata"]["name"],
-                {"status": {"jobDeploymentStatus": "Complete", "jobStatus": "SUCCEEDED"}})
-
-    final = submit_and_follow(job, namespace=namespace, api_client=admin, poll_s=0.2, timeout_s=60, on_status=on_status)
-
-    assert seen[0] == "Pending" and final == "Complete / SUCCEEDED"

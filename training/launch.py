@@ -1,0 +1,611 @@
+"""Run a training job on a cluster and wait for it: the cluster half of the train stage.
+
+Where it sits: :mod:`~kubeml.training.launch_kuberay` and :mod:`~kubeml.training.launch_sagemaker`
+build the manifests (a KubeRay ``RayJob``, an ACK SageMaker ``TrainingJob``); this is the one
+module of ``kubeml.training`` that talks to the Kubernetes API. Its callers are the pipeline's
+train stage (:func:`kubeml.stages.train_stage`, inside a KFP step: KFP v2 has no
+``ResourceOp``, so the step itself creates the object and waits for it) and
+``kubeml train --target kuberay|sagemaker``. ``training.target`` in ``kubeml.yaml`` picks
+the launcher; ``local`` never comes here.
+
+Life of a job (:func:`run_job`)
+-------------------------------
+1. The object is created with ``CustomObjectsApi`` and two annotations: ``kubeml.io/run-id``
+   and ``kubeml.io/spec-sha256`` (a hash of the spec as built, before apiserver defaulting).
+2. If an object of that name exists (HTTP 409: KFP retried the step, or the command ran
+   again) it is *adopted* when it belongs to the same run and was built from the same spec,
+   and followed to the end as if just created. One that already *failed* is deleted and
+   created again (the new job resumes from the run's checkpoints in the artifact store). One
+   of another run or another spec is a :class:`JobConflict`: nothing is touched.
+3. The status is read every ``poll_s`` seconds; each change is logged (logger
+   ``kubeml.training.launch``) and handed to ``on_status``. Transient API errors (5xx, 429,
+   lost connections) are retried until the deadline: a blip must not fail a day-long run.
+4. Terminal states. RayJob: ``.status.jobDeploymentStatus`` ``Complete`` (success only with
+   ``.status.jobStatus`` ``SUCCEEDED``; ``FAILED``/``STOPPED`` are failures), ``Failed`` or
+   ``ValidationFailed``; ``Retrying`` (a failed attempt within ``backoffLimit``) is not the
+   end. TrainingJob: ``.status.trainingJobStatus`` ``Completed``, ``Failed`` or ``Stopped``,
+   or the ACK condition ``ACK.Terminal`` (the controller gave up, e.g. an invalid spec: the
+   job never reached SageMaker). A failure raises :class:`JobFailed` with the status message
+   (RayJob ``.status.message``, SageMaker ``failureReason``, the condition's message).
+5. Cancel: ``stop`` set (:func:`cancel_on_sigterm` sets it when KFP terminates the step's
+   pod) deletes the job (KubeRay tears the Ray cluster down; ACK stops the SageMaker job)
+   and raises :class:`JobCancelled`.
+6. Timeout: :class:`JobTimedOut` names the last status. The job is left running, so a
+   retried step adopts it instead of starting over.
+
+Artifact contract
+-----------------
+The job runs ``python -m kubeml.training.ray_main`` with ``KUBEML_CONFIG`` set to the same
+environment configuration the step has (its artifact store included), and that calls the
+same :func:`~kubeml.training.trainer.fit` as a local run. In the artifact store it writes:
+
+- ``models/RUN_ID/bundle``: the model bundle. The train stage returns this key; evaluate and
+  register read the bundle from it, exactly as after a local run.
+- ``checkpoints/RUN_ID/...``: the Ray Train checkpoints (resume after spot loss or a retry).
+- ``runs/RUN_ID/train/result.json`` (:func:`write_result`): bundle key, final and best
+  checkpoint URIs, epochs, per-epoch history. The stage reads it back for its ledger record.
+
+So the store must be one both the job's pods and the step can reach: ``s3://`` (a
+``file://`` store would be each pod's own disk; it is refused before anything is created).
+After success the step checks the bundle is there: a job that reports success without
+writing it is an error naming the missing key.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from kubeml.errors import ConfigError, KubemlError
+
+if TYPE_CHECKING:
+    from kubeml.artifacts import ArtifactStore
+    from kubeml.config import EnvironmentConfig
+    from kubeml.training.trainer import TrainResult
+
+__all__ = [
+    "CLUSTER_TARGETS",
+    "ClusterTrainResult",
+    "JobCancelled",
+    "JobConflict",
+    "JobError",
+    "JobFailed",
+    "JobOutcome",
+    "JobState",
+    "JobTimedOut",
+    "RBAC_RULES",
+    "build_manifest",
+    "cancel_on_sigterm",
+    "custom_objects_api",
+    "job_state",
+    "read_result",
+    "result_key",
+    "run_job",
+    "server_dry_run",
+    "spec_hash",
+    "train_on_cluster",
+    "write_result",
+]
+
+log = logging.getLogger("kubeml.training.launch")
+
+CLUSTER_TARGETS = ("kuberay", "sagemaker")
+RUN_ID_ANNOTATION = "kubeml.io/run-id"
+SPEC_HASH_ANNOTATION = "kubeml.io/spec-sha256"
+
+#: What the identity that runs the train step needs (a KFP pipeline runner's service account):
+#: create, read and delete its jobs. No list/watch/patch: the waiter polls one object by name.
+RBAC_RULES: tuple[dict[str, list[str]], ...] = (
+    {"apiGroups": ["ray.io"], "resources": ["rayjobs"], "verbs": ["create", "get", "delete"]},
+    {"apiGroups": ["sagemaker.services.k8s.aws"], "resources": ["trainingjobs"], "verbs": ["create", "get", "delete"]},
+)
+
+#: RayJob ``jobDeploymentStatus`` values after which KubeRay changes nothing (``Retrying`` is
+#: a failed attempt KubeRay will run again within ``backoffLimit``: not the end).
+RAY_DONE_DEPLOYMENT = frozenset({"Complete", "Failed", "ValidationFailed"})
+#: Ray ``JobStatus`` values of a finished job (used when an old KubeRay sets no deployment status).
+RAY_DONE_JOB = frozenset({"SUCCEEDED", "FAILED", "STOPPED"})
+#: SageMaker ``TrainingJobStatus`` values of a finished job (``Stopping`` is still going).
+SAGEMAKER_DONE = frozenset({"Completed", "Failed", "Stopped"})
+#: HTTP statuses worth retrying while waiting: the apiserver restarting or throttling.
+_TRANSIENT_HTTP = frozenset({429, 500, 502, 503, 504})
+#: Longest a status message is quoted in a log line (a Ray traceback can be many KB).
+MESSAGE_MAX_CHARS = 2000
+
+
+class JobError(KubemlError):
+    """A cluster training job could not be run to success (base of the errors below)."""
+
+
+class JobFailed(JobError):
+    """The job ended unsuccessfully; ``status_message`` is what its controller reported."""
+
+    def __init__(self, message: str, status_message: str = ""):
+        super().__init__(message, status_message)
+        self.status_message = status_message
+
+    def __str__(self) -> str:
+        return self.args[0]
+
+
+class JobTimedOut(JobError):
+    """The job did not finish within the wait; it is left running (a retry adopts it)."""
+
+
+class JobCancelled(JobError):
+    """The wait was cancelled; the job was deleted."""
+
+
+class JobConflict(JobError):
+    """An object of the job's name exists but belongs to another run or another spec."""
+
+
+@dataclass(frozen=True)
+class JobState:
+    """A job's status, read from its object."""
+
+    text: str
+    """Short status, e.g. ``Running / RUNNING`` (RayJob) or ``InProgress / Training`` (TrainingJob)."""
+    done: bool
+    succeeded: bool
+    message: str = ""
+    """The controller's message (failure reason, or why it is not progressing); may be empty."""
+
+    def line(self) -> str:
+        msg = self.message if len(self.message) <= MESSAGE_MAX_CHARS else self.message[:MESSAGE_MAX_CHARS] + "..."
+        return f"{self.text}: {msg}" if msg else self.text
+
+
+@dataclass(frozen=True)
+class JobOutcome:
+    """A job that finished successfully."""
+
+    kind: str
+    name: str
+    namespace: str
+    status: str
+    """Final status text."""
+    transitions: tuple[str, ...]
+    """Every status line seen, in order (the first is the state found on creation or adoption)."""
+    adopted: bool = False
+    """The job existed already (a retried step) and was followed instead of created."""
+    replaced: bool = False
+    """A failed job of the same name was deleted and created again."""
+    model_artifacts: str = ""
+    """SageMaker's ``modelArtifacts.s3ModelArtifacts`` (``/opt/ml/model`` as uploaded); empty for RayJob."""
+    wall_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class ClusterTrainResult:
+    """What a training run on a cluster left in the artifact store (see the module's contract)."""
+
+    run_id: str
+    bundle_key: str
+    bundle_uri: str
+    checkpoint_uri: str
+    best_checkpoint_uri: str
+    epochs: int
+    history: tuple[dict[str, float], ...]
+    time_to_first_step_s: float
+    job: JobOutcome
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+# ------------------------------------------------------------------ artifact contract
+
+
+def result_key(run_id: str) -> str:
+    """Store key of a run's result record, written by the job, read by the step."""
+    return f"runs/{run_id}/train/result.json"
+
+
+def write_result(store: ArtifactStore, result: TrainResult) -> str:
+    """Write the result record of a finished :func:`~kubeml.training.trainer.fit`; returns its key."""
+    key = result_key(result.run_id)
+    store.put_text(key, json.dumps({
+        "run_id": result.run_id,
+        "bundle_key": result.bundle_key,
+        "checkpoint_uri": result.checkpoint_uri,
+        "best_checkpoint_uri": result.best_checkpoint_uri,
+        "epochs": result.epochs,
+        "history": list(result.history),
+        "time_to_first_step_s": result.time_to_first_step_s,
+        "wall_s": result.wall_s,
+        "stopped_early": result.stopped_early,
+    }, indent=2))
+    return key
+
+
+def read_result(store: ArtifactStore, run_id: str) -> dict[str, Any]:
+    """The result record of ``run_id``; ``JobError`` naming the key when the job wrote none."""
+    from kubeml.errors import ArtifactNotFound
+
+    try:
+        return json.loads(store.get_text(result_key(run_id)))
+    except ArtifactNotFound:
+        raise JobError(
+            f"the training job of run {run_id} reported success but wrote no result record at "
+            f"{store.url(result_key(run_id))}; its image must run kubeml.training.ray_main of this kubeml version"
+        ) from None
+
+
+# ------------------------------------------------------------------ status
+
+
+def job_state(obj: dict[str, Any]) -> JobState:
+    """The state of a RayJob or ACK TrainingJob object (as returned by the API)."""
+    st = obj.get("status") or {}
+    kind = obj.get("kind")
+    if kind == "TrainingJob":
+        return _training_job_state(st)
+    if kind == "RayJob":
+        return _rayjob_state(st)
+    raise ValueError(f"cannot follow a {kind!r}; supported kinds: RayJob, TrainingJob")
+
+
+def _rayjob_state(st: dict[str, Any]) -> JobState:
+    dep, job = st.get("jobDeploymentStatus") or "", st.get("jobStatus") or ""
+    text = " / ".join(x for x in (dep, job) if x) or "Pending"
+    done = dep in RAY_DONE_DEPLOYMENT or (not dep and job in RAY_DONE_JOB)
+    message = " ".join(x for x in (f"[{st['reason']}]" if st.get("reason") else "", st.get("message") or "") if x)
+    return JobState(text, done, done and job == "SUCCEEDED", message)
+
+
+def _training_job_state(st: dict[str, Any]) -> JobState:
+    status, secondary = st.get("trainingJobStatus") or "", st.get("secondaryStatus") or ""
+    conditions = {c.get("type"): c for c in st.get("conditions") or [] if isinstance(c, dict)}
+    terminal = conditions.get("ACK.Terminal")
+    if terminal and terminal.get("status") == "True" and status not in SAGEMAKER_DONE:
+        # The controller gave up before or while creating the job (e.g. an invalid spec).
+        return JobState(f"{status or 'Pending'} / ACK.Terminal", True, False, terminal.get("message") or "")
+    text = " / ".join(x for x in (status, secondary) if x) or "Pending"
+    message = st.get("failureReason") or ""
+    if not message:
+        # Why it is not progressing: a recoverable AWS error, or not yet synced with AWS.
+        for ctype, bad in (("ACK.Recoverable", "True"), ("ACK.ResourceSynced", "False")):
+            c = conditions.get(ctype)
+            if c and c.get("status") == bad and c.get("message"):
+                message = f"{ctype}: {c['message']}"
+                break
+    done = status in SAGEMAKER_DONE
+    return JobState(text, done, status == "Completed", message)
+
+
+def spec_hash(manifest: dict[str, Any]) -> str:
+    """SHA-256 of the manifest's spec (canonical JSON): same spec, same hash."""
+    return hashlib.sha256(json.dumps(manifest.get("spec"), sort_keys=True).encode()).hexdigest()
+
+
+# ------------------------------------------------------------------ Kubernetes API
+
+
+def custom_objects_api(api_client: Any | None = None):
+    """``CustomObjectsApi`` on ``api_client``, else in-cluster credentials, else ``$KUBECONFIG``
+    (or ``~/.kube/config``). Leaves the client library's global default configuration alone."""
+    import os
+
+    from kubernetes import client, config
+
+    if api_client is not None:
+        return client.CustomObjectsApi(api_client)
+    configuration = client.Configuration()
+    try:
+        config.load_incluster_config(client_configuration=configuration)
+    except config.ConfigException:
+        try:
+            # Read KUBECONFIG now: the library's default is taken when it is first imported.
+            config.load_kube_config(config_file=os.environ.get("KUBECONFIG") or None, client_configuration=configuration)
+        except (config.ConfigException, OSError) as exc:
+            raise ConfigError(
+                f"no Kubernetes credentials: not in a pod and no usable kubeconfig ({exc}); "
+                "set KUBECONFIG or run inside the cluster"
+            ) from None
+    return client.CustomObjectsApi(client.ApiClient(configuration))
+
+
+@dataclass(frozen=True)
+class _Ref:
+    group: str
+    version: str
+    plural: str
+    kind: str
+    name: str
+    namespace: str
+
+    @classmethod
+    def of(cls, manifest: dict[str, Any], namespace: str | None) -> _Ref:
+        group, version = manifest["apiVersion"].split("/")
+        ns = namespace or manifest["metadata"].get("namespace")
+        if not ns:
+            raise ConfigError(f"{manifest['kind']} {manifest['metadata']['name']}: no namespace given")
+        return cls(group, version, manifest["kind"].lower() + "s", manifest["kind"], manifest["metadata"]["name"], ns)
+
+    def __str__(self) -> str:
+        return f"{self.kind} {self.namespace}/{self.name}"
+
+    def kubectl(self, verb: str) -> str:
+        return f"kubectl -n {self.namespace} {verb} {self.plural}.{self.group} {self.name}"
+
+
+def server_dry_run(manifest: dict[str, Any], *, namespace: str, api_client: Any | None = None) -> dict[str, Any]:
+    """Ask the apiserver to validate ``manifest`` against the CRD schema without storing it."""
+    ref = _Ref.of(manifest, namespace)
+    return custom_objects_api(api_client).create_namespaced_custom_object(
+        ref.group, ref.version, ref.namespace, ref.plural, manifest, dry_run="All")
+
+
+def _api_error(ref: _Ref, action: str, exc: Any) -> JobError:
+    status = getattr(exc, "status", None)
+    if status in (401, 403):
+        verbs = ", ".join(RBAC_RULES[0 if ref.group == "ray.io" else 1]["verbs"])
+        return JobError(f"not allowed to {action} {ref} ({status}); the step's identity needs {verbs} on "
+                        f"{ref.plural}.{ref.group} in namespace {ref.namespace} (see kubeml.training.launch.RBAC_RULES)")
+    body = getattr(exc, "body", None) or exc
+    return JobError(f"{action} {ref} failed ({status}): {body}")
+
+
+def _transient(exc: BaseException) -> bool:
+    from kubernetes.client.exceptions import ApiException
+    from urllib3.exceptions import HTTPError
+
+    if isinstance(exc, ApiException):
+        return exc.status in _TRANSIENT_HTTP or exc.status == 0
+    return isinstance(exc, (HTTPError, ConnectionError, TimeoutError))
+
+
+def _get(api, ref: _Ref) -> dict[str, Any]:
+    return api.get_namespaced_custom_object(ref.group, ref.version, ref.namespace, ref.plural, ref.name)
+
+
+def _delete(api, ref: _Ref, *, wait_s: float) -> None:
+    """Delete the job and, with ``wait_s`` > 0, wait until it is gone (finalizers ran)."""
+    from kubernetes.client.exceptions import ApiException
+
+    try:
+        # Background: the apiserver's garbage collector removes what the job owns (the Ray cluster).
+        api.delete_namespaced_custom_object(ref.group, ref.version, ref.namespace, ref.plural, ref.name,
+                                            propagation_policy="Background")
+    except ApiException as exc:
+        if exc.status != 404:
+            raise _api_error(ref, "delete", exc) from exc
+        return
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        try:
+            _get(api, ref)
+        except ApiException as exc:
+            if exc.status == 404:
+                return
+            raise _api_error(ref, "read", exc) from exc
+        time.sleep(0.2)
+    if wait_s > 0:
+        raise JobError(f"{ref} is still being deleted after {wait_s:.0f} s (a finalizer of its controller?); "
+                       f"check it with: {ref.kubectl('get')} -o yaml")
+
+
+def _submit(api, manifest: dict[str, Any], ref: _Ref, *, replace_failed: bool,
+            delete_wait_s: float) -> tuple[dict[str, Any], bool, bool]:
+    """Create the job or adopt the existing one; returns ``(object, adopted, replaced)``."""
+    from kubernetes.client.exceptions import ApiException
+
+    digest = spec_hash(manifest)
+    meta = manifest["metadata"]
+    run_id = (meta.get("annotations") or {}).get(RUN_ID_ANNOTATION)
+    body = {**manifest, "metadata": {**meta, "namespace": ref.namespace,
+                                     "annotations": {**(meta.get("annotations") or {}), SPEC_HASH_ANNOTATION: digest}}}
+
+    def create() -> dict[str, Any]:
+        return api.create_namespaced_custom_object(ref.group, ref.version, ref.namespace, ref.plural, body)
+
+    try:
+        return create(), False, False
+    except ApiException as exc:
+        if exc.status != 409:
+            raise _api_error(ref, "create", exc) from exc
+    try:
+        existing = _get(api, ref)
+    except ApiException as exc:
+        raise _api_error(ref, "read", exc) from exc
+    ann = (existing.get("metadata") or {}).get("annotations") or {}
+    if run_id is not None and ann.get(RUN_ID_ANNOTATION) != run_id:
+        owner = ann.get(RUN_ID_ANNOTATION)
+        raise JobConflict(f"{ref} exists but belongs to {f'run {owner}' if owner else 'no kubeml run'}, not run {run_id}; "
+                          f"delete it ({ref.kubectl('delete')}) or use another run id")
+    state = job_state(existing)
+    if state.done and not state.succeeded and replace_failed:
+        log.warning("%s exists and ended %s; deleting it and creating it again", ref, state.line())
+        _delete(api, ref, wait_s=delete_wait_s)
+        try:
+            return create(), False, True
+        except ApiException as exc:
+            raise _api_error(ref, "create", exc) from exc
+    if ann.get(SPEC_HASH_ANNOTATION) != digest:
+        raise JobConflict(f"{ref} exists for this run but was built from another configuration ({state.text}); "
+                          f"wait for it or delete it ({ref.kubectl('delete')}) before submitting a changed job")
+    log.info("%s exists (%s): following it", ref, state.text)
+    return existing, True, False
+
+
+def run_job(
+    manifest: dict[str, Any],
+    *,
+    namespace: str | None = None,
+    timeout_s: float = 24 * 3600.0,
+    poll_s: float = 10.0,
+    on_status: Callable[[str], None] | None = None,
+    stop: threading.Event | None = None,
+    replace_failed: bool = True,
+    delete_on_cancel: bool = True,
+    api_client: Any | None = None,
+) -> JobOutcome:
+    """Create (or adopt) the RayJob / TrainingJob ``manifest`` and wait until it has finished.
+
+    Args:
+        namespace: where the job goes (default: the manifest's ``metadata.namespace``).
+        timeout_s: seconds to wait for a terminal status before :class:`JobTimedOut`
+            (the job keeps running). Counted from the call.
+        poll_s: seconds between two status reads; a read is one small GET.
+        on_status: called with each new status line (``text`` or ``text: message``).
+        stop: set it to cancel: the job is deleted (``delete_on_cancel``) and
+            :class:`JobCancelled` raised.
+        replace_failed: an existing job of this run that failed is deleted and created again
+            (False: follow it, i.e. report its failure).
+    Returns the :class:`JobOutcome`; raises :class:`JobFailed`, :class:`JobTimedOut`,
+    :class:`JobCancelled`, :class:`JobConflict` or :class:`JobError` (API errors).
+    """
+    if timeout_s <= 0 or poll_s <= 0:
+        raise ConfigError(f"timeout_s and poll_s must be > 0 (got {timeout_s}, {poll_s})")
+    t0 = time.monotonic()
+    deadline = t0 + timeout_s
+    ref = _Ref.of(manifest, namespace)
+    api = custom_objects_api(api_client)
+    stop = stop or threading.Event()
+    obj, adopted, replaced = _submit(api, manifest, ref, replace_failed=replace_failed,
+                                     delete_wait_s=min(120.0, timeout_s))
+    if not adopted:
+        log.info("created %s", ref)
+    transitions: list[str] = []
+    while True:
+        state = job_state(obj) if obj is not None else None
+        if state is not None:
+            line = state.line()
+            if not transitions or transitions[-1] != line:
+                transitions.append(line)
+                log.info("%s: %s", ref, line)
+                if on_status:
+                    on_status(line)
+            if state.done:
+                if not state.succeeded:
+                    raise JobFailed(f"{ref} ended {state.text}: {state.message or 'its status gives no message'}; "
+                                    f"details: {ref.kubectl('describe')}", state.message)
+                artifacts = ((obj.get("status") or {}).get("modelArtifacts") or {}).get("s3ModelArtifacts", "")
+                return JobOutcome(ref.kind, ref.name, ref.namespace, state.text, tuple(transitions), adopted, replaced,
+                                  artifacts, time.monotonic() - t0)
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            last = transitions[-1] if transitions else "unknown (status unreadable)"
+            raise JobTimedOut(f"{ref} still {last} after {timeout_s:.0f} s; it keeps running (a retry follows it): "
+                              f"{ref.kubectl('get')}, or stop it with {ref.kubectl('delete')}")
+        if stop.wait(min(poll_s, remaining)):
+            if delete_on_cancel:
+                log.warning("cancelled: deleting %s", ref)
+                _delete(api, ref, wait_s=0)
+            raise JobCancelled(f"waiting for {ref} was cancelled; " + ("the job was deleted" if delete_on_cancel
+                                                                        else "the job keeps running"))
+        obj = _read(api, ref)
+
+
+def _read(api, ref: _Ref) -> dict[str, Any] | None:
+    """The job object, or None after a transient API error (logged)."""
+    from kubernetes.client.exceptions import ApiException
+
+    try:
+        return _get(api, ref)
+    except Exception as exc:  # noqa: BLE001 - sorted into transient / fatal below
+        if isinstance(exc, ApiException) and exc.status == 404:
+            raise JobFailed(f"{ref} was deleted while kubeml waited for it (by someone else, or by its TTL)") from None
+        if _transient(exc):
+            log.warning("reading %s failed (%s); retrying", ref, getattr(exc, "status", None) or exc)
+            return None
+        if isinstance(exc, ApiException):
+            raise _api_error(ref, "read", exc) from exc
+        raise
+
+
+@contextlib.contextmanager
+def cancel_on_sigterm() -> Iterator[threading.Event]:
+    """Yield an event that SIGTERM sets, for :func:`run_job`'s ``stop``.
+
+    KFP terminates a cancelled step's pod with SIGTERM; the default action would kill the
+    waiter and leave the job running with nobody waiting for it. Outside the main thread
+    (where Python cannot install handlers) the event is simply never set by a signal.
+    """
+    event = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield event
+        return
+    previous = signal.getsignal(signal.SIGTERM)
+    signal.signal(signal.SIGTERM, lambda signum, frame: event.set())
+    try:
+        yield event
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+# ------------------------------------------------------------------ the train stage's cluster path
+
+
+def build_manifest(cfg: EnvironmentConfig, target: str, *, run_id: str, dataset: str, dataset_version: str,
+                   resume: bool = False) -> tuple[dict[str, Any], Any]:
+    """The job manifest for ``target`` and the launcher options it was built with."""
+    if target == "kuberay":
+        from kubeml.training.launch_kuberay import KubeRayOptions, rayjob_manifest
+
+        opts = KubeRayOptions.from_training(cfg.training)
+        return rayjob_manifest(cfg, run_id=run_id, dataset=dataset, dataset_version=dataset_version,
+                               options=opts, resume=resume), opts
+    if target == "sagemaker":
+        from kubeml.training.launch_sagemaker import SageMakerOptions, training_job_manifest
+
+        opts = SageMakerOptions.from_training(cfg.training)
+        return training_job_manifest(cfg, run_id=run_id, dataset=dataset, dataset_version=dataset_version,
+                                     options=opts, resume=resume), opts
+    raise ConfigError(f"training target {target!r} does not run on a cluster; cluster targets: {', '.join(CLUSTER_TARGETS)}")
+
+
+def train_on_cluster(
+    cfg: EnvironmentConfig,
+    store: ArtifactStore,
+    *,
+    target: str,
+    run_id: str,
+    dataset: str,
+    dataset_version: str,
+    resume: bool = False,
+    timeout_s: float | None = None,
+    poll_s: float | None = None,
+    on_status: Callable[[str], None] | None = None,
+    stop: threading.Event | None = None,
+    api_client: Any | None = None,
+) -> ClusterTrainResult:
+    """Train ``run_id`` as a RayJob (``kuberay``) or ACK TrainingJob (``sagemaker``), wait, and
+    return what the job left in the artifact store (see the module's contract).
+
+    ``timeout_s`` / ``poll_s`` default to the launcher options ``wait_timeout_s`` / ``poll_s``.
+    """
+    if not store.uri.startswith("s3://"):
+        raise ConfigError(
+            f"training.target {target} needs an artifact store the job's pods and this step share: "
+            f"set artifact_store.uri to s3://... (it is {store.uri})"
+        )
+    manifest, opts = build_manifest(cfg, target, run_id=run_id, dataset=dataset, dataset_version=dataset_version,
+                                    resume=resume)
+    outcome = run_job(manifest, namespace=opts.namespace, timeout_s=timeout_s or opts.effective_wait_timeout_s,
+                      poll_s=poll_s or opts.poll_s, on_status=on_status, stop=stop, api_client=api_client)
+    record = read_result(store, run_id)
+    bundle_key = record["bundle_key"]
+    if not store.list(bundle_key):
+        raise JobError(f"{outcome.kind} {outcome.namespace}/{outcome.name} succeeded but the model bundle "
+                       f"{store.url(bundle_key)} is missing")
+    known = {"run_id", "bundle_key", "checkpoint_uri", "best_checkpoint_uri", "epochs", "history", "time_to_first_step_s"}
+    return ClusterTrainResult(
+        run_id=run_id,
+        bundle_key=bundle_key,
+        bundle_uri=store.url(bundle_key),
+        checkpoint_uri=record.get("checkpoint_uri", ""),
+        best_checkpoint_uri=record.get("best_checkpoint_uri", ""),
+        epochs=int(record.get("epochs", 0)),
+        history=tuple(record.get("history") or ()),
+        time_to_first_step_s=float(record.get("time_to_first_step_s") or float("nan")),
+        job=outcome,
+        extra={k: v for k, v in record.items() if k not in known},
+    )
