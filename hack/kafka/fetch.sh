@@ -54,13 +54,17 @@ start=$SECONDS
 work=$(mktemp -d "$dest/.fetch.XXXXXX")
 trap 'rm -rf "$work"' EXIT
 cp "$here/pom.xml" "$work/pom.xml"
+# Maven's output goes to a log, shown only when it fails (quiet mode still prints colour codes).
 # shellcheck disable=SC2086
-mvn -B -q -Dstyle.color=never ${MAVEN_ARGS:-} -f "$work/pom.xml" \
+if ! mvn -B -q -Dstyle.color=never ${MAVEN_ARGS:-} -f "$work/pom.xml" \
     -Dkafka.version="$KAFKA_VERSION" \
     -Dscala.binary.version="$SCALA_BINARY_VERSION" \
     -Dlog4j.version="$LOG4J_VERSION" \
     -Dkafka.libs="$work/libs" \
-    package >&2 || die "Maven could not resolve kafka_$SCALA_BINARY_VERSION:$KAFKA_VERSION (see above)"
+    package >"$work/mvn.log" 2>&1; then
+    tail -n 40 "$work/mvn.log" >&2
+    die "Maven could not resolve kafka_$SCALA_BINARY_VERSION:$KAFKA_VERSION (see above)"
+fi
 [[ -f "$work/libs/kafka_$SCALA_BINARY_VERSION-$KAFKA_VERSION.jar" ]] ||
     die "Maven finished but kafka_$SCALA_BINARY_VERSION-$KAFKA_VERSION.jar is missing from $work/libs"
 

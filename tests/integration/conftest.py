@@ -2,7 +2,8 @@
 
 ``cluster`` is a local etcd + kube-apiserver + controller-manager + scheduler + kwok (built
 from Go modules on first use), or with ``KUBEML_TEST_CLUSTER=existing`` the cluster in
-``KUBECONFIG``.
+``KUBECONFIG``. ``kafka_broker`` is a single-node Kafka broker (``hack/kafka``), started only
+when a test asks for it.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import pytest
 from kubernetes.client import ApiClient
 
 from kubeml.cluster.testing import build_assets_if_needed, cluster_fixture, temporary_namespace
+from tests.integration.kafka_fixtures import kafka_broker  # noqa: F401 (one broker per session)
 
 cluster = cluster_fixture()
 

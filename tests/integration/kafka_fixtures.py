@@ -2,8 +2,8 @@
 
 The broker runs from Maven jars (``hack/kafka/fetch.sh``, cached under ``~/.cache/kubeml``)
 in its own JVM and process group, on free loopback ports, with its data in a temp dir.
-Import the fixture in the modules that use it
-(``from tests.integration.kafka_fixtures import kafka_broker``).
+``tests/integration/conftest.py`` imports the fixture, so any integration test may ask
+for ``kafka_broker``; the broker starts only when one does.
 """
 
 from __future__ import annotations

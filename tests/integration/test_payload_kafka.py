@@ -21,7 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from kubeml.serving import ServedModel, ServingManager
 from kubeml.serving.telemetry import PayloadLogger
 from tests.conftest import free_port
-from tests.integration.kafka_fixtures import KafkaBroker, kafka_broker  # noqa: F401 (fixture)
+from tests.integration.kafka_fixtures import KafkaBroker
 from tests.unit.serving.conftest import write_digits_bundle
 
 pytestmark = pytest.mark.integration
