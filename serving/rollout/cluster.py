@@ -11,10 +11,25 @@ Divergence on the cluster: requests are not paired (KServe sends each to one sid
 the divergence reported is the total variation distance between the predicted-class
 distributions of stable and canary over the window (``kubeml_predictions_total``),
 expressed as ``differing / compared`` over the canary's instances.
+
+Windows and scrapes: Prometheus only knows the counters at scrape times, and
+``increase()`` needs at least two samples of a series inside the range (with one it
+returns nothing, which would read as "no traffic"). Each window is therefore at least
+:attr:`PrometheusMetrics.MIN_SCRAPES_PER_WINDOW` (4) scrape intervals long: 4 s with the
+1 s scrapes of the integration tests, 2 min with the platform chart's 30 s ServiceMonitor,
+so an engine ``interval_s`` shorter than that is measured over the longer window (it
+then looks back before the current traffic step; the thresholds are rates, so older
+traffic dilutes a bad canary rather than inventing one). ``increase()`` also extrapolates
+to the window edges, so counts are estimates within about one scrape interval's worth of
+traffic; a canary series born inside the window (its first request, its first 5xx) loses
+up to one interval of its first traffic. Every query of one window is evaluated at the
+same instant, so the errors never belong to a later scrape than the total.
 """
 
 from __future__ import annotations
 
+import math
+import re
 import time
 from typing import Any
 
@@ -30,45 +45,104 @@ _GROUP, _VERSION, _PLURAL = "serving.kserve.io", "v1beta1", "inferenceservices"
 
 
 class PrometheusMetrics:
-    """Reads per-version request, error, latency and prediction metrics from Prometheus."""
+    """Reads per-version request, error, latency and prediction metrics from Prometheus.
 
-    def __init__(self, url: str, *, timeout_s: float = 10.0):
+    The series are the ones the kubeml model server exports (``telemetry.py``):
+    ``kubeml_requests_total{model,version,status}``, the
+    ``kubeml_request_latency_seconds`` histogram and ``kubeml_predictions_total{class}``.
+    ``namespace`` (the ``namespace`` target label a ServiceMonitor or PodMonitor adds;
+    ``namespace_label`` when a scrape config names it differently) keeps two tenants that
+    serve the same model name and version from being summed together.
+    """
+
+    #: Scrapes a window spans at least; see the module docstring.
+    MIN_SCRAPES_PER_WINDOW = 4
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        scrape_interval_s: float = 30.0,
+        namespace_label: str = "namespace",
+        timeout_s: float = 10.0,
+    ):
+        """``scrape_interval_s`` is the interval of the ServiceMonitor/PodMonitor scraping
+        the model servers (the platform chart's default is 30 s)."""
+        if not url.startswith(("http://", "https://")):
+            raise ConfigError(f"Prometheus URL must start with http:// or https://, got {url!r}")
+        if scrape_interval_s <= 0:
+            raise ConfigError(f"scrape_interval_s must be > 0 seconds, got {scrape_interval_s}")
+        if not _LABEL_NAME.match(namespace_label):
+            raise ConfigError(f"namespace_label {namespace_label!r} is not a Prometheus label name")
         self.url = url.rstrip("/")
+        self.scrape_interval_s = scrape_interval_s
+        self.namespace_label = namespace_label
         self.timeout_s = timeout_s
 
-    def query(self, promql: str) -> list[dict[str, Any]]:
+    @property
+    def min_window_s(self) -> float:
+        """Shortest window measured: :attr:`MIN_SCRAPES_PER_WINDOW` scrape intervals."""
+        return self.MIN_SCRAPES_PER_WINDOW * self.scrape_interval_s
+
+    def query(self, promql: str, *, at: float | None = None) -> list[dict[str, Any]]:
+        """Instant query (at unix time ``at``, default now); the ``result`` vector."""
+        params: dict[str, Any] = {"query": promql}
+        if at is not None:
+            params["time"] = f"{at:.3f}"
         try:
-            r = requests.get(f"{self.url}/api/v1/query", params={"query": promql}, timeout=self.timeout_s)
-            r.raise_for_status()
+            r = requests.get(f"{self.url}/api/v1/query", params=params, timeout=self.timeout_s)
             body = r.json()
         except (requests.RequestException, ValueError) as exc:
             raise ServingError(f"Prometheus query failed at {self.url}: {exc}") from exc
-        if body.get("status") != "success":
-            raise ServingError(f"Prometheus rejected {promql!r}: {body.get('error')}")
+        if r.status_code != 200 or body.get("status") != "success":
+            # A 400 carries the PromQL error in the body: report it, not just the status.
+            raise ServingError(
+                f"Prometheus rejected {promql!r} ({r.status_code}): "
+                f"{body.get('errorType', '')} {body.get('error', '')}".rstrip()
+            )
         return body["data"]["result"]
 
-    def scalar(self, promql: str) -> float:
-        result = self.query(promql)
+    def scalar(self, promql: str, *, at: float | None = None) -> float:
+        result = self.query(promql, at=at)
         if not result:
             return 0.0
         value = float(result[0]["value"][1])
         return 0.0 if value != value else value  # NaN (no samples) counts as 0
 
-    def window(self, model: str, stable: str, canary: str, window_s: float) -> WindowMetrics:
-        w = f"{max(1, int(round(window_s)))}s"
+    def window(
+        self,
+        model: str,
+        stable: str,
+        canary: str,
+        window_s: float,
+        *,
+        namespace: str | None = None,
+    ) -> WindowMetrics:
+        """Stable and canary traffic over the last ``window_s`` seconds (at least
+        :attr:`min_window_s`), from the series of ``namespace`` (None: every namespace)."""
+        span = max(float(window_s), self.min_window_s)
+        w = f"{math.ceil(span * 1000)}ms"
+        at = time.time()
+        scope = f',{self.namespace_label}="{_quote(namespace)}"' if namespace is not None else ""
+
+        def selector(version: str) -> str:
+            return f'model="{_quote(model)}",version="{_quote(version)}"{scope}'
 
         def side(version: str) -> BackendMetrics:
-            sel = f'model="{model}",version="{version}"'
-            total = self.scalar(f"sum(increase(kubeml_requests_total{{{sel}}}[{w}]))")
-            errors = self.scalar(f'sum(increase(kubeml_requests_total{{{sel},status=~"5.."}}[{w}]))')
-            quantile = "histogram_quantile({q}, sum by (le) (rate(kubeml_request_latency_seconds_bucket{{{sel}}}[{w}])))"
-            p50 = self.scalar(quantile.format(q=0.5, sel=sel, w=w)) * 1000
-            p99 = self.scalar(quantile.format(q=0.99, sel=sel, w=w)) * 1000
+            sel = selector(version)
+            total = self.scalar(f"sum(increase(kubeml_requests_total{{{sel}}}[{w}]))", at=at)
+            errors = self.scalar(
+                f'sum(increase(kubeml_requests_total{{{sel},status=~"5.."}}[{w}]))', at=at
+            )
+            buckets = f"sum by (le) (rate(kubeml_request_latency_seconds_bucket{{{sel}}}[{w}]))"
+            p50 = self.scalar(f"histogram_quantile(0.5, {buckets})", at=at) * 1000
+            p99 = self.scalar(f"histogram_quantile(0.99, {buckets})", at=at) * 1000
             return BackendMetrics(int(round(total)), int(round(errors)), p50, p99)
 
         def classes(version: str) -> dict[str, float]:
             rows = self.query(
-                f'sum by (class) (increase(kubeml_predictions_total{{model="{model}",version="{version}"}}[{w}]))'
+                f"sum by (class) (increase(kubeml_predictions_total{{{selector(version)}}}[{w}]))",
+                at=at,
             )
             return {r["metric"].get("class", ""): float(r["value"][1]) for r in rows}
 
@@ -79,7 +153,15 @@ class PrometheusMetrics:
             tvd = 0.5 * sum(abs(s.get(k, 0) / s_total - c.get(k, 0) / c_total) for k in set(s) | set(c))
             compared = int(round(c_total))
             differing = int(round(tvd * compared))
-        return WindowMetrics(side(stable), side(canary), compared, differing, window_s)
+        return WindowMetrics(side(stable), side(canary), compared, differing, span)
+
+
+_LABEL_NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
+
+
+def _quote(value: str) -> str:
+    """A label value inside a PromQL double-quoted string."""
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
 class InferenceServiceBackend:
@@ -182,7 +264,13 @@ class InferenceServiceBackend:
     def metrics(self, since: float) -> WindowMetrics:
         if self.prometheus is None:
             raise ServingError("no Prometheus configured: the cluster backend cannot measure traffic")
-        return self.prometheus.window(self.model, self.stable_version, self.canary_version, time.time() - since)
+        return self.prometheus.window(
+            self.model,
+            self.stable_version,
+            self.canary_version,
+            time.time() - since,
+            namespace=self.namespace,
+        )
 
     def promote(self) -> None:
         if self.mode == "knative":
