@@ -152,7 +152,10 @@ class TrainingConfig(_Strict):
     profile: bool = False
     """Record a ``torch.profiler`` trace of a few steps of the first epoch (rank 0) into the run's artifacts."""
     target: Literal["local", "kuberay", "sagemaker"] = "local"
-    """Where ``kubeml train`` runs: Ray on this machine, a KubeRay ``RayJob``, or a SageMaker training job."""
+    """Where the pipeline's train stage and ``kubeml train`` train: Ray on this machine, a KubeRay
+    ``RayJob``, or a SageMaker training job (an ACK ``TrainingJob``). The cluster targets create the
+    job, wait for it and read its model bundle from the artifact store, which must then be ``s3://``
+    (see ``kubeml.training.launch``)."""
     launcher: dict[str, Any] = Field(default_factory=dict)
     """Options of the target's launcher (image, node group, instance type, spot, ...), validated
     by ``kubeml.training`` when a job is built; see the launcher's options class."""
@@ -177,6 +180,8 @@ class ServingConfig(_Strict):
     host: str = "127.0.0.1"
     http_port: int = Field(8080, ge=1, le=65535)
     grpc_port: int = Field(8081, ge=1, le=65535)
+    """Open Inference Protocol V2 gRPC port of the router ``kubeml deploy`` starts for a model;
+    it splits and mirrors gRPC traffic between versions like REST traffic on ``http_port``."""
     smoke_samples: int = Field(64, ge=1)
     """Held-out samples sent to the new endpoint; its answers must equal offline evaluation's."""
 
