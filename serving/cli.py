@@ -91,17 +91,18 @@ def status(state_dir: StateDir = None) -> None:
     if not servers and not routers:
         _console.print("no model servers")
         return
-    table = Table("name", "version", "pid", "state", "url", "V2 infer")
+    table = Table("name", "version", "pid", "state", "url", "V2 infer", "gRPC")
     for r in routers:
         table.add_row(f"{r.model} (router)", "-", str(r.pid), "[green]up[/green]", r.url,
-                      f"{r.url}/v2/models/{r.model}/infer")
+                      f"{r.url}/v2/models/{r.model}/infer", r.grpc_target or "-")
     for s in servers:
         state = (
             "[green]ready[/green]"
             if s.ready
             else ("[yellow]not ready[/yellow]" if s.alive else "[red]dead[/red]")
         )
-        table.add_row(s.instance or s.name, s.version or "-", str(s.pid), state, s.url, s.v2_url)
+        grpc = f"{s.host}:{s.grpc_port}" if s.grpc_port is not None else "-"
+        table.add_row(s.instance or s.name, s.version or "-", str(s.pid), state, s.url, s.v2_url, grpc)
     _console.print(table)
 
 

@@ -187,6 +187,7 @@ def deploy(
             state_dir=state_dir if state_dir is not None else Path(cfg.home) / "serving",
             host=cfg.serving.host if cfg is not None else "127.0.0.1",
             router_port=port if port is not None else cfg.serving.http_port,
+            router_grpc_port=cfg.serving.grpc_port if cfg is not None else None,
             policy=policy, canary=not no_canary, replay_rows=rows,
             replay_rate_per_s=replay_rate or None,
             payload_sample_rate=payload_sample_rate, listener=_print_decision,
@@ -197,6 +198,7 @@ def deploy(
     _console.print(
         f"[{colour.get(outcome.action, 'red')}]{outcome.action}[/] {outcome.model}: serving "
         f"version {outcome.stable_version} at {outcome.url}/v2/models/{outcome.model}/infer"
+        + (f" and gRPC {outcome.grpc_target}" if outcome.grpc_target else "")
         + (f" ({outcome.reason})" if outcome.reason else ""),
         highlight=False,
     )
@@ -229,7 +231,8 @@ def status(
             f", canary {routes.canary_version} at {routes.weight}%" + (" (shadow)" if routes.mirror else "")
             if routes.canary else ""
         )
-        _console.print(f"{model}: stable {routes.stable_version} at {router.url}{canary}", highlight=False)
+        grpc = f" (gRPC {router.grpc_target})" if router.grpc_target else ""
+        _console.print(f"{model}: stable {routes.stable_version} at {router.url}{grpc}{canary}", highlight=False)
     state = read_json(backend.state_file)
     if not state:
         _console.print("no rollouts yet")

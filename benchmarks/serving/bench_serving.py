@@ -7,7 +7,8 @@ closed loop, fixed concurrency, 1-row Open Inference Protocol V2 requests):
     (b) kubeml   router -> stable 90% / canary 10% kubeml servers, with validation,
                  telemetry, payload logging off, divergence comparison on
 
-gRPC: (a) bare gRPC vs kubeml server gRPC directly (the router is HTTP only).
+gRPC: (a) bare gRPC vs (b) the same canary split through the router's gRPC front
+(Open Inference Protocol V2, ModelInfer), plus a kubeml server's gRPC directly.
 Also in-process ONNX Runtime vs PyTorch eager latency for the same model, batch 1.
 
     .venv/bin/python benchmarks/serving/bench_serving.py [--seconds 15] [--concurrency 8]
@@ -208,14 +209,16 @@ def main() -> None:
          str(bare_http), str(bare_grpc)],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )  # fmt: skip
-    backend = LocalBackend("digits", state_dir=work / "state")
+    backend = LocalBackend("digits", state_dir=work / "state", router_grpc_port=0)
     results: dict[str, dict] = {}
     try:
         router = backend.deploy_stable(bundle, "1")
-        canary = backend._deploy_version(bundle, "2")
+        canary = backend._deploy_version(bundle, "2")  # with a gRPC port: the router serves gRPC
         routes = router.routes()
-        router.set_routes(Routes(stable=routes.stable, stable_version="1", canary=canary.url,
-                                 canary_version="2", weight=10))  # fmt: skip
+        router.set_routes(Routes(stable=routes.stable, stable_version="1", stable_grpc=routes.stable_grpc,
+                                 canary=canary.url, canary_version="2",
+                                 canary_grpc=f"{canary.host}:{canary.grpc_port}", weight=10))  # fmt: skip
+        assert router.grpc_target is not None
         _wait_ready(f"http://127.0.0.1:{bare_http}/v2/models/digits/ready")
         stable = backend.manager.get("digits-v1")
         grpc_port = _free_port()
@@ -228,6 +231,8 @@ def main() -> None:
         # hits both sides alike.
         for url in (f"http://127.0.0.1:{bare_http}", router.url):
             asyncio.run(_rest_load(f"{url}/v2/models/digits/infer", rows, 2.0, args.concurrency))
+        for target in (f"127.0.0.1:{bare_grpc}", router.grpc_target):
+            asyncio.run(_grpc_load(target, rows, 2.0, args.concurrency))
         results["bare_rest"] = asyncio.run(
             _rest_load(f"http://127.0.0.1:{bare_http}/v2/models/digits/infer", rows, *load))
         results["kubeml_canary_rest"] = asyncio.run(
@@ -235,6 +240,7 @@ def main() -> None:
         results["kubeml_direct_rest"] = asyncio.run(
             _rest_load(f"{direct.url}/v2/models/digits/infer", rows, *load))
         results["bare_grpc"] = asyncio.run(_grpc_load(f"127.0.0.1:{bare_grpc}", rows, *load))
+        results["kubeml_canary_grpc"] = asyncio.run(_grpc_load(router.grpc_target, rows, *load))
         results["kubeml_direct_grpc"] = asyncio.run(_grpc_load(f"127.0.0.1:{grpc_port}", rows, *load))
         split = router.stats()["totals"]
     finally:
@@ -251,7 +257,10 @@ def main() -> None:
         "kubeml_canary/bare REST throughput": ratio("kubeml_canary_rest", "bare_rest", "rps"),
         "kubeml_canary/bare REST p99": ratio("kubeml_canary_rest", "bare_rest", "p99_ms"),
         "kubeml_direct/bare REST throughput": ratio("kubeml_direct_rest", "bare_rest", "rps"),
+        "kubeml_canary/bare gRPC throughput": ratio("kubeml_canary_grpc", "bare_grpc", "rps"),
+        "kubeml_canary/bare gRPC p99": ratio("kubeml_canary_grpc", "bare_grpc", "p99_ms"),
         "bare gRPC/REST throughput": ratio("bare_grpc", "bare_rest", "rps"),
+        "kubeml_canary gRPC/REST throughput (router)": ratio("kubeml_canary_grpc", "kubeml_canary_rest", "rps"),
         "kubeml gRPC/REST throughput (direct)": ratio("kubeml_direct_grpc", "kubeml_direct_rest", "rps"),
         "onnxruntime/pytorch p50 latency": onnx["onnxruntime"]["p50_ms"] / onnx["pytorch_eager"]["p50_ms"],
     }
@@ -263,8 +272,9 @@ def main() -> None:
     lines += [f"| {k} | {v:.2f} |" for k, v in ratios.items()]
     lines += ["", "| in-process, batch 1 | p50 ms | p99 ms |", "|---|---|---|"]
     lines += [f"| {k} | {v['p50_ms']:.3f} | {v['p99_ms']:.3f} |" for k, v in onnx.items()]
-    lines += ["", f"Canary split during the kubeml run (router totals): stable "
-              f"{split['stable']['requests']}, canary {split['canary']['requests']} requests."]  # fmt: skip
+    lines += ["", f"Canary split during the kubeml runs, REST and gRPC (router totals): stable "
+              f"{split['stable']['requests']}, canary {split['canary']['requests']} requests, "
+              f"errors {split['stable']['errors'] + split['canary']['errors']}."]  # fmt: skip
     table = "\n".join(lines)
     print(table)
     load_avg = os.getloadavg()

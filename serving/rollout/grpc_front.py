@@ -28,6 +28,7 @@ without importing the kserve package (which takes seconds and parses ``sys.argv`
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import logging
 import sys
@@ -213,6 +214,7 @@ class GrpcFront:
         self._server: Any = None
         self._channels: dict[str, Any] = {}
         self._callables: dict[tuple[str, str], Any] = {}
+        self._closing: set[Any] = set()
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -241,6 +243,8 @@ class GrpcFront:
             await self._server.stop(grace=5.0)
         for channel in self._channels.values():
             await channel.close()
+        for closing in list(self._closing):
+            closing.cancel()
         self._channels.clear()
         self._callables.clear()
 
@@ -251,7 +255,9 @@ class GrpcFront:
             channel = self._channels.pop(target)
             for key in [k for k in self._callables if k[0] == target]:
                 del self._callables[key]
-            self.router._in_background(channel.close(grace=CHANNEL_CLOSE_GRACE_S))
+            closing = asyncio.ensure_future(channel.close(grace=CHANNEL_CLOSE_GRACE_S))
+            self._closing.add(closing)
+            closing.add_done_callback(self._closing.discard)
 
     def _callable(self, target: str, method: str) -> Any:
         key = (target, method)

@@ -124,6 +124,43 @@ def _wait_for(predicate, timeout_s: float = 60.0, what: str = "condition") -> No
         time.sleep(0.1)
 
 
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"stable_grpc": "http://127.0.0.1:9000"}, "host:port"),
+        ({"stable_grpc": "127.0.0.1"}, "host:port"),
+        ({"stable_grpc": "127.0.0.1:70000"}, "host:port"),
+        ({"canary_grpc": "127.0.0.1:9001"}, "canary URL"),
+    ],
+)
+def test_routes_refuse_bad_grpc_targets(fields, message):
+    with pytest.raises(ValueError, match=message):
+        Routes(stable="http://127.0.0.1:8000", **fields)
+
+
+def test_status_commands_show_the_grpc_address(backend, router, monkeypatch):
+    import typer
+    from typer.testing import CliRunner
+
+    from kubeml.serving import cli
+    from kubeml.serving.cli import app as serve_app
+    from kubeml.serving.rollout_cli import register
+
+    monkeypatch.setattr(cli._console, "width", 250)  # the table, not the URLs, sets the width
+    runner = CliRunner()
+    served = runner.invoke(serve_app, ["status", "--state-dir", str(backend.state_dir)], terminal_width=250)
+    assert served.exit_code == 0, served.output
+    assert router.grpc_target in served.output
+    stable = backend.manager.get(instance_name(MODEL, "1"))
+    assert stable is not None and f"127.0.0.1:{stable.grpc_port}" in served.output
+    rollout_app = typer.Typer()
+    register(rollout_app)
+    status = runner.invoke(rollout_app, ["rollout", "status", MODEL, "--state-dir", str(backend.state_dir)],
+                           terminal_width=250)  # fmt: skip
+    assert status.exit_code == 0, status.output
+    assert f"gRPC {router.grpc_target}" in status.output
+
+
 def test_standard_grpc_client_gets_the_same_predictions_as_rest_through_the_router(router, rows, pb, stub):
     from kserve import InferenceGRPCClient, InferInput, InferRequest
 
@@ -314,6 +351,29 @@ def test_canary_that_is_down_counts_as_errors_and_stable_answers_instead(backend
     assert window["error_rate"] == 1.0
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="the server's --fault-error-rate hook is ASGI middleware (HTTP only); kserve's gRPC "
+    "server never sees it, so a faulty canary answers gRPC correctly. Needs a gRPC interceptor "
+    "for the hook in serving/server.py; then this test passes and the marker must go.",
+)
+def test_canary_with_half_injected_faults_shows_grpc_errors_in_router_stats(backend, router, pb, rows, digits_bundle):
+    from kubeml.serving.telemetry import FaultInjection
+
+    _start_canary(backend, digits_bundle, "6", weight=50, mirror=False, fault=FaultInjection(error_rate=0.5))
+    try:
+        before = router.stats()
+        seen = _grpc_load(router.grpc_target, pb, rows, 200, concurrency=4)
+        after = router.stats()
+    finally:
+        backend.rollback()
+    assert seen == Counter(stable=seen["stable"], canary=seen["canary"])  # no user saw an error
+    canary = {k: after["totals"]["canary"][k] - before["totals"]["canary"][k] for k in ("requests", "errors")}
+    # ~100 canary calls, half of them failing: the engine sees an error rate near 0.5.
+    assert canary["requests"] > 50 and 0.3 < canary["errors"] / canary["requests"] < 0.7, canary
+    assert after["fallbacks"] - before["fallbacks"] == canary["errors"]
+
+
 def test_stable_that_is_down_answers_unavailable_naming_the_backend(router, pb, stub, rows):
     import grpc
 
@@ -336,18 +396,69 @@ def test_stable_that_is_down_answers_unavailable_naming_the_backend(router, pb, 
     assert _infer_with_backend(stub, pb, rows[:1])[1]["x-kubeml-backend"] == "stable"
 
 
-def test_client_metadata_and_deadline_reach_the_backend(pb, stub, rows):
+def test_spent_deadline_is_answered_at_once(pb, stub, rows):
     import grpc
 
-    # A deadline already spent is answered DEADLINE_EXCEEDED, not held for 30 s.
     started = time.monotonic()
     with pytest.raises(grpc.RpcError) as err:
         stub.ModelInfer(_request(pb, rows[:1]), timeout=0.001)
     assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert time.monotonic() - started < 5
-    # A request id a client sets is the one the server logs and echoes.
-    _, call = stub.ModelInfer.with_call(_request(pb, rows[:1]), metadata=(("x-request-id", "grpc-abc-1"),), timeout=30)
-    assert call.code() == grpc.StatusCode.OK
+
+
+@pytest.fixture()
+def echo_backend(pb) -> Iterator[str]:
+    """A plain gRPC server that answers ModelInfer with what it received: the request id
+    metadata, the deadline left, and its own initial and trailing metadata."""
+    from concurrent import futures
+
+    import grpc
+    from kserve.protocol.grpc import grpc_predict_v2_pb2_grpc as pb_grpc
+
+    class Echo(pb_grpc.GRPCInferenceServiceServicer):
+        def ModelInfer(self, request, context):
+            metadata = dict(context.invocation_metadata())
+            if request.model_name == "busy":
+                context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "echo: too busy, retry later")
+            context.send_initial_metadata((("x-echo-initial", "yes"),))
+            context.set_trailing_metadata((("x-echo-trailing", "yes"),))
+            remaining = context.time_remaining()
+            return pb.ModelInferResponse(
+                model_name=request.model_name,
+                id=metadata.get("x-request-id", ""),
+                model_version="none" if remaining is None else f"{remaining:.3f}",
+            )
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(Echo(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        server.stop(0)
+
+
+def test_client_metadata_deadline_and_backend_status_pass_through(router, pb, stub, rows, echo_backend):
+    import grpc
+
+    routes = router.routes()
+    router.set_routes(Routes(stable=routes.stable, stable_version="1", stable_grpc=echo_backend))
+    try:
+        response, call = stub.ModelInfer.with_call(
+            _request(pb, rows[:1]), metadata=(("x-request-id", "grpc-abc-1"),), timeout=7
+        )
+        with pytest.raises(grpc.RpcError) as err:
+            stub.ModelInfer(_request(pb, rows[:1], model="busy"), timeout=7)
+    finally:
+        router.set_routes(routes)
+    assert response.id == "grpc-abc-1"  # client metadata reached the backend
+    assert 3.0 < float(response.model_version) < 8.0  # the client's deadline, not the 30 s default
+    initial, trailing = dict(call.initial_metadata()), dict(call.trailing_metadata())
+    assert initial["x-echo-initial"] == "yes" and initial["x-kubeml-backend"] == "stable"
+    assert trailing["x-echo-trailing"] == "yes"
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED  # the backend's own status
+    assert err.value.details() == "echo: too busy, retry later"
 
 
 def test_grpc_only_traffic_rolls_back_a_divergent_canary(backend, router, canary_bundle, pb, rows):
