@@ -2,15 +2,17 @@
 
 Three model servers run for the module (``python -m kubeml.serving.server``, started by
 :class:`~kubeml.serving.manager.ServingManager`): stable ``v1``; ``v2``, a retrained model
-(other weights) whose server answers every other inference request 503 after an added
-100 ms of extra inference time (the server's fault-injection hook), i.e. a bad version; and ``v3``, a rebuild of
-``v1``'s weights, i.e. a good one. A Prometheus process scrapes them every second, with
+(other weights) whose server answers every other inference request 503 and spends 100 ms
+more on each one it does answer (the server's fault-injection hook), i.e. a bad version;
+and ``v3``, a rebuild of ``v1``'s weights, i.e. a good one. A Prometheus process scrapes them every second, with
 the target labels a ServiceMonitor gives KServe predictors in the tenant's namespace. The
 stable server is also scraped a second time as if it ran in another tenant's namespace
 under the same model name and version, as two tenants' registries can produce.
 
 The rollout tests drive :class:`RolloutEngine` + :class:`InferenceServiceBackend` against
-the real apiserver; see :class:`DataPlane` for what stands in for KServe there.
+the real apiserver. No KServe runs there: the tests stand in for its data plane
+(:class:`IsvcSplit` reads the split from the InferenceService spec, :class:`DataPlane`
+sends requests to the versions' servers in that ratio).
 """
 
 from __future__ import annotations
@@ -276,13 +278,13 @@ def test_window_agrees_with_the_traffic_sent(servers, prometheus, metrics, tenan
     assert warm.stats["2"].statuses == {200: 1, 503: 1}
     # ... and none of the warm-up requests is inside the window.
     si = prometheus.scrape_interval_s
-    prometheus.wait_scraped_after(time.time() + 1.5 * si)
+    prometheus.wait_scraped_after(time.time() + 2.5 * si)
 
     started = time.time()
     plane = DataPlane(servers, lambda: {"1": 80, "2": 20})
     plane.run(250)
     prometheus.wait_scraped_after(time.time())
-    window_s = time.time() - started + 1.5 * si
+    window_s = time.time() - started + 2.5 * si
     m = metrics.window(MODEL, "1", "2", window_s, namespace=tenant)
 
     stable, canary = plane.stats["1"], plane.stats["2"]
