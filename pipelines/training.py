@@ -30,6 +30,9 @@ def training_pipeline(config_json: str, run_id: str, code_version: str = "unknow
         train(config_json=config_json, run_id=run_id, dataset=ing.outputs["dataset"], version=ing.outputs["version"])
         .after(val)
         .set_display_name("train")
+        # A retried train step loses little: a local run continues from its checkpoints, and on
+        # a cluster the step adopts (or, if it failed, resumes) the RayJob / TrainingJob by name.
+        .set_retry(num_retries=2, backoff_duration="60s", backoff_factor=2.0)
     )
     ev = evaluate(
         config_json=config_json,

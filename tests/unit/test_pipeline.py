@@ -43,6 +43,10 @@ def test_compiled_pipeline_loads_with_kfp_and_has_one_task_per_stage(tmp_path: P
     condition = spec["components"]["comp-condition-1"]["dag"]["tasks"]
     assert set(condition) == {"register", "deploy"}
     assert "gate-Output" in spec["root"]["dag"]["tasks"]["condition-1"]["triggerPolicy"]["condition"]
+    # Only the train step retries (it resumes from checkpoints / adopts its cluster job).
+    retried = {name: t["retryPolicy"] for name, t in spec["root"]["dag"]["tasks"].items() if "retryPolicy" in t}
+    assert list(retried) == ["train"]
+    assert retried["train"]["maxRetryCount"] == 2
 
 
 def test_cli_compile_writes_the_same_pipeline(tmp_path: Path):
