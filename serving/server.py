@@ -23,12 +23,13 @@ Multi-model mode (``--models-dir DIR [--max-memory-mb M]``) serves every bundle 
 least-recently-used eviction under the memory cap (see ``repository.py``). ``--runtime
 onnx`` serves a bundle's ``model.onnx`` with ONNX Runtime instead of PyTorch eager.
 
-Every inference request is timed and counted per model and version on ``/metrics``, may
-be sampled to a payload log (``--payload-log``), and carries an ``x-request-id``
-(``telemetry.py``). ``--fault-error-rate`` / ``--fault-latency-ms`` are a fault-injection
-hook for rollout tests: they make a healthy model look like a bad version (the injected
-latency counts as inference time, so ``--request-timeout-s`` cuts it short like a slow
-forward pass).
+Every inference request is timed and counted per model, version and protocol on
+``/metrics`` (gRPC ``ModelInfer`` calls too, as protocol ``grpc``), may be sampled to a
+payload log (``--payload-log``), and carries an ``x-request-id`` (``telemetry.py``).
+``--fault-error-rate`` / ``--fault-latency-ms`` are a fault-injection hook for rollout
+tests: they make a healthy model look like a bad version. Injected errors answer at once
+(HTTP 503, gRPC ``UNAVAILABLE``); the injected latency counts as inference time, so
+``--request-timeout-s`` cuts it short like a slow forward pass.
 
 Inference runs in a worker thread, under a deadline: ``--request-timeout-s`` (default
 30 s, 0 = none), or a shorter one a client sends as ``x-request-timeout-ms`` (or Envoy's
@@ -278,6 +279,81 @@ class _RepositoryVersions:
         return getattr(model, "version", default) if model is not None else default
 
 
+#: Full name of the OIP inference method, the one gRPC method that is timed, counted and
+#: may get an injected fault (health and metadata stay truthful, as over HTTP).
+_GRPC_INFER_METHOD = "/inference.GRPCInferenceService/ModelInfer"
+
+
+def _grpc_http_status(code: Any) -> str:
+    """The HTTP status (as the metrics label) a gRPC status code stands for."""
+    import grpc
+
+    from kubeml.serving.rollout.grpc_front import HTTP_STATUS
+
+    if not isinstance(code, grpc.StatusCode):
+        code = next((c for c in grpc.StatusCode if c.value[0] == code), grpc.StatusCode.UNKNOWN)
+    return str(HTTP_STATUS.get(code, 500))
+
+
+def _grpc_telemetry_interceptor(versions: Any, fault: Any) -> Any:
+    """A ``grpc.aio`` server interceptor: the gRPC side of :class:`TelemetryMiddleware`.
+
+    ``ModelInfer`` calls are timed and counted in ``kubeml_requests_total`` /
+    ``kubeml_request_latency_seconds`` with protocol ``grpc``, and, when ``fault`` has an
+    error rate, that share of them is answered ``UNAVAILABLE`` at once (HTTP's 503).
+    Registered outermost, so kserve's exception mapping has set the status it reads.
+    """
+    import time
+
+    import grpc
+    from grpc.aio import ServerInterceptor
+
+    from kubeml.serving.telemetry import LATENCY, REQUESTS, ErrorSchedule
+
+    errors = ErrorSchedule(fault.error_rate if fault is not None else 0.0)
+
+    class _GrpcTelemetry(ServerInterceptor):
+        async def intercept_service(self, continuation: Any, details: Any) -> Any:
+            handler = await continuation(details)
+            if details.method != _GRPC_INFER_METHOD or handler is None or handler.unary_unary is None:
+                return handler
+            inner = handler.unary_unary
+
+            async def model_infer(request: Any, context: Any) -> Any:
+                model = request.model_name
+                version = versions.get(model, "") or "unversioned"
+                started = time.perf_counter()
+                status = "500"
+                try:
+                    if errors.next_fails():
+                        status = _grpc_http_status(grpc.StatusCode.UNAVAILABLE)
+                        await context.abort(
+                            grpc.StatusCode.UNAVAILABLE, "injected fault (fault-injection hook)"
+                        )
+                    response = await inner(request, context)
+                    code = context.code()
+                    status = _grpc_http_status(code if code is not None else grpc.StatusCode.OK)
+                    return response
+                except BaseException:
+                    code = context.code()
+                    if code is not None:
+                        status = _grpc_http_status(code)
+                    elif context.cancelled():
+                        status = "499"
+                    raise
+                finally:
+                    REQUESTS.labels(model, version, "grpc", status).inc()
+                    LATENCY.labels(model, version, "grpc").observe(time.perf_counter() - started)
+
+            return grpc.unary_unary_rpc_method_handler(
+                model_infer,
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+
+    return _GrpcTelemetry()
+
+
 def _build_server(
     model: Any,
     *,
@@ -304,10 +380,11 @@ def _build_server(
         ModelServer,
     )
     from kubeml.serving._kserve import kserve as _kserve_pkg
+    from kserve.protocol.grpc.server import GRPCServer
     from kubeml.serving.telemetry import FaultInjection
 
     # The injected latency is spent inside the deadline, as a slow forward pass would be;
-    # the middleware keeps injecting errors only.
+    # the middleware (HTTP) and the gRPC interceptor inject errors only, answered at once.
     fault_latency_s = fault.latency_ms / 1000 if fault is not None else 0.0
     middleware_fault = FaultInjection(error_rate=fault.error_rate) if fault is not None else None
 
@@ -388,10 +465,58 @@ def _build_server(
                 metadata["versions"] = [served.version]
             return metadata
 
+    versions = {model.name: model.version} if model is not None else _RepositoryVersions(repository)
+    grpc_interceptor = _grpc_telemetry_interceptor(versions, fault)
+
+    class _GRPCServer(GRPCServer):
+        """kserve's gRPC server with :func:`_grpc_telemetry_interceptor` in front of
+        kserve's own interceptors (kserve fixes its list when it builds the server)."""
+
+        async def start(self, max_workers: int) -> None:
+            from concurrent import futures
+
+            from grpc import aio
+            from kserve.protocol.grpc import grpc_predict_v2_pb2_grpc
+            from kserve.protocol.grpc.interceptors import (
+                ExceptionToStatusInterceptor,
+                LoggingInterceptor,
+            )
+            from kserve.protocol.grpc.servicer import InferenceServicer
+
+            self._server = aio.server(
+                futures.ThreadPoolExecutor(max_workers=max_workers),
+                interceptors=(grpc_interceptor, LoggingInterceptor(), ExceptionToStatusInterceptor()),
+                options=[
+                    (name, self._kwargs.get(name))
+                    for name in ("grpc_max_send_message_length", "grpc_max_receive_message_length")
+                ],
+            )
+            grpc_predict_v2_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
+                InferenceServicer(self._data_plane, self._model_repository_extension), self._server
+            )
+            self._server.add_insecure_port(f"[::]:{self._port}")
+            log.info("gRPC server on port %d", self._port)
+            await self._server.start()
+            await self._server.wait_for_termination()
+
     class _Server(ModelServer):
-        def __init__(self, **kwargs: Any):
-            super().__init__(registered_models=repository, **kwargs)
+        def __init__(self, *, enable_grpc: bool, **kwargs: Any):
+            # kserve would build its own gRPC server in start(); _serve() adds ours instead.
+            super().__init__(registered_models=repository, enable_grpc=False, **kwargs)
             self.dataplane = _StrictDataPlane(model_registry=self.registered_models)
+            self.kubeml_grpc = enable_grpc
+
+        async def _serve(self) -> None:
+            if self.kubeml_grpc:
+                self._grpc_server = _GRPCServer(
+                    self.grpc_port,
+                    self.dataplane,
+                    self.model_repository_extension,
+                    kwargs=vars(_kserve_pkg.model_server.args),
+                    grace_period=self.grace_period,
+                )
+                self.servers.append(self._grpc_server.start(self.max_threads))
+            await super()._serve()
 
     app = _kserve_pkg.model_server.app
     logging.getLogger("kserve").addFilter(
@@ -438,7 +563,7 @@ def _build_server(
     # Added last, so it is outermost: 413s and guard errors are timed and counted too.
     app.add_middleware(
         TelemetryMiddleware,
-        versions={model.name: model.version} if model is not None else _RepositoryVersions(repository),
+        versions=versions,
         payload_logger=payload_logger,
         fault=middleware_fault,
     )

@@ -14,6 +14,11 @@ Metrics (on the server's ``/metrics``, next to kserve's own)::
     kubeml_predictions_total{model,version,class}              counter
     kubeml_payload_records_dropped_total{sink}                 counter
 
+``protocol`` is ``v1``, ``v2`` or ``grpc`` (OIP ``ModelInfer``, counted by the model
+server's gRPC interceptor); for gRPC, ``status`` is the HTTP status the gRPC code stands
+for (OK 200, UNAVAILABLE 503, DEADLINE_EXCEEDED 504, ...), so one ``status=~"5.."``
+selector sees the server errors of both protocols.
+
 Payload records are JSON objects (one per line in a JSONL file, one per POST to a URL, one
 per message on a Kafka topic, keyed by request id)::
 
@@ -40,6 +45,7 @@ from typing import Any
 from prometheus_client import Counter, Histogram
 
 __all__ = [
+    "ErrorSchedule",
     "FaultInjection",
     "ModelTelemetry",
     "PayloadLogger",
@@ -134,9 +140,13 @@ class FaultInjection:
     """
 
     error_rate: float = 0.0
-    """Share of inference requests answered 503, spread evenly (0.5: every other one)."""
+    """Share of inference requests failed at once, before the model sees them: HTTP 503,
+    gRPC ``UNAVAILABLE``; spread evenly per protocol (0.5: every other one)."""
     latency_ms: float = 0.0
-    """Extra delay added to every inference request, in milliseconds."""
+    """Delay, in milliseconds, added to every inference request that reaches the model
+    (not to injected errors, which answer at once). It is spent inside the request
+    deadline, as a slow forward pass would be, so ``--request-timeout-s`` or a client's
+    shorter deadline cuts it short with 504 / ``DEADLINE_EXCEEDED``."""
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.error_rate <= 1.0:
@@ -147,6 +157,30 @@ class FaultInjection:
     @property
     def active(self) -> bool:
         return self.error_rate > 0 or self.latency_ms > 0
+
+
+class ErrorSchedule:
+    """Which requests an injected error rate fails: evenly spread, thread-safe.
+
+    >>> schedule = ErrorSchedule(0.5)
+    >>> [schedule.next_fails() for _ in range(4)]
+    [False, True, False, True]
+    """
+
+    def __init__(self, rate: float):
+        self.rate = rate
+        self._count = 0
+        self._lock = threading.Lock()
+
+    def next_fails(self) -> bool:
+        """Whether the next request gets the injected error."""
+        if self.rate <= 0:
+            return False
+        with self._lock:
+            n = self._count
+            self._count += 1
+        # Request n fails when the running share of failures would fall below the rate.
+        return int((n + 1) * self.rate) > int(n * self.rate)
 
 
 class PayloadLogger:
@@ -404,20 +438,7 @@ class TelemetryMiddleware:
         self.versions = versions
         self.payload_logger = payload_logger
         self.fault = fault if fault is not None and fault.active else None
-        self._fault_count = 0
-        self._fault_lock = threading.Lock()
-
-    def _inject_error(self) -> bool:
-        assert self.fault is not None
-        if self.fault.error_rate <= 0:
-            return False
-        with self._fault_lock:
-            n = self._fault_count
-            self._fault_count += 1
-        # Evenly spread: request n fails when the running share of failures would fall
-        # below error_rate, e.g. every other request for 0.5.
-        rate = self.fault.error_rate
-        return int((n + 1) * rate) > int(n * rate)
+        self._errors = ErrorSchedule(self.fault.error_rate if self.fault is not None else 0.0)
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         route = infer_route(scope.get("path", "")) if scope["type"] == "http" else None
@@ -461,7 +482,7 @@ class TelemetryMiddleware:
             if self.fault is not None:
                 if self.fault.latency_ms:
                     await asyncio.sleep(self.fault.latency_ms / 1000)
-                if self._inject_error():
+                if self._errors.next_fails():
                     await _send_error(tapped_send, 503, "injected fault (fault-injection hook)")
                     return
             await self.app(scope, tapped_receive, tapped_send)

@@ -510,12 +510,16 @@ def test_inference_slower_than_request_timeout_gets_504_json_and_server_stays_he
 def test_grpc_inference_past_the_request_timeout_is_deadline_exceeded(slow, digits_rows):
     import grpc
 
+    labels = {"model": "digits", "version": VERSION, "protocol": "grpc", "status": "504"}
+    before = _sample(_metrics(slow), "kubeml_requests_total", **labels)
     started = time.perf_counter()
     with pytest.raises(grpc.RpcError) as err:
         _grpc_infer(slow, digits_rows[:1], "late")
     assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert "--request-timeout-s" in err.value.details()
     assert time.perf_counter() - started < SLOW_FAULT_MS / 1000
+    # Counted like HTTP's 504, under protocol grpc.
+    assert _sample(_metrics(slow), "kubeml_requests_total", **labels) == before + 1
 
 
 def test_bad_client_deadline_header_is_a_400(batched, digits_rows):

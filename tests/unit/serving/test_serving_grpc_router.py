@@ -351,20 +351,16 @@ def test_canary_that_is_down_counts_as_errors_and_stable_answers_instead(backend
     assert window["error_rate"] == 1.0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the server's --fault-error-rate hook is ASGI middleware (HTTP only); kserve's gRPC "
-    "server never sees it, so a faulty canary answers gRPC correctly. Needs a gRPC interceptor "
-    "for the hook in serving/server.py; then this test passes and the marker must go.",
-)
 def test_canary_with_half_injected_faults_shows_grpc_errors_in_router_stats(backend, router, pb, rows, digits_bundle):
     from kubeml.serving.telemetry import FaultInjection
 
     _start_canary(backend, digits_bundle, "6", weight=50, mirror=False, fault=FaultInjection(error_rate=0.5))
     try:
+        canary_url = router.routes().canary
         before = router.stats()
         seen = _grpc_load(router.grpc_target, pb, rows, 200, concurrency=4)
         after = router.stats()
+        metrics = requests.get(f"{canary_url}/metrics", timeout=10).text
     finally:
         backend.rollback()
     assert seen == Counter(stable=seen["stable"], canary=seen["canary"])  # no user saw an error
@@ -372,6 +368,27 @@ def test_canary_with_half_injected_faults_shows_grpc_errors_in_router_stats(back
     # ~100 canary calls, half of them failing: the engine sees an error rate near 0.5.
     assert canary["requests"] > 50 and 0.3 < canary["errors"] / canary["requests"] < 0.7, canary
     assert after["fallbacks"] - before["fallbacks"] == canary["errors"]
+    # The canary server counts its gRPC calls like HTTP ones: protocol grpc, the failures
+    # as 503 (UNAVAILABLE), every other one answered 200, each timed.
+    failed = _metric(metrics, "kubeml_requests_total", protocol="grpc", status="503", version="6")
+    served = _metric(metrics, "kubeml_requests_total", protocol="grpc", status="200", version="6")
+    timed = _metric(metrics, "kubeml_request_latency_seconds_count", protocol="grpc", version="6")
+    assert failed == canary["errors"] and served == canary["requests"] - canary["errors"], (failed, served, canary)
+    assert abs(failed - served) <= 1 and timed == failed + served
+    assert _metric(metrics, "kubeml_requests_total", protocol="v2", version="6") == 0  # no HTTP traffic
+
+
+def _metric(text: str, name: str, **labels: str) -> float:
+    """Sum of the samples of ``name`` whose labels include ``labels`` (0 when none)."""
+    total = 0.0
+    for line in text.splitlines():
+        if not line.startswith(name + "{"):
+            continue
+        sample_labels, value = line[len(name) + 1 :].rsplit("} ", 1)
+        found = dict(part.split("=", 1) for part in sample_labels.split(","))
+        if all(found.get(k) == f'"{v}"' for k, v in labels.items()):
+            total += float(value)
+    return total
 
 
 def test_stable_that_is_down_answers_unavailable_naming_the_backend(router, pb, stub, rows):
