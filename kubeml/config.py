@@ -184,6 +184,41 @@ class ServingConfig(_Strict):
     it splits and mirrors gRPC traffic between versions like REST traffic on ``http_port``."""
     smoke_samples: int = Field(64, ge=1)
     """Held-out samples sent to the new endpoint; its answers must equal offline evaluation's."""
+    batch_max_size: int | None = Field(None, ge=1, strict=True)
+    """Adaptive batching of the model servers ``kubeml deploy`` / ``kubeml run`` start: most
+    instances per forward pass, summed over concurrent requests (``--batch-max-size``).
+    Unset: batching off, one forward pass per request."""
+    batch_max_latency_ms: float | None = Field(None, ge=0, allow_inf_nan=False, strict=True)
+    """Longest wait, in ms, of the oldest queued request before its batch runs
+    (``--batch-max-latency-ms``; server default 5). Needs ``batch_max_size``."""
+    request_timeout_s: float | None = Field(None, ge=0, allow_inf_nan=False, strict=True)
+    """Deadline of one inference on those servers, in seconds; a slower one is answered
+    504 / ``DEADLINE_EXCEEDED`` (``--request-timeout-s``; 0: no limit; unset: the server
+    default, 30 s)."""
+
+    @model_validator(mode="after")
+    def _batching(self) -> ServingConfig:
+        if self.batch_max_latency_ms is not None and self.batch_max_size is None:
+            raise ValueError(
+                "batch_max_latency_ms needs batch_max_size (which turns batching on); "
+                "set batch_max_size or remove batch_max_latency_ms"
+            )
+        if self.batch_max_latency_ms is not None:
+            from kubeml.serving.server import DEFAULT_REQUEST_TIMEOUT_S
+
+            timeout = DEFAULT_REQUEST_TIMEOUT_S if self.request_timeout_s is None else self.request_timeout_s
+            if timeout and self.batch_max_latency_ms / 1000 >= timeout:
+                raise ValueError(
+                    f"batch_max_latency_ms {self.batch_max_latency_ms:g} is not below the request "
+                    f"timeout of {timeout:g} s: requests would time out waiting for a batch; "
+                    "lower batch_max_latency_ms or raise request_timeout_s"
+                )
+        return self
+
+    def server_options(self) -> dict[str, Any]:
+        """Keyword arguments of ``ServingManager.deploy`` for the set batching/timeout keys."""
+        keys = ("batch_max_size", "batch_max_latency_ms", "request_timeout_s")
+        return {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
 
 
 class EnvironmentConfig(_Strict):

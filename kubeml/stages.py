@@ -219,17 +219,21 @@ def deploy_stage(config_json: str, run_id: str, model_version: int) -> str:
         bundle_dir = _local_bundle(cfg, store, bundle_key, f"{mv.name}-v{mv.version}")
         ingest_out = ledger.read("ingest").outputs
         x, _ = load_dataset(store, ingest_out["dataset"], ingest_out["version"]).test()
-        # The router listens on serving.http_port whichever version answers. The first version
-        # is served directly; a later one goes out as a canary against the one being served,
-        # with held-out rows replayed as traffic, and is promoted or rolled back by the analysis.
+        # The router listens on serving.http_port (REST) and serving.grpc_port (OIP gRPC)
+        # whichever version answers. The first version is served directly; a later one goes
+        # out as a canary against the one being served, with held-out rows replayed as
+        # traffic, and is promoted or rolled back by the analysis. Version servers get the
+        # serving section's batching and timeout keys.
         outcome = deploy_local(
             mv.name, str(mv.version), bundle_dir, state_dir=Path(cfg.home) / "serving",
-            host=cfg.serving.host, router_port=cfg.serving.http_port, replay_rows=x,
+            host=cfg.serving.host, router_port=cfg.serving.http_port,
+            router_grpc_port=cfg.serving.grpc_port, replay_rows=x, **cfg.serving.server_options(),
         )
         v2_url = f"{outcome.url}/v2/models/{mv.name}/infer"
         rec.outputs = {"url": outcome.url, "v1_url": f"{outcome.url}/v1/models/{mv.name}:predict", "v2_url": v2_url,
                        "model_version": mv.version, "rollout": outcome.action, "stable_version": outcome.stable_version,
-                       "reason": outcome.reason, "rollout_id": outcome.rollout_id, "max_weight": outcome.max_weight}
+                       "reason": outcome.reason, "rollout_id": outcome.rollout_id, "max_weight": outcome.max_weight,
+                       "grpc_target": outcome.grpc_target}
         if outcome.stable_version != str(mv.version):
             rec.outputs["deployed"] = False
             rec.message = (f"canary v{mv.version} {outcome.action.replace('_', ' ')} at {outcome.max_weight}%: "

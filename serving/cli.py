@@ -13,7 +13,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from kubeml.errors import KubemlError
+from kubeml.errors import ConfigError, KubemlError
 from kubeml.serving.manager import ServingManager, default_state_dir
 
 __all__ = ["app"]
@@ -42,6 +42,33 @@ def _fail(exc: KubemlError) -> typer.Exit:
     return typer.Exit(code=1)
 
 
+#: ``serving`` config keys -> the ``kubeml serve deploy`` flags that set the same thing.
+_FLAGS = {
+    "batch_max_size": "--batch-max-size",
+    "batch_max_latency_ms": "--batch-max-latency-ms",
+    "request_timeout_s": "--request-timeout-s",
+}
+
+
+def _server_options(**values: float | None) -> dict:
+    """Batching/timeout flags checked as the ``serving`` config keys are, errors in flag names."""
+    from pydantic import ValidationError
+
+    from kubeml.config import ServingConfig
+
+    try:
+        return ServingConfig(**values).server_options()
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            message = err["msg"].removeprefix("Value error, ")
+            for key, flag in _FLAGS.items():
+                message = message.replace(key, flag)
+            where = ".".join(_FLAGS.get(str(p), str(p)) for p in err["loc"])
+            problems.append(f"{where}: {message}" if where else message)
+        raise ConfigError("; ".join(problems)) from None
+
+
 @app.command()
 def deploy(
     bundle_dir: Annotated[Path, typer.Argument(help="Model bundle directory.")],
@@ -51,12 +78,41 @@ def deploy(
         int | None, typer.Option("--port", "-p", help="HTTP port (default: a free one).")
     ] = None,
     grpc_port: Annotated[int | None, typer.Option("--grpc-port", help="Enable gRPC.")] = None,
+    batch_max_size: Annotated[
+        int | None,
+        typer.Option(
+            "--batch-max-size",
+            min=1,
+            help="Adaptive batching: most instances per forward pass, summed over requests.",
+        ),
+    ] = None,
+    batch_max_latency_ms: Annotated[
+        float | None,
+        typer.Option(
+            "--batch-max-latency-ms",
+            min=0,
+            help="Longest wait of the oldest queued request before its batch runs (needs --batch-max-size).",
+        ),
+    ] = None,
+    request_timeout_s: Annotated[
+        float | None,
+        typer.Option(
+            "--request-timeout-s",
+            min=0,
+            help="Answer 504 when one inference takes longer (0: no limit; default 30).",
+        ),
+    ] = None,
     state_dir: StateDir = None,
 ) -> None:
     """Start (or replace) a model server for BUNDLE_DIR and wait until it is ready."""
     try:
+        options = _server_options(
+            batch_max_size=batch_max_size,
+            batch_max_latency_ms=batch_max_latency_ms,
+            request_timeout_s=request_timeout_s,
+        )
         served = _manager(state_dir).deploy(
-            name, bundle_dir, version=version, http_port=port, grpc_port=grpc_port
+            name, bundle_dir, version=version, http_port=port, grpc_port=grpc_port, **options
         )
     except KubemlError as exc:
         raise _fail(exc) from None

@@ -191,6 +191,7 @@ def deploy(
             policy=policy, canary=not no_canary, replay_rows=rows,
             replay_rate_per_s=replay_rate or None,
             payload_sample_rate=payload_sample_rate, listener=_print_decision,
+            **(cfg.serving.server_options() if cfg is not None else {}),
         )  # fmt: skip
     except (KubemlError, ValueError) as exc:
         raise _fail(exc) from None

@@ -135,6 +135,9 @@ class LocalBackend:
         router_grpc_port: int | None = None,
         payload_sample_rate: float | None = None,
         ready_timeout_s: float = 180.0,
+        batch_max_size: int | None = None,
+        batch_max_latency_ms: float | None = None,
+        request_timeout_s: float | None = None,
     ):
         self.model = model
         self.state_dir = Path(state_dir) if state_dir is not None else default_state_dir()
@@ -146,6 +149,18 @@ class LocalBackend:
         whenever the model's router serves gRPC."""
         self.payload_sample_rate = payload_sample_rate
         self.ready_timeout_s = ready_timeout_s
+        self.server_options: dict[str, Any] = {
+            k: v
+            for k, v in (
+                ("batch_max_size", batch_max_size),
+                ("batch_max_latency_ms", batch_max_latency_ms),
+                ("request_timeout_s", request_timeout_s),
+            )
+            if v is not None
+        }
+        """Adaptive batching and inference deadline of every version server this backend
+        starts, stable and canary alike (``ServingManager.deploy`` keywords; unset ones keep
+        the server defaults)."""
         self.manager = ServingManager(self.state_dir, host=host)
         self.rollout_dir = self.state_dir / "rollouts" / model
         self.stable_version = ""
@@ -266,6 +281,7 @@ class LocalBackend:
             payload_sample_rate=self.payload_sample_rate or 1.0,
             fault=fault,
             grpc_port=_free_port(self.host) if self._serves_grpc() else None,
+            **self.server_options,
         )
 
     # -- deploy without a rollout ------------------------------------------------------------
@@ -463,6 +479,9 @@ def deploy_local(
     payload_sample_rate: float | None = None,
     listener: Any = None,
     fault: Any = None,
+    batch_max_size: int | None = None,
+    batch_max_latency_ms: float | None = None,
+    request_timeout_s: float | None = None,
 ) -> DeployOutcome:
     """Deploy ``version`` of ``model`` locally; the entry point of ``kubeml deploy``.
 
@@ -473,7 +492,10 @@ def deploy_local(
     there is no live traffic. ``fault`` is the fault-injection hook for tests.
     ``router_grpc_port`` (the config's ``serving.grpc_port``) gives a new router an Open
     Inference Protocol gRPC front and every version server a gRPC port; a router already
-    running keeps the ports it was started with.
+    running keeps the ports it was started with. ``batch_max_size`` /
+    ``batch_max_latency_ms`` (adaptive batching) and ``request_timeout_s`` (inference
+    deadline) apply to the version servers started here, the canary included (the
+    config's ``serving`` keys of the same names; None: server defaults).
     """
     from kubeml.serving.rollout.engine import DecisionLog, RolloutEngine, RolloutPolicy
     from kubeml.serving.rollout.replay import TrafficReplayer
@@ -485,6 +507,9 @@ def deploy_local(
         router_port=router_port,
         router_grpc_port=router_grpc_port,
         payload_sample_rate=payload_sample_rate,
+        batch_max_size=batch_max_size,
+        batch_max_latency_ms=batch_max_latency_ms,
+        request_timeout_s=request_timeout_s,
     )
     router = backend.router()
     if router is None or not canary:

@@ -90,3 +90,41 @@ def test_repository_kubeml_yaml_is_valid():
     for env in ("dev", "staging", "prod"):
         cfg = load_config(root / "kubeml.yaml", env)
         assert cfg.name == env
+
+
+def test_serving_batching_and_timeout_keys_are_optional_and_passed_as_set(project: Path):
+    write_config(project, {"serving": {"batch_max_size": 32, "request_timeout_s": 2}}, staging={})
+    cfg = load_config("kubeml.yaml", "dev")
+    assert (cfg.serving.batch_max_size, cfg.serving.batch_max_latency_ms, cfg.serving.request_timeout_s) == (32, None, 2.0)
+    assert cfg.serving.server_options() == {"batch_max_size": 32, "request_timeout_s": 2.0}
+    assert load_config("kubeml.yaml", "staging").serving.server_options() == {}  # server defaults
+    # Stages get the config as JSON: the keys survive the round trip.
+    assert EnvironmentConfig.model_validate_json(cfg.model_dump_json()).serving == cfg.serving
+
+
+@pytest.mark.parametrize(
+    "serving, message",
+    [
+        ({"batch_size": 8}, r"environments\.dev\.serving\.batch_size: unknown key; allowed keys: .*batch_max_latency_ms, batch_max_size"),
+        ({"batch_max_size": 0}, r"serving\.batch_max_size: Input should be greater than or equal to 1"),
+        ({"batch_max_size": "eight"}, r"serving\.batch_max_size: Input should be a valid integer \(got 'eight'\)"),
+        ({"batch_max_size": True}, r"serving\.batch_max_size: Input should be a valid integer"),
+        ({"batch_max_size": 2.5}, r"serving\.batch_max_size: Input should be a valid integer"),
+        ({"batch_max_size": 8, "batch_max_latency_ms": -1}, r"serving\.batch_max_latency_ms: Input should be greater than or equal to 0"),
+        ({"batch_max_size": 8, "batch_max_latency_ms": ".inf"}, r"serving\.batch_max_latency_ms"),
+        ({"request_timeout_s": -5}, r"serving\.request_timeout_s: Input should be greater than or equal to 0"),
+        ({"batch_max_latency_ms": 5}, r"serving: .*batch_max_latency_ms needs batch_max_size"),
+        ({"batch_max_size": 8, "batch_max_latency_ms": 2000, "request_timeout_s": 1},
+         r"batch_max_latency_ms 2000 is not below the request timeout of 1 s"),
+        ({"batch_max_size": 8, "batch_max_latency_ms": 30000}, r"is not below the request timeout of 30 s"),
+    ],
+)
+def test_invalid_serving_batching_values_get_a_clear_error_naming_the_key(project: Path, serving, message):
+    if serving.get("batch_max_latency_ms") == ".inf":
+        (project / "kubeml.yaml").write_text(
+            "project: test\nenvironments:\n  dev:\n    serving:\n      batch_max_size: 8\n      batch_max_latency_ms: .inf\n"
+        )
+    else:
+        write_config(project, {"serving": serving})
+    with pytest.raises(ConfigError, match=message):
+        load_config("kubeml.yaml")

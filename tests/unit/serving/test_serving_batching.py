@@ -529,3 +529,82 @@ def test_bad_client_deadline_header_is_a_400(batched, digits_rows):
     )  # fmt: skip
     assert r.status_code == 400
     assert "positive number of milliseconds" in json.loads(r.text)["error"]
+
+
+# -- batching and timeouts from kubeml.yaml ----------------------------------------------
+
+
+def _server_args(server: ServedModel) -> list[str]:
+    """The command line the version server process runs with."""
+    return Path(f"/proc/{server.pid}/cmdline").read_bytes().decode().split("\0")
+
+
+def _flag(args: list[str], name: str) -> str | None:
+    return args[args.index(name) + 1] if name in args else None
+
+
+def test_kubeml_deploy_starts_version_servers_with_the_configs_batching_and_timeout(
+    project: Path, digits_bundle: Path, digits_rows
+):
+    """``serving.batch_max_size`` / ``batch_max_latency_ms`` / ``request_timeout_s`` in
+    kubeml.yaml reach the stable server ``kubeml deploy`` starts and a canary."""
+    from typer.testing import CliRunner
+
+    from kubeml.cli import app
+    from kubeml.config import load_config
+    from kubeml.serving.rollout import LocalBackend
+    from tests.conftest import free_port, write_config
+
+    serving = {"http_port": free_port(), "grpc_port": free_port(), "batch_max_size": 16,
+               "batch_max_latency_ms": 150, "request_timeout_s": 7.5}  # fmt: skip
+    write_config(project, {"serving": serving})
+    cfg = load_config("kubeml.yaml", "dev")
+    state = Path(cfg.home) / "serving"
+    try:
+        result = CliRunner().invoke(app, ["deploy", "digits", "--version", "1", "--bundle", str(digits_bundle), "--no-replay"])
+        assert result.exit_code == 0, result.output
+        assert f"gRPC 127.0.0.1:{serving['grpc_port']}" in result.output
+        stable = {s.version: s for s in ServingManager(state).status()}["1"]
+        args = _server_args(stable)
+        assert (_flag(args, "--batch-max-size"), _flag(args, "--batch-max-latency-ms"), _flag(args, "--request-timeout-s")) == (
+            "16", "150.0", "7.5"
+        )  # fmt: skip
+        # Batching is on: a lone request through the router waits out the batch latency.
+        started = time.perf_counter()
+        r = requests.post(f"http://127.0.0.1:{serving['http_port']}/v1/models/digits:predict",
+                          json={"instances": digits_rows[:1].tolist()}, timeout=30)  # fmt: skip
+        assert r.status_code == 200, r.text
+        assert time.perf_counter() - started >= 0.14
+        labels = {"model": "digits", "version": "1"}
+        assert _sample(_metrics(stable), "kubeml_batch_size_count", **labels) == 1
+
+        backend = LocalBackend("digits", state_dir=state, **cfg.serving.server_options())
+        backend.prepare_canary(digits_bundle, "2")
+        backend.start_canary()
+        canary = {s.version: s for s in ServingManager(state).status()}["2"]
+        canary_args = _server_args(canary)
+        assert [_flag(canary_args, f) for f in ("--batch-max-size", "--batch-max-latency-ms", "--request-timeout-s")] == [
+            "16", "150.0", "7.5"
+        ]  # fmt: skip
+        assert _flag(canary_args, "--grpc-port") is not None  # the router serves gRPC
+        backend.rollback()
+    finally:
+        LocalBackend("digits", state_dir=state).stop()
+
+
+def test_kubeml_deploy_without_batching_keys_keeps_the_server_defaults(project: Path, digits_bundle: Path):
+    from typer.testing import CliRunner
+
+    from kubeml.cli import app
+    from kubeml.serving.rollout import LocalBackend
+    from tests.conftest import free_port, write_config
+
+    write_config(project, {"serving": {"http_port": free_port(), "grpc_port": free_port()}})
+    state = project / ".kubeml" / "serving"
+    try:
+        result = CliRunner().invoke(app, ["deploy", "digits", "--version", "1", "--bundle", str(digits_bundle), "--no-replay"])
+        assert result.exit_code == 0, result.output
+        args = _server_args(ServingManager(state).status()[0])
+        assert not {"--batch-max-size", "--batch-max-latency-ms", "--request-timeout-s"} & set(args)
+    finally:
+        LocalBackend("digits", state_dir=state).stop()

@@ -23,7 +23,7 @@ from kubeml.serving.rollout import (
     WindowMetrics,
     analyse,
 )
-from kubeml.serving.telemetry import FaultInjection, PayloadLogger, TelemetryMiddleware, infer_route
+from kubeml.serving.telemetry import ErrorSchedule, FaultInjection, PayloadLogger, TelemetryMiddleware, infer_route
 
 
 def _window(canary=BackendMetrics(100, 0, 5, 20), stable=BackendMetrics(900, 0, 5, 20), compared=100, differing=0):
@@ -111,8 +111,12 @@ def test_infer_routes_are_recognised():
 
 def test_fault_injection_spreads_errors_evenly():
     mw = TelemetryMiddleware(None, versions={}, fault=FaultInjection(error_rate=0.5))
-    pattern = [mw._inject_error() for _ in range(10)]
+    pattern = [mw._errors.next_fails() for _ in range(10)]
     assert pattern == [False, True] * 5
+    quarter = ErrorSchedule(0.25)
+    assert [quarter.next_fails() for _ in range(8)] == [False, False, False, True] * 2
+    assert not any(ErrorSchedule(0.0).next_fails() for _ in range(5))
+    assert all(ErrorSchedule(1.0).next_fails() for _ in range(5))
     with pytest.raises(ValueError, match="error_rate"):
         FaultInjection(error_rate=1.5)
 
