@@ -822,10 +822,16 @@ def _parser() -> argparse.ArgumentParser:
         "fault injection", "test hook: make this server behave like a bad model version"
     )
     faults.add_argument(
-        "--fault-error-rate", type=float, default=0.0, help="share of infer requests answered 503"
+        "--fault-error-rate",
+        type=float,
+        default=0.0,
+        help="share of infer requests answered 503 (gRPC: UNAVAILABLE) at once",
     )
     faults.add_argument(
-        "--fault-latency-ms", type=float, default=0.0, help="delay added to each infer request"
+        "--fault-latency-ms",
+        type=float,
+        default=0.0,
+        help="delay added to each infer request that reaches the model (inside its deadline)",
     )
     return p
 
