@@ -135,6 +135,22 @@ class Stepper:
         self.loss_fn = loss_fn or nn.CrossEntropyLoss()
         self.scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
 
+    @contextlib.contextmanager
+    def _gradient_sync(self, sync: bool) -> Iterator[None]:
+        if sync:
+            yield
+        elif hasattr(self.model, "no_sync"):  # DDP
+            with self.model.no_sync():
+                yield
+        elif hasattr(self.model, "set_requires_gradient_sync"):  # FSDP (fully_shard)
+            self.model.set_requires_gradient_sync(False)
+            try:
+                yield
+            finally:
+                self.model.set_requires_gradient_sync(True)
+        else:
+            yield
+
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.precision == "fp32":
             return contextlib.nullcontext()
@@ -151,9 +167,8 @@ class Stepper:
         for i, (xb, yb) in enumerate(window):
             xb, yb = xb.to(self.device, non_blocking=True), yb.to(self.device, non_blocking=True)
             last = i == len(window) - 1
-            # Under DDP, all-reduce once per window (on the last backward), not per micro-batch.
-            sync = contextlib.nullcontext() if last or not hasattr(self.model, "no_sync") else self.model.no_sync()
-            with sync:
+            # Under DDP or FSDP, reduce gradients once per window (on the last backward), not per micro-batch.
+            with self._gradient_sync(last):
                 with self.autocast():
                     logits = self.model(xb)
                     loss = self.loss_fn(logits.float(), yb)
@@ -170,9 +185,10 @@ class Stepper:
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         if self.grad_clip_norm is not None:
-            clip = getattr(self.model, "clip_grad_norm_", None)  # FSDP shards: it knows the global norm
-            norm = clip(self.grad_clip_norm) if clip else nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip_norm)
-            grad_norm = norm.detach()
+            norm = nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip_norm)
+            # Under FSDP the gradients are sharded DTensors and so is the norm: the
+            # reduction over shards gives the global norm every rank clips by.
+            grad_norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm.detach()
         skipped = False
         if self.scaler is not None:
             scale = self.scaler.get_scale()

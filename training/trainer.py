@@ -94,6 +94,10 @@ class TrainResult:
     time_to_first_step_s: float
     """Seconds from :func:`fit` being called to the end of the first optimizer step (first attempt)."""
     wall_s: float
+    startup_s: dict[str, float] | None = None
+    """The time to first step by phase: ``ray_init`` (starting or joining Ray), ``worker_spawn``
+    (the worker group's processes and placement), ``worker_setup`` (process group, data and
+    model on the worker), ``first_step``."""
     best_checkpoint_uri: str = ""
     """Checkpoint with the best monitored metric (``val_loss``, or ``loss`` without validation)."""
     stopped_early: bool = False
@@ -163,38 +167,80 @@ def _inner(model):
 
 
 def _is_fsdp(model) -> bool:
-    from torch.distributed.fsdp import FullyShardedDataParallel
+    from torch.distributed.fsdp import FSDPModule
 
-    return isinstance(model, FullyShardedDataParallel)
+    return isinstance(model, FSDPModule)
+
+
+def _shard_model(model, device):
+    """FSDP (``fully_shard``): each parameterised layer is its own shard unit, then the root.
+
+    Per-parameter sharding over a 1-D device mesh of all workers. It runs on CUDA (NCCL)
+    and on CPU (gloo) alike, so the same strategy is tested here and used on GPU nodes;
+    Ray Train's own ``prepare_model(parallel_strategy="fsdp")`` wraps the older FSDP,
+    which refuses CPU-only workers.
+    """
+    import torch
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    model = model.to(device)
+    mesh = init_device_mesh(device.type, (torch.distributed.get_world_size(),))
+    for module in model.modules():
+        if module is not model and any(True for _ in module.parameters(recurse=False)):
+            fully_shard(module, mesh=mesh)
+    return fully_shard(model, mesh=mesh)
+
+
+def _prepare_model(model, strategy: str):
+    import ray.train.torch
+
+    if strategy == "fsdp":
+        import torch
+
+        if not torch.distributed.is_initialized():  # a single worker: nothing to shard over
+            return ray.train.torch.prepare_model(model)
+        return _shard_model(model, ray.train.torch.get_device())
+    return ray.train.torch.prepare_model(model, parallel_strategy=strategy)
+
+
+def _full_state_options():
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
 def _model_state(model) -> dict:
-    """Full (unsharded) model state on CPU; a collective under FSDP (every rank must call)."""
+    """Full (unsharded) model state on CPU; a collective under FSDP (every rank must call;
+    rank 0 receives the gathered tensors, other ranks an empty dict)."""
     if _is_fsdp(model):
-        from torch.distributed.fsdp import FullStateDictConfig, FullyShardedDataParallel, StateDictType
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
-        cfg = FullStateDictConfig(offload_to_cpu=True, rank0_only=True)
-        with FullyShardedDataParallel.state_dict_type(model, StateDictType.FULL_STATE_DICT, cfg):
-            return model.state_dict()
+        return get_model_state_dict(model, options=_full_state_options())
     return {k: v.detach().cpu() for k, v in _inner(model).state_dict().items()}
 
 
 def _optim_state(model, opt) -> dict:
+    """Optimizer state; under FSDP the full state keyed by parameter name (a collective)."""
     if _is_fsdp(model):
-        from torch.distributed.fsdp import FullyShardedDataParallel
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
-        return FullyShardedDataParallel.optim_state_dict(model, opt)
+        return get_optimizer_state_dict(model, opt, options=_full_state_options())
     return opt.state_dict()
 
 
 def _load_states(model, opt, state) -> None:
     if _is_fsdp(model):
-        from torch.distributed.fsdp import FullStateDictConfig, FullyShardedDataParallel, StateDictType
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
 
-        cfg = FullStateDictConfig(offload_to_cpu=True, rank0_only=False)
-        with FullyShardedDataParallel.state_dict_type(model, StateDictType.FULL_STATE_DICT, cfg):
-            model.load_state_dict(state.model)
-            opt.load_state_dict(FullyShardedDataParallel.optim_state_dict_to_load(model, opt, state.optimizer))
+        # Every rank read the whole checkpoint; each keeps its own shard of it.
+        options = StateDictOptions(full_state_dict=True)
+        set_model_state_dict(model, state.model, options=options)
+        set_optimizer_state_dict(model, opt, state.optimizer, options=options)
         return
     _inner(model).load_state_dict(state.model)
     opt.load_state_dict(state.optimizer)
@@ -255,7 +301,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     from kubeml.training.loop import Stepper, capture_rng, evaluate, make_optimizer, make_scheduler, restore_rng, windows
     from kubeml.training.models import build_model
 
-    t_start = time.perf_counter()
+    t_start, started_wall = time.perf_counter(), time.time()
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     tc = config["training"]
@@ -273,7 +319,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     loader = DataLoader(data, batch_size=tc["batch_size"], sampler=sampler)
 
     model = build_model(tc["model"], **tc.get("model_kwargs", {}))
-    model = ray.train.torch.prepare_model(model, parallel_strategy=tc["strategy"])
+    model = _prepare_model(model, tc["strategy"])
     _register_compression(model, tc["grad_compression"])
     device = ray.train.torch.get_device()
     opt = make_optimizer(model, learning_rate=tc["learning_rate"], weight_decay=tc["weight_decay"])
@@ -313,6 +359,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     extra["attempts"] = [*extra["attempts"], {"attempt": attempt, "start_epoch": start_epoch,
                                               "skipped_corrupt": skipped, "world_size": world}]
 
+    setup_done_wall = time.time()
     writer = store if rank == 0 else None
     last_progress = 0.0
     profiler = None
@@ -337,6 +384,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 extra["first_step_wall"] = now
                 extra["time_to_first_step_s"] = now - config["submitted_at"]
                 extra["worker_time_to_first_step_s"] = time.perf_counter() - t_start
+                # Where the time to first step went (wall clock, rank 0's view, first attempt).
+                extra["startup_s"] = {
+                    "ray_init": config["ray_ready_at"] - config["submitted_at"],
+                    "worker_spawn": started_wall - config["ray_ready_at"],
+                    "worker_setup": setup_done_wall - started_wall,
+                    "first_step": now - setup_done_wall,
+                }
             loss_sum += m.loss * m.samples
             correct += m.correct
             total += m.samples
@@ -500,6 +554,7 @@ def fit(
         "input_shape": list(input_shape), "classes": list(classes),
     }, indent=2))
     _ensure_ray(cfg)
+    ray_ready_at = time.time()
     storage_path, fs = _storage(store)
     loop_config = {
         "run_id": run_id,
@@ -511,6 +566,7 @@ def fit(
         "seed": cfg.data.seed,
         "threads_per_worker": max(1, int(tc.cpus_per_worker)),
         "submitted_at": submitted_at,
+        "ray_ready_at": ray_ready_at,
         "fault": asdict(fault) if fault else None,
     }
     monitor_mode = "min"  # val_loss or loss: lower is better
@@ -575,6 +631,7 @@ def fit(
         checkpoint_uri=_uri(result.checkpoint.path, fs),
         time_to_first_step_s=float(state.extra.get("time_to_first_step_s") or float("nan")),
         wall_s=time.perf_counter() - t0,
+        startup_s=state.extra.get("startup_s"),
         best_checkpoint_uri=best_uri,
         stopped_early=bool(history and history[-1].get("stopped_early")),
         attempts=tuple(state.extra.get("attempts", ())),
