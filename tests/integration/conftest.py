@@ -3,7 +3,8 @@
 ``cluster`` is a local etcd + kube-apiserver + controller-manager + scheduler + kwok (built
 from Go modules on first use), or with ``KUBEML_TEST_CLUSTER=existing`` the cluster in
 ``KUBECONFIG``. ``kafka_broker`` is a single-node Kafka broker (``hack/kafka``), started only
-when a test asks for it.
+when a test asks for it. ``s3_endpoint`` is moto's S3 API server on loopback (the one stand-in
+for AWS), and ``bucket`` a fresh bucket in it with dummy credentials in the environment.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import pytest
 from kubernetes.client import ApiClient
 
 from kubeml.cluster.testing import build_assets_if_needed, cluster_fixture, temporary_namespace
+from tests.conftest import free_port
 from tests.integration.kafka_fixtures import kafka_broker  # noqa: F401 (one broker per session)
 
 cluster = cluster_fixture()
@@ -36,3 +38,31 @@ def namespace(admin: ApiClient) -> Iterator[str]:
     """A fresh namespace, deleted after the test."""
     with temporary_namespace(admin) as name:
         yield name
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint() -> Iterator[str]:
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def bucket(s3_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> str:
+    import uuid
+
+    import boto3
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.setenv("AWS_REGION", "us-east-1")
+    name = f"kubeml-{uuid.uuid4().hex[:8]}"
+    boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket=name)
+    return name

@@ -38,7 +38,6 @@ from kubeml.training.launch import (
 )
 from kubeml.training.launch_kuberay import rayjob_manifest, rayjob_name
 from kubeml.training.launch_sagemaker import training_job_manifest
-from tests.conftest import free_port
 
 pytestmark = pytest.mark.integration
 
@@ -392,33 +391,6 @@ def test_the_documented_rbac_rules_are_enough_to_run_a_job(cluster, admin, names
 
 
 # ------------------------------------------------------------------ the train stage and the CLI on a cluster
-
-
-@pytest.fixture(scope="module")
-def s3_endpoint():
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=(port := free_port()), verbose=False)
-    server.start()
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.stop()
-
-
-@pytest.fixture
-def bucket(s3_endpoint, monkeypatch):
-    import uuid
-
-    import boto3
-
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    monkeypatch.setenv("AWS_REGION", "us-east-1")
-    name = f"kubeml-{uuid.uuid4().hex[:8]}"
-    boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket=name)
-    return name
 
 
 @pytest.fixture
