@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +10,7 @@ import pytest
 import torch
 
 from kubeml.bundle import BundleSpec, save_bundle
+from kubeml.serving import ServingManager
 from kubeml.training.models import build_model
 
 CLASSES = tuple(str(i) for i in range(10))
@@ -39,3 +41,13 @@ def digits_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def digits_rows() -> np.ndarray:
     """Five digits-like rows: integer pixel counts 0..16, as in the scikit-learn set."""
     return np.random.default_rng(7).integers(0, 17, size=(5, 64)).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def manager(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServingManager]:
+    """One process manager per test module; every server it started is stopped at the end."""
+    manager = ServingManager(tmp_path_factory.mktemp("state"))
+    try:
+        yield manager
+    finally:
+        manager.stop()

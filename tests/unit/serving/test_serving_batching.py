@@ -7,10 +7,8 @@ from __future__ import annotations
 import asyncio
 import doctest
 import json
-import socket
 import threading
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -26,6 +24,7 @@ from kubeml.serving import ServedModel, ServingManager
 from kubeml.serving.batching import AdaptiveBatcher, BatchFailed, BatchingConfig
 from kubeml.serving.model import BundleModel
 from kubeml.serving.server import _request_budget_s
+from tests.conftest import free_port
 from kubeml.serving.telemetry import FaultInjection, ModelTelemetry
 from kserve import InferInput, InferRequest
 from kserve.errors import InvalidInput
@@ -327,26 +326,11 @@ SLOW_TIMEOUT_S = 1.0
 SLOW_FAULT_MS = 5000
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def manager(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServingManager]:
-    manager = ServingManager(tmp_path_factory.mktemp("state"))
-    try:
-        yield manager
-    finally:
-        manager.stop()
-
-
 @pytest.fixture(scope="module")
 def batched(manager: ServingManager, digits_bundle: Path) -> ServedModel:
     return manager.deploy(
         "digits", digits_bundle, version=VERSION, instance="digits-batched",
-        grpc_port=_free_port(), batch_max_size=64, batch_max_latency_ms=BATCH_LATENCY_MS,
+        grpc_port=free_port(), batch_max_size=64, batch_max_latency_ms=BATCH_LATENCY_MS,
     )  # fmt: skip
 
 
@@ -355,7 +339,7 @@ def slow(manager: ServingManager, digits_bundle: Path) -> ServedModel:
     """Inference takes 5 s (injected) against a 1 s request timeout."""
     return manager.deploy(
         "digits", digits_bundle, version=VERSION, instance="digits-slow",
-        grpc_port=_free_port(), request_timeout_s=SLOW_TIMEOUT_S,
+        grpc_port=free_port(), request_timeout_s=SLOW_TIMEOUT_S,
         fault=FaultInjection(latency_ms=SLOW_FAULT_MS),
     )  # fmt: skip
 

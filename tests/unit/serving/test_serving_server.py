@@ -9,7 +9,6 @@ import json
 import os
 import socket
 import struct
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -19,29 +18,15 @@ import torch
 
 from kubeml.bundle import load_bundle
 from kubeml.serving import ModelClient, ServedModel, ServingManager, ServingRequestError, smoke_test
+from tests.conftest import free_port
 
 VERSION = "7"
 
 
 @pytest.fixture(scope="module")
-def manager(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServingManager]:
-    manager = ServingManager(tmp_path_factory.mktemp("state"))
-    try:
-        yield manager
-    finally:
-        manager.stop()
-
-
-@pytest.fixture(scope="module")
 def server(manager: ServingManager, digits_bundle: Path) -> ServedModel:
     # One server for the module: a cold start costs 10-20 s on a small CPU box.
-    return manager.deploy("digits", digits_bundle, version=VERSION, grpc_port=_free_port())
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return manager.deploy("digits", digits_bundle, version=VERSION, grpc_port=free_port())
 
 
 @pytest.fixture(scope="module")
