@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 from urllib.parse import urlparse
 
+from kubeml._files import atomic_write_bytes
 from kubeml.errors import ArtifactError, ArtifactNotFound, ConfigError
 
 __all__ = ["ArtifactStore", "FileStore", "S3Store", "open_store"]
@@ -119,18 +119,7 @@ class FileStore(ArtifactStore):
         return self._path(key)
 
     def put_bytes(self, key: str, data: bytes) -> str:
-        path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write_bytes(self._path(key), data)
         return self.url(key)
 
     def get_bytes(self, key: str) -> bytes:
@@ -257,10 +246,16 @@ class S3Store(ArtifactStore):
         return len(keys)
 
 
-def open_store(uri: str, *, endpoint_url: str | None = None) -> ArtifactStore:
-    """Open the store for ``uri`` (``file://PATH`` or ``s3://BUCKET/PREFIX``)."""
+def open_store(uri: str, *, endpoint_url: str | None = None, sse_kms_key_id: str | None = None) -> ArtifactStore:
+    """Open the store for ``uri`` (``file://PATH`` or ``s3://BUCKET/PREFIX``).
+
+    ``endpoint_url`` and ``sse_kms_key_id`` apply to S3 only: an S3-compatible endpoint, and
+    the KMS key every object is written with (SSE-KMS).
+    """
     if uri.startswith("file://"):
+        if sse_kms_key_id:
+            raise ConfigError("artifact_store.sse_kms_key_id applies to s3:// stores only; remove it for a file:// store")
         return FileStore(uri[len("file://") :])
     if uri.startswith("s3://"):
-        return S3Store(uri, endpoint_url=endpoint_url)
+        return S3Store(uri, endpoint_url=endpoint_url, sse_kms_key_id=sse_kms_key_id)
     raise ConfigError(f"unsupported artifact store URI {uri!r}; allowed schemes: file://, s3://")

@@ -5,18 +5,18 @@ A bundle is a directory::
     model.safetensors     weights (safetensors: loading never executes code)
     kubeml-model.json     BundleSpec: architecture, input signature, classes, provenance
 
-The architecture is rebuilt by name from :mod:`kubeml.training.models`, so a bundle holds
+The architecture is rebuilt by name from :mod:`kubeml.models`, so a bundle holds
 no pickled code at all.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kubeml._files import sha256_file
 from kubeml.errors import BundleError
 
 __all__ = ["SPEC_FILE", "WEIGHTS_FILE", "BundleSpec", "load_bundle", "read_spec", "save_bundle"]
@@ -32,7 +32,7 @@ class BundleSpec:
     """What a server needs to know to load and validate requests for a model."""
 
     arch: str
-    """Registered architecture name (see ``kubeml.training.models.available_models``)."""
+    """Registered architecture name (see ``kubeml.models.available_models``)."""
     input_shape: tuple[int, ...]
     """Shape of one instance, without the batch dimension, e.g. ``(64,)``."""
     classes: tuple[str, ...]
@@ -73,14 +73,6 @@ class BundleSpec:
             raise BundleError(f"invalid {SPEC_FILE}: {exc}") from exc
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def save_bundle(directory: str | Path, model: Any, spec: BundleSpec) -> BundleSpec:
     """Write ``model``'s weights and ``spec`` into ``directory``; return the spec with its hash."""
     from safetensors.torch import save_file
@@ -90,7 +82,7 @@ def save_bundle(directory: str | Path, model: Any, spec: BundleSpec) -> BundleSp
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     weights = out / WEIGHTS_FILE
     save_file(state, str(weights))
-    spec = BundleSpec(**{**asdict(spec), "weights_sha256": _sha256(weights)})
+    spec = BundleSpec(**{**asdict(spec), "weights_sha256": sha256_file(weights)})
     (out / SPEC_FILE).write_text(spec.to_json())
     return spec
 
@@ -110,13 +102,13 @@ def load_bundle(directory: str | Path, *, device: str = "cpu"):
     """
     from safetensors.torch import load_file
 
-    from kubeml.training.models import build_model
+    from kubeml.models import build_model
 
     spec = read_spec(directory)
     weights = Path(directory) / WEIGHTS_FILE
     if not weights.is_file():
         raise BundleError(f"{directory}: {WEIGHTS_FILE} is missing")
-    if spec.weights_sha256 and _sha256(weights) != spec.weights_sha256:
+    if spec.weights_sha256 and sha256_file(weights) != spec.weights_sha256:
         raise BundleError(f"{weights}: checksum mismatch (truncated or modified file)")
     model = build_model(spec.arch, **spec.arch_kwargs)
     try:

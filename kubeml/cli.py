@@ -120,7 +120,7 @@ def run(
         err_console.print(f"[red]error:[/red] --target {target!r} is not supported; allowed values: local")
         raise typer.Exit(EXIT_CONFIG)
     run_id = run_id or _new_run_id()
-    store = open_store(cfg.artifact_store.uri, endpoint_url=cfg.artifact_store.endpoint_url)
+    store = cfg.artifact_store.open()
     ledger = Ledger(store, run_id)
     run_dir = Path(cfg.home) / "runs" / run_id
     run_dir.mkdir(parents=True, exist_ok=True)

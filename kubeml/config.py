@@ -54,6 +54,15 @@ class ArtifactStoreConfig(_Strict):
     """``file://PATH`` (relative paths resolve against the config file) or ``s3://BUCKET/PREFIX``."""
     endpoint_url: str | None = None
     """S3-compatible endpoint (MinIO, moto); None uses AWS with the default credential chain (IRSA on EKS)."""
+    sse_kms_key_id: str | None = None
+    """KMS key id or ARN that every object is written with (S3 SSE-KMS); ``s3://`` stores only.
+    None: the bucket's default encryption applies."""
+
+    def open(self):  # -> kubeml.artifacts.ArtifactStore
+        """The artifact store these settings describe."""
+        from kubeml.artifacts import open_store
+
+        return open_store(self.uri, endpoint_url=self.endpoint_url, sse_kms_key_id=self.sse_kms_key_id)
 
     @field_validator("uri")
     @classmethod
@@ -176,12 +185,22 @@ class GateConfig(_Strict):
     min_macro_f1: float = Field(0.94, ge=0.0, le=1.0)
 
 
+#: Seconds one inference may take before it is answered 504. The digits CNN answers in
+#: milliseconds; 30 s only trips on a stuck or badly overloaded server, and stays under
+#: the 60 s idle timeouts of common load balancers, so the client sees our 504, not theirs.
+DEFAULT_REQUEST_TIMEOUT_S = 30.0
+
+
 class ServingConfig(_Strict):
     host: str = "127.0.0.1"
     http_port: int = Field(8080, ge=1, le=65535)
     grpc_port: int = Field(8081, ge=1, le=65535)
     """Open Inference Protocol V2 gRPC port of the router ``kubeml deploy`` starts for a model;
     it splits and mirrors gRPC traffic between versions like REST traffic on ``http_port``."""
+    target: Literal["local", "kserve"] = "local"
+    """Where the deploy stage serves an approved version: model servers and the rollout
+    router on this machine, or a KServe ``InferenceService`` on the cluster (see
+    ``kubeml.serving.deploy``)."""
     smoke_samples: int = Field(64, ge=1)
     """Held-out samples sent to the new endpoint; its answers must equal offline evaluation's."""
     batch_max_size: int | None = Field(None, ge=1, strict=True)
@@ -204,8 +223,6 @@ class ServingConfig(_Strict):
                 "set batch_max_size or remove batch_max_latency_ms"
             )
         if self.batch_max_latency_ms is not None:
-            from kubeml.serving.server import DEFAULT_REQUEST_TIMEOUT_S
-
             timeout = DEFAULT_REQUEST_TIMEOUT_S if self.request_timeout_s is None else self.request_timeout_s
             if timeout and self.batch_max_latency_ms / 1000 >= timeout:
                 raise ValueError(

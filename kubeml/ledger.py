@@ -58,9 +58,6 @@ class Ledger:
     def write_run(self, info: dict[str, Any]) -> None:
         self.store.put_text(f"{self.prefix}/run.json", json.dumps(info, indent=2, default=str))
 
-    def read_run(self) -> dict[str, Any]:
-        return json.loads(self.store.get_text(f"{self.prefix}/run.json"))
-
     def write(self, rec: StageRecord) -> None:
         self.store.put_text(f"{self.prefix}/stages/{rec.stage}.json", json.dumps(asdict(rec), indent=2, default=str))
 

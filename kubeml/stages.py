@@ -29,7 +29,7 @@ __all__ = [
 
 def _open(config_json: str, run_id: str):
     cfg = EnvironmentConfig.model_validate_json(config_json)
-    store = open_store(cfg.artifact_store.uri, endpoint_url=cfg.artifact_store.endpoint_url)
+    store = cfg.artifact_store.open()
     return cfg, store, Ledger(store, run_id)
 
 
@@ -258,11 +258,3 @@ def _key_from_url(store, url: str) -> str:
     if not store.list(key):
         raise ArtifactNotFound(f"model bundle {url} is missing from the artifact store")
     return key
-
-
-def run_summary(store, run_id: str) -> dict[str, Any]:
-    """Everything the CLI's summary table shows, read back from the ledger."""
-    ledger = Ledger(store, run_id)
-    recs = {r.stage: r for r in ledger.all()}
-    return {name: {"status": r.status, "message": r.message, "outputs": r.outputs, "duration_s": r.duration_s}
-            for name, r in recs.items()}

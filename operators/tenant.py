@@ -19,6 +19,7 @@ from typing import Any
 
 import kopf
 
+from kubeml._kube import api_client
 from kubeml.operators._desired import FINALIZER, GROUP, OperatorConfig
 from kubeml.operators._kube import KubeApi
 from kubeml.operators._reconcile import NamespaceBusy, Outcome, cleanup, reconcile
@@ -36,20 +37,8 @@ _CLEANUP_POLL_S = 1.0
 
 
 def load_api_client(kubeconfig: str | Path | None = None) -> Any:
-    """An ``ApiClient`` from ``kubeconfig``, else ``$KUBECONFIG``, else in-cluster credentials."""
-    from kubernetes import client, config
-
-    configuration = client.Configuration()
-    if kubeconfig is not None:
-        config.load_kube_config(config_file=str(kubeconfig), client_configuration=configuration)
-    else:
-        try:
-            config.load_incluster_config(client_configuration=configuration)
-        except config.ConfigException:
-            config.load_kube_config(client_configuration=configuration)
-    # The default pool (cpu_count * 5) starves kopf's worker threads on a 2-core machine.
-    configuration.connection_pool_maxsize = 32
-    return client.ApiClient(configuration)
+    """An ``ApiClient`` from ``kubeconfig``, else in-cluster credentials, else ``$KUBECONFIG``."""
+    return api_client(kubeconfig)
 
 
 def _connection_info(api_client: Any) -> kopf.ConnectionInfo:

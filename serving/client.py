@@ -17,27 +17,13 @@ from typing import Any
 import numpy as np
 import requests
 
-from kubeml.errors import ServingError
+from kubeml.errors import ServingError, ServingRequestError
 
 __all__ = ["ModelClient", "Prediction", "ServingRequestError", "SmokeReport", "smoke_test"]
 
 #: Seconds per HTTP request. Inference on the served models takes milliseconds; a
 #: request that takes this long means the server is stuck, not busy.
 DEFAULT_TIMEOUT_S = 10.0
-
-
-class ServingRequestError(ServingError):
-    """The server answered with an error status; ``status_code`` says which."""
-
-    def __init__(self, message: str, status_code: int | None = None):
-        super().__init__(message, status_code)
-
-    @property
-    def status_code(self) -> int | None:
-        return self.args[1]
-
-    def __str__(self) -> str:
-        return self.args[0]
 
 
 @dataclass(frozen=True)

@@ -88,7 +88,7 @@ def _resolve_registry_version(cfg: Any, model: str, version: str) -> tuple[Path,
             f"{model} version {mv.version} is {mv.approval_status}, not approved; refusing to "
             f"deploy it (approve it with: kubeml models approve {mv.version} --env {cfg.name})"
         )
-    store = open_store(cfg.artifact_store.uri, endpoint_url=cfg.artifact_store.endpoint_url)
+    store = cfg.artifact_store.open()
     root = store.uri.rstrip("/") + "/"
     if not mv.source.startswith(root):
         raise ServingError(f"model source {mv.source} is outside the artifact store {store.uri}")

@@ -66,6 +66,7 @@ from pathlib import Path
 from typing import Any
 
 from kubeml.bundle import SPEC_FILE, WEIGHTS_FILE, read_spec
+from kubeml.config import DEFAULT_REQUEST_TIMEOUT_S
 from kubeml.errors import BundleError
 
 __all__ = [
@@ -90,10 +91,6 @@ GRACE_PERIOD_S = 5
 EXIT_LOAD_FAILED = 1
 #: Model runtimes ``--runtime`` accepts: PyTorch eager (safetensors) or ONNX Runtime (model.onnx).
 RUNTIMES = ("pytorch", "onnx")
-#: Seconds one inference may take before it is answered 504. The digits CNN answers in
-#: milliseconds; 30 s only trips on a stuck or badly overloaded server, and stays under
-#: the 60 s idle timeouts of common load balancers, so the client sees our 504, not theirs.
-DEFAULT_REQUEST_TIMEOUT_S = 30.0
 #: Request headers carrying a client's own deadline in milliseconds; only a shorter one
 #: than ``--request-timeout-s`` has an effect. Envoy (Istio, Knative) sends the second.
 CLIENT_TIMEOUT_HEADERS = ("x-request-timeout-ms", "x-envoy-expected-rq-timeout-ms")

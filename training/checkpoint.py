@@ -20,7 +20,6 @@ to the newest earlier checkpoint that verifies.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -31,7 +30,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from kubeml.errors import KubemlError
+from kubeml._files import sha256_file
+from kubeml.errors import CheckpointCorrupt
 
 __all__ = [
     "FORMAT_VERSION",
@@ -52,10 +52,6 @@ STATE_FILE = "state.json"
 MANIFEST_FILE = "manifest.json"
 _PAYLOAD = (MODEL_FILE, TENSORS_FILE, STATE_FILE)
 _NAME = re.compile(r"^epoch-(\d{6})-([0-9a-f]+)$")
-
-
-class CheckpointCorrupt(KubemlError):
-    """A checkpoint is incomplete or does not match its manifest."""
 
 
 @dataclass
@@ -140,14 +136,6 @@ def _unflatten(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
 # ------------------------------------------------------------------ save / load
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def save_checkpoint(directory: str | Path, state: TrainState) -> Path:
     """Write ``state`` into ``directory`` (created); the manifest goes last."""
     from safetensors.torch import save_file
@@ -172,7 +160,7 @@ def save_checkpoint(directory: str | Path, state: TrainState) -> Path:
     manifest = {
         "format_version": FORMAT_VERSION,
         "epoch": state.epoch,
-        "files": {name: {"bytes": (out / name).stat().st_size, "sha256": _sha256(out / name)} for name in _PAYLOAD},
+        "files": {name: {"bytes": (out / name).stat().st_size, "sha256": sha256_file(out / name)} for name in _PAYLOAD},
     }
     tmp = out / (MANIFEST_FILE + ".tmp")
     tmp.write_text(json.dumps(manifest, indent=2))
@@ -200,7 +188,7 @@ def verify_checkpoint(directory: str | Path) -> dict[str, Any]:
         size = p.stat().st_size
         if size != want["bytes"]:
             raise CheckpointCorrupt(f"{d}: {name} has {size} bytes, manifest says {want['bytes']} (truncated)")
-        if _sha256(p) != want["sha256"]:
+        if sha256_file(p) != want["sha256"]:
             raise CheckpointCorrupt(f"{d}: {name} does not match its SHA-256 (modified or corrupt)")
     return manifest
 

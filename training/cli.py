@@ -172,7 +172,7 @@ def train(
     target = target or cfg.training.target
     if target not in TARGETS:
         raise _fail(f"--target {target!r} is not supported; allowed values: {', '.join(TARGETS)}", EXIT_CONFIG)
-    store = open_store(cfg.artifact_store.uri, endpoint_url=cfg.artifact_store.endpoint_url)
+    store = cfg.artifact_store.open()
     try:
         if resume:
             from kubeml.training.trainer import run_spec_key
@@ -261,7 +261,7 @@ def tune(
     from kubeml.training.tune import TuneOptions, run_tune
 
     cfg = _with_overrides(_load(config, env), epochs=epochs)
-    store = open_store(cfg.artifact_store.uri, endpoint_url=cfg.artifact_store.endpoint_url)
+    store = cfg.artifact_store.open()
     run = run_id or _new_run_id("tune")
     try:
         m = ingest(store, cfg.data)

@@ -64,7 +64,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from kubeml.errors import ConfigError, KubemlError
+from kubeml.errors import ConfigError, JobCancelled, JobConflict, JobError, JobFailed, JobTimedOut
 
 if TYPE_CHECKING:
     from kubeml.artifacts import ArtifactStore
@@ -119,33 +119,6 @@ SAGEMAKER_DONE = frozenset({"Completed", "Failed", "Stopped"})
 _TRANSIENT_HTTP = frozenset({429, 500, 502, 503, 504})
 #: Longest a status message is quoted in a log line (a Ray traceback can be many KB).
 MESSAGE_MAX_CHARS = 2000
-
-
-class JobError(KubemlError):
-    """A cluster training job could not be run to success (base of the errors below)."""
-
-
-class JobFailed(JobError):
-    """The job ended unsuccessfully; ``status_message`` is what its controller reported."""
-
-    def __init__(self, message: str, status_message: str = ""):
-        super().__init__(message, status_message)
-        self.status_message = status_message
-
-    def __str__(self) -> str:
-        return self.args[0]
-
-
-class JobTimedOut(JobError):
-    """The job did not finish within the wait; it is left running (a retry adopts it)."""
-
-
-class JobCancelled(JobError):
-    """The wait was cancelled; the job was deleted."""
-
-
-class JobConflict(JobError):
-    """An object of the job's name exists but belongs to another run or another spec."""
 
 
 @dataclass(frozen=True)

@@ -36,7 +36,7 @@ def main(environ: dict[str, str] | None = None) -> int:
         print(f"kubeml.training.ray_main: missing environment variables: {', '.join(missing)}", file=sys.stderr)
         return 2
     cfg = EnvironmentConfig.model_validate_json(env["KUBEML_CONFIG"])
-    store = open_store(cfg.artifact_store.uri, endpoint_url=cfg.artifact_store.endpoint_url)
+    store = cfg.artifact_store.open()
     try:
         result = fit(cfg, store, dataset=env["KUBEML_DATASET"], dataset_version=env["KUBEML_DATASET_VERSION"],
                      run_id=env["KUBEML_RUN_ID"], resume=True if env.get("KUBEML_RESUME") == "1" else None)

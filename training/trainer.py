@@ -37,7 +37,7 @@ from typing import Any, Literal
 from kubeml.artifacts import ArtifactStore
 from kubeml.bundle import BundleSpec, save_bundle
 from kubeml.config import EnvironmentConfig
-from kubeml.errors import ConfigError, KubemlError
+from kubeml.errors import ConfigError, KubemlError, TrainingFailed
 
 __all__ = [
     "FaultInjection",
@@ -51,15 +51,9 @@ __all__ = [
     "train_loop_per_worker",
 ]
 
-#: Name of the model weights inside a checkpoint directory (the bundle's layout).
-CKPT_WEIGHTS = "model.safetensors"
 #: Minimum seconds between two progress.json writes: the CLI polls at 4 Hz, and on S3
 #: every write is a PUT request.
 PROGRESS_INTERVAL_S = 1.0
-
-
-class TrainingFailed(KubemlError):
-    """A training run failed and was not (or could no longer be) recovered."""
 
 
 @dataclass(frozen=True)
@@ -299,7 +293,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     from kubeml.data import load_dataset
     from kubeml.training.checkpoint import TrainState, checkpoint_dir_name, load_latest_valid, save_checkpoint
     from kubeml.training.loop import Stepper, capture_rng, evaluate, make_optimizer, make_scheduler, restore_rng, windows
-    from kubeml.training.models import build_model
+    from kubeml.models import build_model
 
     t_start, started_wall = time.perf_counter(), time.time()
     ctx = ray.train.get_context()
@@ -309,7 +303,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     _seed_everything(seed)
     torch.set_num_threads(max(1, int(config.get("threads_per_worker", 1))))
 
-    store = open_store(config["store_uri"], endpoint_url=config.get("endpoint_url"))
+    store = open_store(config["store_uri"], endpoint_url=config.get("endpoint_url"),
+                       sse_kms_key_id=config.get("sse_kms_key_id"))
     ds = load_dataset(store, config["dataset"], config["dataset_version"])
     x, y = ds.train()
     x, y, xv, yv = _split_validation(x, y, tc["validation_fraction"], seed)
@@ -539,7 +534,7 @@ def fit(
     from ray.train.torch import TorchTrainer
 
     from kubeml.training.checkpoint import load_checkpoint
-    from kubeml.training.models import build_model
+    from kubeml.models import build_model
 
     t0, submitted_at = time.perf_counter(), time.time()
     tc = cfg.training
@@ -560,6 +555,7 @@ def fit(
         "run_id": run_id,
         "store_uri": store.uri,
         "endpoint_url": getattr(store, "endpoint_url", None),
+        "sse_kms_key_id": getattr(store, "sse_kms_key_id", None),
         "dataset": dataset,
         "dataset_version": dataset_version,
         "training": json.loads(tc.model_dump_json()),

@@ -78,14 +78,15 @@ def train_trial(config: dict[str, Any]) -> None:
     from kubeml.artifacts import open_store
     from kubeml.data import load_dataset
     from kubeml.training.loop import Stepper, evaluate, make_optimizer, make_scheduler, windows
-    from kubeml.training.models import build_model
+    from kubeml.models import build_model
     from kubeml.training.trainer import _seed_everything, _split_validation
 
     tc = {**config["training"], **{k: config[k] for k in SEARCHED}}
     seed = config["seed"]
     _seed_everything(seed)
     torch.set_num_threads(1)
-    store = open_store(config["store_uri"], endpoint_url=config.get("endpoint_url"))
+    store = open_store(config["store_uri"], endpoint_url=config.get("endpoint_url"),
+                       sse_kms_key_id=config.get("sse_kms_key_id"))
     x, y = load_dataset(store, config["dataset"], config["dataset_version"]).train()
     # Always validate, even when the training config does not: the search needs a score.
     x, y, xv, yv = _split_validation(x, y, tc["validation_fraction"] or 0.1, seed)
@@ -151,6 +152,7 @@ def run_tune(
         "seed": cfg.data.seed,
         "store_uri": store.uri,
         "endpoint_url": getattr(store, "endpoint_url", None),
+        "sse_kms_key_id": getattr(store, "sse_kms_key_id", None),
         "dataset": dataset,
         "dataset_version": dataset_version,
     }

@@ -47,7 +47,7 @@ def _bundle(directory: Path) -> Path:
     import torch
 
     from kubeml.bundle import BundleSpec, save_bundle
-    from kubeml.training.models import build_model
+    from kubeml.models import build_model
 
     torch.manual_seed(0)
     spec = BundleSpec(arch="digits_cnn", input_shape=(64,), classes=tuple(str(i) for i in range(10)),

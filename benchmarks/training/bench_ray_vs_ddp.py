@@ -44,7 +44,7 @@ def _plain_worker(rank: int, world: int, port: int, args: dict, out: str) -> Non
     from kubeml.artifacts import open_store
     from kubeml.data import load_dataset
     from kubeml.training.loop import Stepper, make_optimizer, make_scheduler, windows
-    from kubeml.training.models import build_model
+    from kubeml.models import build_model
 
     started = time.time()
     torch.set_num_threads(1)

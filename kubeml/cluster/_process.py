@@ -12,7 +12,6 @@ import contextlib
 import os
 import re
 import signal
-import socket
 import ssl
 import subprocess
 import time
@@ -21,7 +20,8 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from kubeml.cluster._errors import AssetsMissing, ComponentFailed, PortInUse
+from kubeml._proc import free_ports, pid_alive, port_free, start_time
+from kubeml.errors import AssetsMissing, ComponentFailed, PortInUse
 
 __all__ = [
     "ProcessRecord",
@@ -58,20 +58,8 @@ class ProcessRecord:
         return cls(str(data["name"]), int(data["pid"]), int(data["start_time"]), str(data["log"]))
 
 
-def _start_time(pid: int) -> int | None:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    # The command name (field 2) is in parentheses and may contain spaces; split after it.
-    fields = stat.rsplit(")", 1)[1].split()
-    if fields[0] == "Z":  # a zombie has exited; only its exit status is left
-        return None
-    return int(fields[19])
-
-
 def is_alive(record: ProcessRecord) -> bool:
-    return _start_time(record.pid) == record.start_time
+    return pid_alive(record.pid, started=record.start_time)
 
 
 def log_tail(path: str | Path, lines: int = _LOG_TAIL_LINES) -> str:
@@ -110,7 +98,7 @@ def start_process(name: str, argv: list[str], log_path: Path) -> tuple[subproces
             start_new_session=True,
             close_fds=True,
         )
-    start = _start_time(proc.pid)
+    start = start_time(proc.pid)
     if start is None:
         proc.wait()
         raise ComponentFailed(name, f"exited immediately (status {proc.returncode})",
@@ -118,28 +106,9 @@ def start_process(name: str, argv: list[str], log_path: Path) -> tuple[subproces
     return proc, ProcessRecord(name, proc.pid, start, str(log_path))
 
 
-def free_ports(count: int) -> list[int]:
-    """``count`` distinct ports that were free on 127.0.0.1 a moment ago."""
-    sockets = []
-    try:
-        for _ in range(count):
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            sock.bind(("127.0.0.1", 0))
-            sockets.append(sock)
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
-
-
 def check_port_free(port: int, component: str) -> None:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        # SO_REUSEADDR as the Go servers use it: a port held only by TIME_WAIT sockets is free.
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError as exc:
-            raise PortInUse(port, component) from exc
+    if not port_free("127.0.0.1", port):
+        raise PortInUse(port, component)
 
 
 def probe(url: str, context: ssl.SSLContext | None = None, timeout: float = 1.0) -> tuple[bool, str]:

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from kubeml.training.loop import Stepper, make_optimizer, make_scheduler
-from kubeml.training.models import build_model
+from kubeml.models import build_model
 
 pytestmark = pytest.mark.gpu
 

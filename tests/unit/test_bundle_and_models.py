@@ -3,7 +3,7 @@ import torch
 
 from kubeml.bundle import SPEC_FILE, WEIGHTS_FILE, BundleSpec, load_bundle, save_bundle
 from kubeml.errors import BundleError, ConfigError
-from kubeml.training.models import available_models, build_model
+from kubeml.models import available_models, build_model
 
 
 def spec():

@@ -11,7 +11,7 @@ import torch
 
 from kubeml.bundle import BundleSpec, save_bundle
 from kubeml.serving import ServingManager
-from kubeml.training.models import build_model
+from kubeml.models import build_model
 
 CLASSES = tuple(str(i) for i in range(10))
 

@@ -20,7 +20,7 @@ from kubeml.training.loop import (
     restore_rng,
     windows,
 )
-from kubeml.training.models import available_models, build_model
+from kubeml.models import available_models, build_model
 
 CPU = torch.device("cpu")
 
