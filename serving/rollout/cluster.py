@@ -117,12 +117,18 @@ class PrometheusMetrics:
         window_s: float,
         *,
         namespace: str | None = None,
+        at: float | None = None,
     ) -> WindowMetrics:
-        """Stable and canary traffic over the last ``window_s`` seconds (at least
-        :attr:`min_window_s`), from the series of ``namespace`` (None: every namespace)."""
+        """Stable and canary traffic over the ``window_s`` seconds (at least
+        :attr:`min_window_s`) up to ``at`` (Unix seconds; None: now), from the series of
+        ``namespace`` (None: every namespace).
+
+        Every query of one window is evaluated at that one instant. Two windows asked for
+        the same ``at`` read the same samples, so they can be compared request for request.
+        """
         span = max(float(window_s), self.min_window_s)
         w = f"{math.ceil(span * 1000)}ms"
-        at = time.time()
+        at = time.time() if at is None else float(at)
         scope = f',{self.namespace_label}="{_quote(namespace)}"' if namespace is not None else ""
 
         def selector(version: str) -> str:

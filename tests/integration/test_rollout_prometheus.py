@@ -285,7 +285,10 @@ def test_window_agrees_with_the_traffic_sent(servers, prometheus, metrics, tenan
     plane.run(250)
     prometheus.wait_scraped_after(time.time())
     window_s = time.time() - started + 2.5 * si
-    m = metrics.window(MODEL, "1", "2", window_s, namespace=tenant)
+    # One evaluation instant for every window below: two evaluations of increase() at
+    # different instants may differ by a request at the window's edge.
+    at = time.time()
+    m = metrics.window(MODEL, "1", "2", window_s, namespace=tenant, at=at)
 
     stable, canary = plane.stats["1"], plane.stats["2"]
     assert (stable.sent, canary.sent) == (200, 50)  # the split, to the request
@@ -316,7 +319,7 @@ def test_window_agrees_with_the_traffic_sent(servers, prometheus, metrics, tenan
 
     # The same model and version in another tenant's namespace (the stable server scraped
     # twice) is not counted into this tenant's window, but is when no namespace is given.
-    unscoped = metrics.window(MODEL, "1", "2", window_s)
+    unscoped = metrics.window(MODEL, "1", "2", window_s, at=at)
     # (Each target has its own scrape times, hence its own extrapolation.)
     assert unscoped.stable.requests == pytest.approx(2 * m.stable.requests, rel=most - 1)
     assert unscoped.canary.requests == m.canary.requests
