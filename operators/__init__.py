@@ -5,7 +5,7 @@ Layers, outermost first: :mod:`~kubeml.operators.tenant` (kopf wiring) ->
 ``_reconcile`` (what to do) -> ``_desired`` / ``_diff`` / ``_spec`` (pure: what the world
 should look like) and ``_kube`` (the only module that talks to the API server).
 
-Run it with ``python -m kubeml.operators``; in tests use :mod:`kubeml.operators.testing`.
+Run it with ``python -m kubeml.operators``; in tests use :mod:`kubeml.testing.operators`.
 """
 
 from kubeml.operators._desired import OperatorConfig, desired_children

@@ -30,7 +30,7 @@ from typing import Any
 
 import requests
 
-from kubeml.errors import ConfigError, ServingError
+from kubeml.errors import BundleError, ConfigError, ServingError
 
 __all__ = ["ServedModel", "ServingManager", "default_state_dir"]
 
@@ -148,7 +148,7 @@ class ServingManager:
         _check_name(key)
         bundle = Path(bundle_dir).resolve()
         if not bundle.is_dir():
-            raise ConfigError(f"bundle directory {bundle} does not exist")
+            raise BundleError(f"bundle directory {bundle} does not exist")
         self.stop(key)
         with self._locked() as state:
             for other_key, other in state.items():

@@ -26,7 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from kubeml.cluster import Cluster, find_assets
+from kubeml.testing.cluster import Cluster, find_assets
 
 TARGET_UP_S = 20.0
 RESULTS = Path(__file__).resolve().parents[1] / "RESULTS.md"
@@ -92,7 +92,7 @@ def main() -> None:
     cold = _cold_build(assets.bin_dir)
 
     lines = [
-        f"## Local control plane (kubeml.cluster) — {dt.date.today().isoformat()}",
+        f"## Local control plane (kubeml.testing.cluster) — {dt.date.today().isoformat()}",
         "",
         f"Machine: {_machine()}. Kubernetes {assets.bin_dir.parent.name.removeprefix('k8s-')}, "
         f"{args.runs} warm runs, default node groups (2 CPU + 2 p4d GPU kwok nodes), 7 CRDs. "

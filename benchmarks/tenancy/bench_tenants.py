@@ -26,9 +26,9 @@ from pathlib import Path
 
 from kubernetes import client as k8s
 
-from kubeml.cluster import Cluster, find_assets
+from kubeml.testing.cluster import Cluster, find_assets
 from kubeml.operators import KubeApi, OperatorConfig, desired_children, parse_tenant, reconcile
-from kubeml.operators.testing import running_operator
+from kubeml.testing.operators import running_operator
 
 REPO = Path(__file__).resolve().parents[2]
 RESULTS = REPO / "benchmarks" / "RESULTS.md"

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 import pytest
 from kubernetes.client import ApiClient
 
-from kubeml.cluster.testing import build_assets_if_needed, cluster_fixture, temporary_namespace
+from kubeml.testing.cluster.fixtures import build_assets_if_needed, cluster_fixture, temporary_namespace
 from tests.conftest import free_port
 from tests.integration.kafka_fixtures import kafka_broker  # noqa: F401 (one broker per session)
 

@@ -18,10 +18,10 @@ import pytest
 from kubernetes import client as k8s
 from kubernetes.client.exceptions import ApiException
 
-from kubeml.cluster import find_assets
-from kubeml.cluster.testing import wait_until
+from kubeml.testing.cluster import find_assets
+from kubeml.testing.cluster.fixtures import wait_until
 from kubeml.operators import ObjectRef, OperatorConfig
-from kubeml.operators.testing import running_operator
+from kubeml.testing.operators import running_operator
 
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "charts" / "kubeml-platform"

@@ -10,7 +10,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from kubeml.cluster import (
+from kubeml.testing.cluster import (
     AssetsMissing,
     Cluster,
     ClusterAlreadyRunning,
@@ -18,7 +18,7 @@ from kubeml.cluster import (
     PortInUse,
     find_assets,
 )
-from kubeml.cluster.testing import wait_until
+from kubeml.testing.cluster.fixtures import wait_until
 
 pytestmark = [
     pytest.mark.integration,

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from kubeml.cluster import find_assets
+from kubeml.testing.cluster import find_assets
 
 pytestmark = pytest.mark.integration
 

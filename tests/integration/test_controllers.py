@@ -8,7 +8,7 @@ import pytest
 from kubernetes.client import AppsV1Api, CoreV1Api, CustomObjectsApi
 from kubernetes.client.exceptions import ApiException
 
-from kubeml.cluster.testing import wait_until
+from kubeml.testing.cluster.fixtures import wait_until
 
 pytestmark = pytest.mark.integration
 

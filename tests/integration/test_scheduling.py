@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from kubernetes.client import AppsV1Api, CoreV1Api
 
-from kubeml.cluster.testing import wait_until
+from kubeml.testing.cluster.fixtures import wait_until
 
 pytestmark = pytest.mark.integration
 

@@ -8,7 +8,7 @@ import pytest
 from kubernetes.client import CoreV1Api, RbacAuthorizationV1Api
 from kubernetes.client.exceptions import ApiException
 
-from kubeml.cluster.testing import temporary_namespace, wait_until
+from kubeml.testing.cluster.fixtures import temporary_namespace, wait_until
 
 pytestmark = pytest.mark.integration
 

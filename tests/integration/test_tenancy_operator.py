@@ -22,7 +22,7 @@ import pytest
 from kubernetes import client as k8s
 from kubernetes.client.exceptions import ApiException
 
-from kubeml.cluster.testing import wait_until
+from kubeml.testing.cluster.fixtures import wait_until
 from kubeml.operators import KubeApi
 from tests.integration.tenancy_fixtures import (
     RESYNC_S,

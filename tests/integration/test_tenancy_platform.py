@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from kubernetes import client as k8s
 
-from kubeml.cluster.testing import wait_until
+from kubeml.testing.cluster.fixtures import wait_until
 from tests.integration.tenancy_fixtures import (
     PLATFORM_NAMESPACE,
     REPO,

@@ -26,7 +26,7 @@ import pytest
 from kubernetes.client import CustomObjectsApi, RbacAuthorizationV1Api
 from kubernetes.client.exceptions import ApiException
 
-from kubeml.cluster.testing import wait_until
+from kubeml.testing.cluster.fixtures import wait_until
 from kubeml.config import KubemlConfig
 from kubeml.training.launch import (
     RBAC_RULES,

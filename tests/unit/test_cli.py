@@ -56,12 +56,12 @@ def test_serve_deploy_refuses_a_batch_latency_without_a_batch_size_before_starti
     bundle = write_digits_bundle(project / "digits")
     deploy = ["serve", "deploy", str(bundle), "--name", "digits", "--state-dir", str(project / "state")]
     r = runner.invoke(app, [*deploy, "--batch-max-latency-ms", "5"])
-    assert r.exit_code == 1
+    assert r.exit_code == 2  # usage: flags that contradict each other, like a flag out of range below
     assert "--batch-max-latency-ms needs --batch-max-size" in r.output
     r = runner.invoke(app, [*deploy, "--batch-max-size", "0"])
     assert r.exit_code == 2 and "--batch-max-size" in r.output  # a usage error, from the flag's range
     r = runner.invoke(app, [*deploy, "--batch-max-size", "4", "--batch-max-latency-ms", "3000", "--request-timeout-s", "2"])
-    assert r.exit_code == 1 and "is not below the request timeout of 2 s" in r.output
+    assert r.exit_code == 2 and "is not below the request timeout of 2 s" in r.output
     assert not (project / "state").exists()  # nothing started
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from kubeml.cluster import AssetsMissing, find_assets
+from kubeml.testing.cluster import AssetsMissing, find_assets
 
 REPO = Path(__file__).resolve().parents[3]
 CHART = REPO / "charts" / "kubeml-platform"

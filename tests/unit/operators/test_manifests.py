@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 import kubeml.operators
-from kubeml.cluster import AssetsMissing, find_assets
+from kubeml.testing.cluster import AssetsMissing, find_assets
 
 REPO = Path(__file__).resolve().parents[3]
 

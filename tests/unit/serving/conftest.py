@@ -7,29 +7,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
-from kubeml.bundle import BundleSpec, save_bundle
 from kubeml.serving import ServingManager
-from kubeml.models import build_model
+from kubeml.testing.serving import DIGITS_CLASSES, write_digits_bundle
 
-CLASSES = tuple(str(i) for i in range(10))
+__all__ = ["CLASSES", "write_digits_bundle"]
 
-
-def write_digits_bundle(directory: Path, *, seed: int = 0, **spec_overrides) -> Path:
-    torch.manual_seed(seed)
-    model = build_model("digits_cnn", **spec_overrides.pop("arch_kwargs_for_weights", {}))
-    spec = BundleSpec(
-        arch="digits_cnn",
-        input_shape=(64,),
-        classes=CLASSES,
-        input_min=0.0,
-        input_max=16.0,
-        metadata={"purpose": "serving tests"},
-        **spec_overrides,
-    )
-    save_bundle(directory, model, spec)
-    return directory
+CLASSES = DIGITS_CLASSES
 
 
 @pytest.fixture(scope="session")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typer.testing import CliRunner
 
-from kubeml.serving.cli import app
+from kubeml.cli.serve import app
 
 from tests.unit.serving.test_serving_manager import write_stale_entry
 

@@ -142,11 +142,11 @@ def test_status_commands_show_the_grpc_address(backend, router, monkeypatch):
     import typer
     from typer.testing import CliRunner
 
-    from kubeml.serving import cli
-    from kubeml.serving.cli import app as serve_app
-    from kubeml.serving.rollout_cli import register
+    from kubeml.cli import _common as cli
+    from kubeml.cli.serve import app as serve_app
+    from kubeml.cli.rollout import register
 
-    monkeypatch.setattr(cli._console, "width", 250)  # the table, not the URLs, sets the width
+    monkeypatch.setattr(cli.console, "width", 250)  # the table, not the URLs, sets the width
     runner = CliRunner()
     served = runner.invoke(serve_app, ["status", "--state-dir", str(backend.state_dir)], terminal_width=250)
     assert served.exit_code == 0, served.output

@@ -193,7 +193,7 @@ def test_predict_batch_writes_predictions_with_the_answering_version(backend, ro
 def _cli():
     import typer
 
-    from kubeml.serving.rollout_cli import register
+    from kubeml.cli.rollout import register
 
     app = typer.Typer()
     register(app)

@@ -172,7 +172,7 @@ def test_predictor_config_validates_replicas_and_uri():
 def _cli():
     import typer
 
-    from kubeml.serving.rollout_cli import register
+    from kubeml.cli.rollout import register
 
     app = typer.Typer()
     register(app)

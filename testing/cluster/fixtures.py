@@ -2,7 +2,7 @@
 
 In a ``conftest.py``::
 
-    from kubeml.cluster.testing import cluster_fixture
+    from kubeml.testing.cluster.fixtures import cluster_fixture
 
     cluster = cluster_fixture()            # a fixture named "cluster"
 
@@ -23,11 +23,11 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import pytest
 
-from kubeml.cluster._assets import cache_root
-from kubeml.cluster._cluster import Cluster
-from kubeml.cluster._errors import ClusterError
-from kubeml.cluster._existing import ExistingCluster
-from kubeml.cluster._nodes import DEFAULT_NODE_GROUPS, NodeGroup
+from kubeml.testing.cluster._assets import cache_root
+from kubeml.testing.cluster._cluster import Cluster
+from kubeml.errors import ClusterError
+from kubeml.testing.cluster._existing import ExistingCluster
+from kubeml.testing.cluster._nodes import DEFAULT_NODE_GROUPS, NodeGroup
 
 if TYPE_CHECKING:
     from kubernetes.client import ApiClient
@@ -107,7 +107,7 @@ def build_assets_if_needed(items: list[pytest.Item], fixture_name: str = "cluste
     users = [item for item in items if fixture_name in getattr(item, "fixturenames", ())]
     if not users or users[0].config.getoption("collectonly", False):
         return
-    from kubeml.cluster._assets import find_assets
+    from kubeml.testing.cluster._assets import find_assets
 
     # Show the build's progress: it is the only sign of life for many minutes.
     capture = users[0].config.pluginmanager.getplugin("capturemanager")

@@ -1,7 +1,7 @@
 """``kubeml serve``: deploy, list and stop local model servers.
 
-A Typer sub-application; the main CLI mounts it with ``app.add_typer(serve_app, name="serve")``.
-Imports neither kserve nor torch, so ``status`` answers in well under a second.
+A Typer sub-application mounted as ``kubeml serve``. Imports neither kserve nor torch, so
+``status`` answers in well under a second.
 """
 
 from __future__ import annotations
@@ -10,36 +10,30 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
-from rich.table import Table
 
-from kubeml.errors import ConfigError, KubemlError
-from kubeml.serving.manager import ServingManager, default_state_dir
+from kubeml.cli._common import (
+    ConfigOpt,
+    EnvOpt,
+    Output,
+    OutputOpt,
+    StateDirOpt,
+    console,
+    emit,
+    fail,
+    failures_exit,
+    serving_state_dir,
+)
+from kubeml.errors import ConfigError
 
 __all__ = ["app"]
 
 app = typer.Typer(help="Serve models locally (KServe model servers).", no_args_is_help=True)
-_console = Console(soft_wrap=True)  # long paths and URLs stay on one line
-
-StateDir = Annotated[
-    Path | None,
-    typer.Option(
-        "--state-dir",
-        help="Where server state and logs live. Default: $KUBEML_HOME/serving, "
-        "or ./.kubeml/serving.",
-        show_default=False,
-    ),
-]
 
 
-def _manager(state_dir: Path | None) -> ServingManager:
-    # Resolved per call, not at import: KUBEML_HOME and the cwd may change in between.
-    return ServingManager(state_dir if state_dir is not None else default_state_dir())
+def _manager(state_dir: Path | None, config: Path | None = None, env: str | None = None):
+    from kubeml.serving.manager import ServingManager
 
-
-def _fail(exc: KubemlError) -> typer.Exit:
-    _console.print(f"[red]error:[/red] {exc}", highlight=False)
-    return typer.Exit(code=1)
+    return ServingManager(serving_state_dir(state_dir, config, env))
 
 
 #: ``serving`` config keys -> the ``kubeml serve deploy`` flags that set the same thing.
@@ -102,86 +96,93 @@ def deploy(
             help="Answer 504 when one inference takes longer (0: no limit; default 30).",
         ),
     ] = None,
-    state_dir: StateDir = None,
+    state_dir: StateDirOpt = None,
+    config: ConfigOpt = None,
+    env: EnvOpt = None,
 ) -> None:
     """Start (or replace) a model server for BUNDLE_DIR and wait until it is ready."""
-    try:
+    with failures_exit():
         options = _server_options(
             batch_max_size=batch_max_size,
             batch_max_latency_ms=batch_max_latency_ms,
             request_timeout_s=request_timeout_s,
         )
-        served = _manager(state_dir).deploy(
+        served = _manager(state_dir, config, env).deploy(
             name, bundle_dir, version=version, http_port=port, grpc_port=grpc_port, **options
         )
-    except KubemlError as exc:
-        raise _fail(exc) from None
-    _console.print(f"[green]ready[/green] {served.name} (pid {served.pid})")
-    _console.print(f"  V1: {served.v1_url}")
-    _console.print(f"  V2: {served.v2_url}")
+    console.print(f"[green]ready[/green] {served.name} (pid {served.pid})")
+    console.print(f"  V1: {served.v1_url}")
+    console.print(f"  V2: {served.v2_url}")
 
 
-def _routers(state_dir: Path | None) -> list:
+def _routers(root_dir: Path) -> list:
     """Live rollout routers (one per model deployed through the rollout engine)."""
     from kubeml.serving.rollout.local import LocalBackend
 
-    root = _manager(state_dir).state_dir / "rollouts"
+    root = root_dir / "rollouts"
     if not root.is_dir():
         return []
     found = []
     for d in sorted(root.iterdir()):
-        router = LocalBackend(d.name, state_dir=root.parent).router() if (d / "router.json").is_file() else None
+        router = LocalBackend(d.name, state_dir=root_dir).router() if (d / "router.json").is_file() else None
         if router is not None:
             found.append(router)
     return found
 
 
 @app.command()
-def status(state_dir: StateDir = None) -> None:
-    """List model servers with their URLs and health."""
-    try:
-        servers = _manager(state_dir).status()
-    except KubemlError as exc:
-        raise _fail(exc) from None
-    routers = _routers(state_dir)
-    if not servers and not routers:
-        _console.print("no model servers")
-        return
-    table = Table("name", "version", "pid", "state", "url", "V2 infer", "gRPC")
-    for r in routers:
-        table.add_row(f"{r.model} (router)", "-", str(r.pid), "[green]up[/green]", r.url,
-                      f"{r.url}/v2/models/{r.model}/infer", r.grpc_target or "-")
-    for s in servers:
-        state = (
-            "[green]ready[/green]"
-            if s.ready
-            else ("[yellow]not ready[/yellow]" if s.alive else "[red]dead[/red]")
-        )
-        grpc = f"{s.host}:{s.grpc_port}" if s.grpc_port is not None else "-"
-        table.add_row(s.instance or s.name, s.version or "-", str(s.pid), state, s.url, s.v2_url, grpc)
-    _console.print(table)
+def status(
+    state_dir: StateDirOpt = None,
+    config: ConfigOpt = None,
+    env: EnvOpt = None,
+    output: OutputOpt = Output.table,
+) -> None:
+    """List model servers and routers with their URLs and health."""
+    with failures_exit():
+        manager = _manager(state_dir, config, env)
+        servers = manager.status()
+        routers = _routers(manager.state_dir)
+    data = [
+        {"kind": "router", "name": r.model, "version": None, "pid": r.pid, "state": "up", "url": r.url,
+         "v2_url": f"{r.url}/v2/models/{r.model}/infer", "grpc": r.grpc_target}
+        for r in routers
+    ] + [
+        {"kind": "server", "name": s.instance or s.name, "version": s.version or None, "pid": s.pid,
+         "state": "ready" if s.ready else ("not ready" if s.alive else "dead"), "url": s.url,
+         "v2_url": s.v2_url, "grpc": f"{s.host}:{s.grpc_port}" if s.grpc_port is not None else None}
+        for s in servers
+    ]
+    colour = {"up": "green", "ready": "green", "not ready": "yellow", "dead": "red"}
+    rows = [
+        (f"{d['name']} (router)" if d["kind"] == "router" else d["name"], d["version"] or "-", d["pid"],
+         f"[{colour[d['state']]}]{d['state']}[/]", d["url"], d["v2_url"], d["grpc"] or "-")
+        for d in data
+    ]
+    emit(output, data, columns=("name", "version", "pid", "state", "url", "V2 infer", "gRPC"), rows=rows,
+         empty="no model servers")
 
 
 @app.command()
 def stop(
     name: Annotated[str | None, typer.Argument(help="Model to stop (default: all).")] = None,
-    state_dir: StateDir = None,
+    state_dir: StateDirOpt = None,
+    config: ConfigOpt = None,
+    env: EnvOpt = None,
 ) -> None:
-    """Stop one model server, or all of them."""
-    try:
-        from kubeml.serving.rollout.local import LocalBackend
+    """Stop one model server, or all of them (with their routers)."""
+    from kubeml.serving.rollout.local import LocalBackend
 
+    with failures_exit():
+        manager = _manager(state_dir, config, env)
         stopped = []
-        for r in _routers(state_dir):
+        for r in _routers(manager.state_dir):
             if name is None or r.model == name:
-                stopped += LocalBackend(r.model, state_dir=_manager(state_dir).state_dir).stop()
-        stopped += _manager(state_dir).stop(name)
-    except KubemlError as exc:
-        raise _fail(exc) from None
+                stopped += LocalBackend(r.model, state_dir=manager.state_dir).stop()
+        stopped += manager.stop(name)
     if not stopped:
-        _console.print(f"no model server named {name!r}" if name else "no model servers")
         if name:
-            raise typer.Exit(code=1)
+            raise fail(f"no model server named {name!r}")
+        console.print("no model servers")
         return
     for n in stopped:
-        _console.print(f"stopped {n}")
+        console.print(f"stopped {n}")

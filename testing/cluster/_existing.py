@@ -1,6 +1,6 @@
 """A cluster someone else runs (kind, EKS), reached through ``KUBECONFIG``.
 
-Offers the same surface the tests use on a local :class:`~kubeml.cluster.Cluster`
+Offers the same surface the tests use on a local :class:`~kubeml.testing.cluster.Cluster`
 (``admin_kubeconfig``, ``kubeconfig_for``, ``api_client``), so one test suite runs on both.
 User credentials come from the CertificateSigningRequest API with the
 ``kubernetes.io/kube-apiserver-client`` signer, which kind and kubeadm clusters honour.
@@ -23,8 +23,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from kubeml.cluster._errors import ClusterError
-from kubeml.cluster._kubeconfig import write_kubeconfig
+from kubeml.errors import ClusterError
+from kubeml.testing.cluster._kubeconfig import write_kubeconfig
 
 if TYPE_CHECKING:
     from kubernetes.client import ApiClient

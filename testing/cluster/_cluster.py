@@ -28,12 +28,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from kubeml.cluster._assets import Assets, cache_root, find_assets
-from kubeml.cluster._errors import ClusterAlreadyRunning, ClusterError, ComponentFailed
-from kubeml.cluster._kubeconfig import write_kubeconfig
-from kubeml.cluster._nodes import DEFAULT_NODE_GROUPS, KWOK_ANNOTATION, NodeGroup
-from kubeml.cluster._pki import CertificateAuthority, KeyPair, write_service_account_keys
-from kubeml.cluster._process import (
+from kubeml.testing.cluster._assets import Assets, cache_root, find_assets
+from kubeml.errors import ClusterAlreadyRunning, ClusterError, ComponentFailed
+from kubeml.testing.cluster._kubeconfig import write_kubeconfig
+from kubeml.testing.cluster._nodes import DEFAULT_NODE_GROUPS, KWOK_ANNOTATION, NodeGroup
+from kubeml.testing.cluster._pki import CertificateAuthority, KeyPair, write_service_account_keys
+from kubeml.testing.cluster._process import (
     ProcessRecord,
     check_port_free,
     free_ports,
@@ -50,7 +50,7 @@ if TYPE_CHECKING:
 
 __all__ = ["Cluster", "ClusterStatus", "ComponentStatus"]
 
-log = logging.getLogger("kubeml.cluster")
+log = logging.getLogger("kubeml.testing.cluster")
 
 #: Components in start order; `down` stops them in reverse.
 COMPONENTS = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok")

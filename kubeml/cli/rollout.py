@@ -19,43 +19,27 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 
-from kubeml.errors import ConfigError, KubemlError, ServingError
+from kubeml.cli._common import (
+    EXIT_ROLLED_BACK,
+    ConfigOpt,
+    EnvOpt,
+    Output,
+    OutputOpt,
+    StateDirOpt,
+    console,
+    emit,
+    failures_exit,
+    load_env,
+    serving_state_dir,
+)
+from kubeml.errors import ConfigError, ServingError
 
 __all__ = ["register", "rollout_app"]
 
-_console = Console(soft_wrap=True)
 rollout_app = typer.Typer(
     help="Canary / blue-green rollouts: status, promote, abort.", no_args_is_help=True
 )
-
-ConfigOpt = Annotated[
-    Path | None, typer.Option("--config", "-c", help="kubeml.yaml to use (default: ./kubeml.yaml).")
-]
-EnvOpt = Annotated[str | None, typer.Option("--env", "-e", help="Environment (default: $KUBEML_ENV or dev).")]
-StateDirOpt = Annotated[
-    Path | None,
-    typer.Option("--state-dir", help="Serving state directory (default: <home>/serving of the environment).",
-                 show_default=False),
-]
-
-
-def _fail(message: Any, code: int = 1) -> typer.Exit:
-    _console.print(f"[red]error:[/red] {message}", highlight=False)
-    return typer.Exit(code)
-
-
-def _config(config: Path | None, env: str | None):
-    from kubeml.config import load_config
-
-    return load_config(config, env)
-
-
-def _state_dir(state_dir: Path | None, config: Path | None, env: str | None) -> Path:
-    if state_dir is not None:
-        return state_dir
-    return Path(_config(config, env).home) / "serving"
 
 
 def _load_rows(path: Path) -> Any:
@@ -121,7 +105,7 @@ def _print_decision(d: Any) -> None:
     reasons = f" ({'; '.join(d['reasons'])})" if d.get("reasons") else ""
     when = datetime.fromtimestamp(d["ts"]).strftime("%H:%M:%S")
     shadow = " shadow" if d.get("mirror") else ""
-    _console.print(
+    console.print(
         f"{when} {d['action']:<13} weight {d['weight']:>3}%{shadow}{verdict}{detail}{reasons}",
         highlight=False,
     )
@@ -155,8 +139,8 @@ def deploy(
     from kubeml.serving.rollout.engine import RolloutPolicy
     from kubeml.serving.rollout.local import deploy_local
 
-    try:
-        cfg = _config(config, env) if bundle is None or state_dir is None or port is None else None
+    with failures_exit(ValueError):
+        cfg = load_env(config, env) if bundle is None or state_dir is None or port is None else None
         if blue_green:
             step_list: tuple[int, ...] = (100,)
         elif steps is not None:
@@ -184,7 +168,7 @@ def deploy(
             rows = None
         outcome = deploy_local(
             model, version, bundle_dir,
-            state_dir=state_dir if state_dir is not None else Path(cfg.home) / "serving",
+            state_dir=servingserving_state_dir(state_dir, config, env),
             host=cfg.serving.host if cfg is not None else "127.0.0.1",
             router_port=port if port is not None else cfg.serving.http_port,
             router_grpc_port=cfg.serving.grpc_port if cfg is not None else None,
@@ -193,10 +177,8 @@ def deploy(
             payload_sample_rate=payload_sample_rate, listener=_print_decision,
             **(cfg.serving.server_options() if cfg is not None else {}),
         )  # fmt: skip
-    except (KubemlError, ValueError) as exc:
-        raise _fail(exc) from None
     colour = {"promoted": "green", "deployed": "green", "replaced": "green", "unchanged": "blue"}
-    _console.print(
+    console.print(
         f"[{colour.get(outcome.action, 'red')}]{outcome.action}[/] {outcome.model}: serving "
         f"version {outcome.stable_version} at {outcome.url}/v2/models/{outcome.model}/infer"
         + (f" and gRPC {outcome.grpc_target}" if outcome.grpc_target else "")
@@ -204,7 +186,7 @@ def deploy(
         highlight=False,
     )
     if outcome.action in ("rolled_back", "aborted"):
-        raise typer.Exit(1)
+        raise typer.Exit(EXIT_ROLLED_BACK)  # as for `kubeml run`: the version before it keeps serving
 
 
 @rollout_app.command("status")
@@ -214,40 +196,55 @@ def status(
     config: ConfigOpt = None,
     env: EnvOpt = None,
     state_dir: StateDirOpt = None,
+    output: OutputOpt = Output.table,
 ) -> None:
     """Show the current routes, the last rollout and its decisions with their metrics."""
     from kubeml.serving.rollout.engine import DecisionLog
     from kubeml.serving.rollout.local import LocalBackend, engine_alive, read_json
 
-    try:
-        backend = LocalBackend(model, state_dir=_state_dir(state_dir, config, env))
+    with failures_exit():
+        backend = LocalBackend(model, state_dir=serving_state_dir(state_dir, config, env))
         router = backend.router()
         routes = router.routes() if router is not None else None
-    except KubemlError as exc:
-        raise _fail(exc) from None
+    state = read_json(backend.state_file)
+    phase = None
+    if state:
+        running = engine_alive(state)
+        phase = state["phase"] if running or state["phase"] not in ("starting", "running") else "interrupted"
+    decisions = (
+        list(DecisionLog(backend.decisions_file).read(None if all_rollouts else state["rollout_id"])) if state else []
+    )
+    if output is not Output.table:
+        emit(output, {
+            "model": model,
+            "served": routes is not None,
+            "url": router.url if routes is not None else None,
+            "grpc": router.grpc_target if routes is not None else None,
+            "routes": routes.to_dict() if routes is not None else None,
+            "rollout": {**state, "phase": phase} if state else None,
+            "decisions": [d if isinstance(d, dict) else d.__dict__ for d in decisions],
+        })
+        return
     if routes is None:
-        _console.print(f"{model}: not served (no router running)")
+        console.print(f"{model}: not served (no router running)")
     else:
         canary = (
             f", canary {routes.canary_version} at {routes.weight}%" + (" (shadow)" if routes.mirror else "")
             if routes.canary else ""
         )
         grpc = f" (gRPC {router.grpc_target})" if router.grpc_target else ""
-        _console.print(f"{model}: stable {routes.stable_version} at {router.url}{grpc}{canary}", highlight=False)
-    state = read_json(backend.state_file)
+        console.print(f"{model}: stable {routes.stable_version} at {router.url}{grpc}{canary}", highlight=False)
     if not state:
-        _console.print("no rollouts yet")
+        console.print("no rollouts yet")
         return
-    running = engine_alive(state)
-    phase = state["phase"] if running or state["phase"] not in ("starting", "running") else "interrupted"
-    _console.print(
+    console.print(
         f"rollout {state['rollout_id']}: {state['stable_version']} -> {state['canary_version']} "
-        f"[{state['strategy']}, steps {state['steps']}] phase {phase}, weight {state['weight']}%, "
+        f"\\[{state['strategy']}, steps {state['steps']}] phase {phase}, weight {state['weight']}%, "
         f"failures {state['failures']}",
         highlight=False,
     )
     # One line per decision (not a table): long reasons stay whole and greppable.
-    for d in DecisionLog(backend.decisions_file).read(None if all_rollouts else state["rollout_id"]):
+    for d in decisions:
         _print_decision(d)
 
 
@@ -264,7 +261,7 @@ def _steer(model: str, command: str, state_dir: Path) -> None:
         while time.monotonic() < deadline:
             state = read_json(backend.state_file) or {}
             if state.get("phase") not in ("starting", "running"):
-                _console.print(f"{model}: rollout {state.get('rollout_id')} {state.get('phase')}")
+                console.print(f"{model}: rollout {state.get('rollout_id')} {state.get('phase')}")
                 return
             time.sleep(0.2)
         raise ServingError(f"the rollout of {model!r} did not act on {command!r} within 60 s")
@@ -289,7 +286,7 @@ def _steer(model: str, command: str, state_dir: Path) -> None:
         state.update(phase="promoted" if command == "promote" else "aborted",
                      weight=100 if command == "promote" else 0, updated_at=time.time())
         backend.state_file.write_text(json.dumps(state, indent=2))
-    _console.print(f"{model}: {'promoted' if command == 'promote' else 'aborted'}")
+    console.print(f"{model}: {'promoted' if command == 'promote' else 'aborted'}")
 
 
 @rollout_app.command("promote")
@@ -300,10 +297,8 @@ def promote(
     state_dir: StateDirOpt = None,
 ) -> None:
     """Skip the remaining steps: the canary takes all traffic and becomes stable."""
-    try:
-        _steer(model, "promote", _state_dir(state_dir, config, env))
-    except KubemlError as exc:
-        raise _fail(exc) from None
+    with failures_exit():
+        _steer(model, "promote", serving_state_dir(state_dir, config, env))
 
 
 @rollout_app.command("abort")
@@ -314,10 +309,8 @@ def abort(
     state_dir: StateDirOpt = None,
 ) -> None:
     """Roll back now: all traffic to the stable version, canary stopped."""
-    try:
-        _steer(model, "abort", _state_dir(state_dir, config, env))
-    except KubemlError as exc:
-        raise _fail(exc) from None
+    with failures_exit():
+        _steer(model, "abort", serving_state_dir(state_dir, config, env))
 
 
 @rollout_app.command("stop")
@@ -330,11 +323,9 @@ def stop(
     """Stop serving MODEL: its router and every version server."""
     from kubeml.serving.rollout.local import LocalBackend
 
-    try:
-        stopped = LocalBackend(model, state_dir=_state_dir(state_dir, config, env)).stop()
-    except KubemlError as exc:
-        raise _fail(exc) from None
-    _console.print("\n".join(f"stopped {s}" for s in stopped) or f"{model}: nothing running")
+    with failures_exit():
+        stopped = LocalBackend(model, state_dir=serving_state_dir(state_dir, config, env)).stop()
+    console.print("\n".join(f"stopped {s}" for s in stopped) or f"{model}: nothing running")
 
 
 def predict_batch(
@@ -354,9 +345,9 @@ def predict_batch(
     from kubeml.serving.manager import ServingManager
     from kubeml.serving.rollout.local import LocalBackend
 
-    try:
+    with failures_exit():
         if url is None:
-            states = _state_dir(state_dir, config, env)
+            states = serving_state_dir(state_dir, config, env)
             router = LocalBackend(model, state_dir=states).router()
             served = ServingManager(states).get(model) if router is None else None
             if router is None and served is None:
@@ -366,9 +357,7 @@ def predict_batch(
             input_path, output_path, url=url, model=model, exclude=tuple(exclude or ()),
             batch_size=batch_size, concurrency=concurrency,
         )  # fmt: skip
-    except KubemlError as exc:
-        raise _fail(exc) from None
-    _console.print(f"wrote {rows} predictions to {output_path}", highlight=False)
+    console.print(f"wrote {rows} predictions to {output_path}", highlight=False)
 
 
 def register(app: typer.Typer) -> None:

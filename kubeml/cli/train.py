@@ -19,39 +19,24 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from kubeml.config import ENVIRONMENTS, EnvironmentConfig, load_config
-from kubeml.errors import ConfigError, KubemlError
+from kubeml.cli._common import (
+    EXIT_CONFIG,
+    ConfigOpt,
+    EnvOpt,
+    console,
+    fail,
+    load_env,
+    print_table,
+)
+from kubeml.config import EnvironmentConfig
+from kubeml.errors import KubemlError
 
 __all__ = ["register"]
 
-EXIT_FAILED, EXIT_CONFIG = 1, 2
 TARGETS = ("local", "kuberay", "sagemaker")
-
-console = Console()
-err_console = Console(stderr=True)
-
-ConfigOpt = Annotated[
-    Path | None, typer.Option("--config", "-c", help="kubeml.yaml to use (default: ./kubeml.yaml, else built-in defaults).")
-]
-EnvOpt = Annotated[
-    str | None, typer.Option("--env", "-e", help=f"Environment: {', '.join(ENVIRONMENTS)} (default: $KUBEML_ENV or dev).")
-]
-
-
-def _fail(message: str, code: int = EXIT_FAILED) -> typer.Exit:
-    err_console.print(f"[red]error:[/red] {message}", highlight=False)
-    return typer.Exit(code)
-
-
-def _load(config: Path | None, env: str | None) -> EnvironmentConfig:
-    try:
-        return load_config(config, env)
-    except ConfigError as exc:
-        raise _fail(str(exc), EXIT_CONFIG) from None
 
 
 def _new_run_id(prefix: str = "train") -> str:
@@ -72,7 +57,7 @@ def _with_overrides(cfg: EnvironmentConfig, **overrides: Any) -> EnvironmentConf
     try:
         training = TrainingConfig.model_validate({**cfg.training.model_dump(), **given})
     except ValidationError as exc:
-        raise _fail(f"invalid option: {exc.errors()[0]['loc']}: {exc.errors()[0]['msg']}", EXIT_CONFIG) from None
+        raise fail(f"invalid option: {exc.errors()[0]['loc']}: {exc.errors()[0]['msg']}", EXIT_CONFIG) from None
     return cfg.model_copy(update={"training": training})
 
 
@@ -168,10 +153,10 @@ def train(
     """Train a model with Ray Train (locally, as a KubeRay RayJob, or on SageMaker) and show the result."""
     from kubeml.artifacts import open_store
 
-    cfg = _with_overrides(_load(config, env), epochs=epochs, workers=workers, precision=precision)
+    cfg = _with_overrides(load_env(config, env), epochs=epochs, workers=workers, precision=precision)
     target = target or cfg.training.target
     if target not in TARGETS:
-        raise _fail(f"--target {target!r} is not supported; allowed values: {', '.join(TARGETS)}", EXIT_CONFIG)
+        raise fail(f"--target {target!r} is not supported; allowed values: {', '.join(TARGETS)}", EXIT_CONFIG)
     store = cfg.artifact_store.open()
     try:
         if resume:
@@ -180,7 +165,7 @@ def train(
             try:
                 spec = json.loads(store.get_text(run_spec_key(resume)))
             except KubemlError:
-                raise _fail(f"run {resume!r} is not in {store.uri}; list runs under {store.uri}/runs", EXIT_CONFIG) from None
+                raise fail(f"run {resume!r} is not in {store.uri}; list runs under {store.uri}/runs", EXIT_CONFIG) from None
             # Continue exactly: the configuration and data version the run started with.
             cfg = EnvironmentConfig.model_validate(spec["config"])
             run, dataset, version = resume, spec["dataset"], spec["dataset_version"]
@@ -197,11 +182,9 @@ def train(
                       f"{cfg.training.precision} · data {dataset}@{version}")
         result = _train_local(cfg, store, run, dataset, version, True if resume else None)
         accuracy = _test_accuracy(cfg, store, result, dataset, version)
-    except ConfigError as exc:
-        raise _fail(str(exc), EXIT_CONFIG) from None
     except KubemlError as exc:
-        raise _fail(str(exc)) from None
-    console.print(_summary_table(result, accuracy))
+        raise fail(exc) from None
+    print_table(_summary_table(result, accuracy))
 
 
 def _train_cluster(cfg, store, target: str, run: str, dataset: str, version: str, *, dry_run: bool,
@@ -225,7 +208,7 @@ def _train_cluster(cfg, store, target: str, run: str, dataset: str, version: str
                                       on_status=lambda s: console.print(f"  {kind} status: {s}", highlight=False,
                                                                         markup=False))
     except KeyboardInterrupt:
-        raise _fail(f"stopped following; {kind} {opts.namespace}/{name} keeps running. Follow it again with the same "
+        raise fail(f"stopped following; {kind} {opts.namespace}/{name} keeps running. Follow it again with the same "
                     f"command and --run-id {run}, or delete it: kubectl -n {opts.namespace} delete "
                     f"{kind.lower()}s {name}") from None
     job = result.job
@@ -243,7 +226,7 @@ def _train_cluster(cfg, store, target: str, run: str, dataset: str, version: str
     t.add_row("final checkpoint", result.checkpoint_uri)
     if job.model_artifacts:
         t.add_row("SageMaker model artifacts", job.model_artifacts)
-    console.print(t)
+    print_table(t)
 
 
 def tune(
@@ -260,7 +243,7 @@ def tune(
     from kubeml.data import ingest
     from kubeml.training.tune import TuneOptions, run_tune
 
-    cfg = _with_overrides(_load(config, env), epochs=epochs)
+    cfg = _with_overrides(load_env(config, env), epochs=epochs)
     store = cfg.artifact_store.open()
     run = run_id or _new_run_id("tune")
     try:
@@ -270,7 +253,7 @@ def tune(
             result = run_tune(cfg, store, dataset=m.name, dataset_version=m.version, run_id=run,
                               options=TuneOptions(trials=trials, time_budget_s=time_budget, max_concurrent=concurrency))
     except KubemlError as exc:
-        raise _fail(str(exc)) from None
+        raise fail(exc) from None
     t = Table(title=f"tune {run}: trials by validation accuracy", title_justify="left")
     for col in ("trial", "val_accuracy", "val_loss", "epochs", "learning_rate", "batch_size", "weight_decay", "warmup"):
         t.add_column(col)
@@ -279,7 +262,7 @@ def tune(
         t.add_row(tr["trial_id"], f"{tr.get('val_accuracy', float('nan')):.4f}", f"{tr.get('val_loss', float('nan')):.4f}",
                   str(tr.get("epochs", "")), f"{c['learning_rate']:.2e}", str(c["batch_size"]),
                   f"{c['weight_decay']:.1e}", f"{c['warmup_fraction']:.2f}")
-    console.print(t)
+    print_table(t)
     console.print(f"best: {json.dumps(result.best_config)} (val_accuracy {result.best_val_accuracy:.4f}); "
                   f"default config: {result.default_val_accuracy:.4f}; MLflow run {result.mlflow_run_id}")
 

@@ -13,18 +13,15 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
 
-from kubeml.cluster._cluster import Cluster, ClusterStatus
-from kubeml.cluster._errors import ClusterError
+from kubeml.cli._common import EXIT_CONFIG, Output, OutputOpt, console, emit, fail, failures_exit, print_table
+from kubeml.errors import ClusterError
+from kubeml.testing.cluster import Cluster, ClusterStatus
 
 __all__ = ["app"]
 
 app = typer.Typer(help="Local Kubernetes control plane (etcd, apiserver, kwok nodes).", no_args_is_help=True)
-_console = Console(soft_wrap=True)  # long paths stay on one line, so they can be copied
-_err = Console(stderr=True, soft_wrap=True)
 
 NameOpt = Annotated[str, typer.Option("--name", "-n", help="Cluster name (one state directory each).")]
 StateDirOpt = Annotated[
@@ -36,28 +33,27 @@ StateDirOpt = Annotated[
 
 def _print_status(status: ClusterStatus) -> None:
     if not status.components:
-        _console.print(f"cluster [bold]{status.name}[/bold]: not running")
+        console.print(f"cluster [bold]{status.name}[/bold]: not running")
         return
-    _console.print(f"cluster [bold]{status.name}[/bold] at {status.server}")
-    _console.print(f"  admin kubeconfig: {status.admin_kubeconfig}")
+    console.print(f"cluster [bold]{status.name}[/bold] at {status.server}")
+    console.print(f"  admin kubeconfig: {status.admin_kubeconfig}")
     for path in status.user_kubeconfigs:
-        _console.print(f"  user kubeconfig:  {path}")
+        console.print(f"  user kubeconfig:  {path}")
     table = Table(show_edge=False, pad_edge=False)
     for column in ("component", "pid", "running", "healthy", "detail"):
         table.add_column(column)
     for c in status.components:
         table.add_row(c.name, str(c.pid or ""), "yes" if c.running else "[red]no[/red]",
-                      "yes" if c.healthy else "[red]no[/red]", c.detail[:60])
-    _console.print(table)
-    _console.print(f"  logs: {status.state_dir / 'logs'}")
+                      "yes" if c.healthy else "[red]no[/red]", c.detail)
+    print_table(table)
+    console.print(f"  logs: {status.state_dir / 'logs'}")
 
 
 def _cluster(name: str, state_dir: Path | None) -> Cluster:
     try:
         return Cluster(name, state_dir=state_dir)
-    except ClusterError as exc:
-        _err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
-        raise typer.Exit(2) from None
+    except ClusterError as exc:  # a bad name or state directory: usage
+        raise fail(exc, EXIT_CONFIG) from None
 
 
 @app.command()
@@ -71,15 +67,12 @@ def up(
     """Start etcd, kube-apiserver, controller-manager, scheduler and kwok with EKS-like fake nodes."""
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     started = time.monotonic()
-    try:
+    with failures_exit():
         cluster = Cluster(name, state_dir=state_dir, apiserver_port=port)
         cluster.up(build_assets=build, timeout_s=timeout)
-    except ClusterError as exc:
-        _err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
-        raise typer.Exit(1) from None
-    _console.print(f"started in {time.monotonic() - started:.1f} s")
+    console.print(f"started in {time.monotonic() - started:.1f} s")
     _print_status(cluster.status())
-    _console.print(f"\n  export KUBECONFIG={cluster.admin_kubeconfig}")
+    console.print(f"\n  export KUBECONFIG={cluster.admin_kubeconfig}")
 
 
 @app.command()
@@ -88,14 +81,20 @@ def down(name: NameOpt = "kubeml", state_dir: StateDirOpt = None) -> None:
     cluster = _cluster(name, state_dir)
     was_running = cluster.status().running
     cluster.down()
-    _console.print(f"cluster {name}: {'stopped' if was_running else 'was not running'}; state removed")
+    console.print(f"cluster {name}: {'stopped' if was_running else 'was not running'}; state removed")
 
 
 @app.command()
-def status(name: NameOpt = "kubeml", state_dir: StateDirOpt = None) -> None:
+def status(name: NameOpt = "kubeml", state_dir: StateDirOpt = None, output: OutputOpt = Output.table) -> None:
     """Print kubeconfig paths and the health of every component (exit 1 when unhealthy)."""
     result = _cluster(name, state_dir).status()
-    _print_status(result)
+    if output is Output.table:
+        _print_status(result)
+    else:
+        emit(output, {"name": result.name, "server": result.server, "running": result.running,
+                      "healthy": result.healthy, "admin_kubeconfig": result.admin_kubeconfig,
+                      "user_kubeconfigs": list(result.user_kubeconfigs), "state_dir": result.state_dir,
+                      "components": list(result.components)})
     if not result.healthy:
         raise typer.Exit(1)
 
@@ -108,9 +107,6 @@ def kubeconfig(
     state_dir: StateDirOpt = None,
 ) -> None:
     """Write a kubeconfig for USER in the given groups and print its path."""
-    try:
+    with failures_exit():
         path = _cluster(name, state_dir).kubeconfig_for(user, tuple(group or ()))
-    except ClusterError as exc:
-        _err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
-        raise typer.Exit(1) from None
-    _console.print(str(path))
+    console.print(str(path))

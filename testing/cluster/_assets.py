@@ -13,7 +13,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from kubeml.cluster._errors import AssetsMissing
+from kubeml.errors import AssetsMissing
 
 __all__ = ["Assets", "cache_root", "find_assets"]
 
@@ -109,7 +109,7 @@ def find_assets(*, build: bool = False) -> Assets:
             return assets
     if build and _BUILD_SCRIPT.is_file() and "KUBEBUILDER_ASSETS" not in os.environ:
         print(
-            "kubeml.cluster: control-plane assets missing; building them with "
+            "kubeml.testing.cluster: control-plane assets missing; building them with "
             f"{_BUILD_SCRIPT} (a cold build takes tens of minutes)",
             file=sys.stderr,
         )
