@@ -1,7 +1,7 @@
 """KFP v2 components, one folder each.
 
 Each ``component.py`` imports only the standard library and ``kfp`` at module top; the
-function body imports ``kubeml`` and calls one stage function in :mod:`kubeml.stages`.
+function body imports ``kubeml`` and calls one stage function in :mod:`kubeml.pipelines.stages`.
 On a cluster the components run in the kubeml image (``IMAGE``), which has kubeml
 installed; under ``kfp.local`` they run in the current Python environment.
 """

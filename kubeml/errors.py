@@ -6,6 +6,7 @@
     │   └── ArtifactNotFound       no         nothing at that key (retrying finds nothing either)
     ├── DataValidationError        no         the dataset violates constraints; lists every one
     ├── BundleError                no         a model bundle is missing, truncated or inconsistent
+    ├── StageFailed                no         a stage's earlier attempt failed with a non-retryable error
     ├── RegistryError              yes        the model registry (MLflow) could not complete
     ├── ServingError               yes        a model server could not be started, reached, stopped
     │   └── ServingRequestError    by status  the server answered an error (5xx/none: yes, 4xx: no)
@@ -63,6 +64,7 @@ __all__ = [
     "RegistryError",
     "ServingError",
     "ServingRequestError",
+    "StageFailed",
     "TrainingFailed",
     "is_retryable",
 ]
@@ -119,6 +121,11 @@ class DataValidationError(KubemlError):
 
 class BundleError(KubemlError):
     """A model bundle could not be written or read."""
+
+
+class StageFailed(KubemlError):
+    """An earlier attempt of this pipeline stage, with the same inputs, failed with an error
+    no retry can fix; the orchestrator's retry is refused at once with that error's text."""
 
 
 class RegistryError(KubemlError):

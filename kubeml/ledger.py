@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from kubeml.artifacts import ArtifactStore
-from kubeml.errors import ArtifactNotFound, KubemlError
+from kubeml.errors import ArtifactNotFound, ConfigError, KubemlError, is_retryable
 
 __all__ = ["STAGES", "Ledger", "StageRecord"]
 
@@ -39,6 +39,13 @@ class StageRecord:
     """One line for people: what happened, or why it failed."""
     error: str = ""
     """Full error text (with traceback for unexpected errors)."""
+    retryable: bool | None = None
+    """On failure: whether the error may go away on a retry (:func:`kubeml.errors.is_retryable`)."""
+    attempt: int = 1
+    """Which attempt of the stage this record is (the stage runner retries retryable errors)."""
+    inputs_sha256: str = ""
+    """Fingerprint of the stage's inputs (config and arguments): tells a retry of the same
+    step apart from a later run of the same stage with other inputs."""
 
     @property
     def duration_s(self) -> float | None:
@@ -50,7 +57,7 @@ class StageRecord:
 class Ledger:
     def __init__(self, store: ArtifactStore, run_id: str):
         if not run_id or "/" in run_id or run_id.startswith("."):
-            raise KubemlError(f"invalid run id {run_id!r}")
+            raise ConfigError(f"invalid run id {run_id!r}: use letters, digits, '-' and '_' (no '/', no leading '.')")
         self.store = store
         self.run_id = run_id
         self.prefix = f"runs/{run_id}"
@@ -72,9 +79,10 @@ class Ledger:
         return [self.read(s) for s in STAGES]
 
     @contextmanager
-    def stage(self, name: str) -> Iterator[StageRecord]:
+    def stage(self, name: str, *, attempt: int = 1, inputs_sha256: str = "") -> Iterator[StageRecord]:
         """Record a stage: running on entry; succeeded or failed (with the error) on exit."""
-        rec = StageRecord(stage=name, status="running", started=time.time())
+        rec = StageRecord(stage=name, status="running", started=time.time(), attempt=attempt,
+                          inputs_sha256=inputs_sha256)
         self.write(rec)
         try:
             yield rec
@@ -82,12 +90,14 @@ class Ledger:
             rec.status, rec.finished = "failed", time.time()
             rec.message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             rec.error = str(exc)
+            rec.retryable = is_retryable(exc)
             self.write(rec)
             raise
         except BaseException as exc:
             rec.status, rec.finished = "failed", time.time()
             rec.message = f"{type(exc).__name__}: {exc}".splitlines()[0]
             rec.error = traceback.format_exc()
+            rec.retryable = False
             self.write(rec)
             raise
         else:

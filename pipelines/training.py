@@ -30,9 +30,14 @@ def training_pipeline(config_json: str, run_id: str, code_version: str = "unknow
         train(config_json=config_json, run_id=run_id, dataset=ing.outputs["dataset"], version=ing.outputs["version"])
         .after(val)
         .set_display_name("train")
-        # A retried train step loses little: a local run continues from its checkpoints, and on
-        # a cluster the step adopts (or, if it failed, resumes) the RayJob / TrainingJob by name.
-        .set_retry(num_retries=2, backoff_duration="60s", backoff_factor=2.0)
+        # Two layers of retry. The stage retries retryable errors itself, with a backoff
+        # (kubeml.pipelines.stages.TRAIN_RETRY): a local run continues from its checkpoints,
+        # and on a cluster it adopts (or, if it failed, replaces) the RayJob / TrainingJob by
+        # name. KFP's retry is for a step pod lost with no error recorded (node drained, spot
+        # reclaimed, OOM-killed): KFP retries every failed attempt, so a retried attempt
+        # whose previous one recorded a non-retryable error fails at once with that error
+        # (see kubeml.pipelines.stages.run_stage), after a short backoff only.
+        .set_retry(num_retries=2, backoff_duration="5s", backoff_factor=2.0)
     )
     ev = evaluate(
         config_json=config_json,

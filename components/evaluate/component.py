@@ -13,7 +13,7 @@ def evaluate(
 ) -> NamedTuple("EvalOutputs", [("accuracy", float), ("macro_f1", float)]):
     from collections import namedtuple
 
-    from kubeml.stages import evaluate_stage
+    from kubeml.pipelines.stages import evaluate_stage
 
     accuracy, macro_f1 = evaluate_stage(config_json, run_id, dataset, version, bundle_key)
     return namedtuple("EvalOutputs", ["accuracy", "macro_f1"])(accuracy, macro_f1)

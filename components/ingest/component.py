@@ -11,7 +11,7 @@ from kubeml.components import IMAGE
 def ingest(config_json: str, run_id: str) -> NamedTuple("IngestOutputs", [("dataset", str), ("version", str)]):
     from collections import namedtuple
 
-    from kubeml.stages import ingest_stage
+    from kubeml.pipelines.stages import ingest_stage
 
     name, version = ingest_stage(config_json, run_id)
     return namedtuple("IngestOutputs", ["dataset", "version"])(name, version)

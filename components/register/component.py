@@ -7,6 +7,6 @@ from kubeml.components import IMAGE
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
 def register(config_json: str, run_id: str, dataset: str, version: str, bundle_key: str, code_version: str) -> int:
-    from kubeml.stages import register_stage
+    from kubeml.pipelines.stages import register_stage
 
     return register_stage(config_json, run_id, dataset, version, bundle_key, code_version)

@@ -1,6 +1,6 @@
 """train: the environment's launcher trains the model; returns the bundle's store key.
 
-``training.target`` of the environment picks the launcher (see :func:`kubeml.stages.train_stage`):
+``training.target`` of the environment picks the launcher (see :func:`kubeml.pipelines.stages.train_stage`):
 ``local`` runs Ray Train in the step itself; ``kuberay`` / ``sagemaker`` make the step create a
 KubeRay ``RayJob`` / ACK SageMaker ``TrainingJob`` and wait for it (KFP v2 has no ResourceOp),
 then return the bundle key the job wrote in the S3 artifact store. On a cluster the step's
@@ -16,6 +16,6 @@ from kubeml.components import IMAGE
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
 def train(config_json: str, run_id: str, dataset: str, version: str) -> str:
-    from kubeml.stages import train_stage
+    from kubeml.pipelines.stages import train_stage
 
     return train_stage(config_json, run_id, dataset, version)

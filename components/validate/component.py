@@ -7,6 +7,6 @@ from kubeml.components import IMAGE
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
 def validate(config_json: str, run_id: str, dataset: str, version: str) -> str:
-    from kubeml.stages import validate_stage
+    from kubeml.pipelines.stages import validate_stage
 
     return validate_stage(config_json, run_id, dataset, version)

@@ -421,7 +421,7 @@ def test_train_stage_with_a_kuberay_environment_runs_the_rayjob_and_evaluate_rea
     """
     from kubeml.artifacts import open_store
     from kubeml.ledger import Ledger
-    from kubeml.stages import evaluate_stage, ingest_stage, train_stage
+    from kubeml.pipelines.stages import evaluate_stage, ingest_stage, train_stage
 
     cfg = KubemlConfig(environments={"staging": _kuberay_env(namespace, bucket, s3_endpoint, tmp_path)}
                        ).environment("staging")

@@ -143,7 +143,7 @@ def test_sigterm_sets_the_cancel_event_and_the_handler_is_restored():
 
 def test_train_stage_on_a_kuberay_environment_takes_the_submit_path(tmp_path):
     """``training.target: kuberay`` goes to submit-and-wait, which needs a store the job shares."""
-    from kubeml.stages import train_stage
+    from kubeml.pipelines.stages import train_stage
 
     cfg = _env(f"file://{tmp_path}/artifacts", target="kuberay")
     with pytest.raises(ConfigError, match="training.target kuberay needs an artifact store .* s3://"):
@@ -156,7 +156,7 @@ def test_train_stage_on_a_kuberay_environment_takes_the_submit_path(tmp_path):
 def test_train_stage_on_dev_trains_locally(tmp_path):
     import ray
 
-    from kubeml.stages import ingest_stage, train_stage
+    from kubeml.pipelines.stages import ingest_stage, train_stage
 
     cfg = KubemlConfig(environments={"dev": {"data": {"max_rows": 200},
                                              "training": {"workers": 1, "epochs": 1, "validation_fraction": 0.0}}}

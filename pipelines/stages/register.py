@@ -1,0 +1,43 @@
+"""register: the bundle becomes the next model version in the registry, with its provenance."""
+
+from __future__ import annotations
+
+import json
+
+from kubeml.pipelines.stages._common import open_stage, run_stage
+
+__all__ = ["register_stage"]
+
+
+def register_stage(
+    config_json: str, run_id: str, dataset: str, version: str, bundle_key: str, code_version: str
+) -> int:
+    """Registers the bundle as the next model version; returns the version number."""
+    from kubeml.registry import Registry
+
+    ctx = open_stage(config_json, run_id)
+    cfg, store = ctx.cfg, ctx.store
+
+    def body(rec, _attempt):
+        evaluation = json.loads(store.get_text(f"runs/{run_id}/evaluation.json"))
+        metrics = {k: evaluation[k] for k in ("accuracy", "macro_f1", "test_samples")}
+        train = ctx.ledger.read("train").outputs
+        reg = Registry(cfg.registry.tracking_uri, artifact_root=cfg.artifact_store.uri)
+        mv = reg.register(
+            cfg.registry.model_name,
+            store.url(bundle_key),
+            metrics=metrics,
+            params={"model": cfg.training.model, "epochs": cfg.training.epochs, "workers": cfg.training.workers,
+                    "batch_size": cfg.training.batch_size, "learning_rate": cfg.training.learning_rate,
+                    "seed": cfg.data.seed},
+            tags={"dataset": dataset, "dataset_version": version, "code_version": code_version,
+                  "kubeml.run_id": run_id, "environment": cfg.name,
+                  "checkpoint_uri": train.get("checkpoint_uri", "")},
+            auto_approve=cfg.approval == "auto",
+        )
+        rec.outputs = {"model_name": mv.name, "version": mv.version, "approval_status": mv.approval_status,
+                       "source": mv.source}
+        rec.message = f"{mv.name} version {mv.version} ({mv.approval_status})"
+        return mv.version
+
+    return run_stage("register", ctx, body)
