@@ -12,7 +12,7 @@ UV_VERSION := 0.13.9
 UV := $(KUBEML_CACHE)/tools/bin/uv
 PYTEST_ARGS ?=
 
-.PHONY: demo test install lock cluster-assets kafka-assets prometheus-assets test-unit test-integration test-e2e clean help
+.PHONY: demo test install lock layers cluster-assets kafka-assets prometheus-assets test-unit test-integration test-e2e clean help
 
 help:
 	@echo "make demo            install, then run the whole pipeline locally (kubeml run)"
@@ -20,6 +20,7 @@ help:
 	@echo "make cluster-assets  build the control-plane binaries and CRDs into $(KUBEML_CACHE)"
 	@echo "make kafka-assets    fetch the Kafka broker jars (test broker) into $(KUBEML_CACHE)"
 	@echo "make prometheus-assets  install the prometheus binary the rollout tests start"
+	@echo "make layers          check the import layering (.importlinter); make test checks it too"
 
 $(UV):
 	$(PYTHON) -m venv $(KUBEML_CACHE)/tools
@@ -59,6 +60,10 @@ kafka-assets:
 
 test: install cluster-assets prometheus-assets kafka-assets
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The import-layering contracts of .importlinter, on the package laid out as installed.
+layers: install
+	$(PY) -m kubeml.testing.layers
 
 test-unit: install
 	$(PY) -m pytest -m "not integration and not e2e" $(PYTEST_ARGS)
