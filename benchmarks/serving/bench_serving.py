@@ -23,7 +23,6 @@ import asyncio
 import json
 import os
 import platform
-import socket
 import subprocess
 import sys
 import tempfile
@@ -32,15 +31,10 @@ from datetime import date
 from pathlib import Path
 
 import numpy as np
+from kubeml._proc import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "benchmarks" / "RESULTS.md"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _bundle(directory: Path) -> Path:
@@ -203,7 +197,7 @@ def main() -> None:
     rows = np.random.default_rng(0).integers(0, 17, size=(256, 64)).astype(np.float32)
     env = {**os.environ, "JE_ARROW_MALLOC_CONF": "background_thread:false"}
 
-    bare_http, bare_grpc = _free_port(), _free_port()
+    bare_http, bare_grpc = free_port(), free_port()
     bare = subprocess.Popen(
         [sys.executable, str(Path(__file__).with_name("bare_server.py")), str(bundle),
          str(bare_http), str(bare_grpc)],
@@ -221,7 +215,7 @@ def main() -> None:
         assert router.grpc_target is not None
         _wait_ready(f"http://127.0.0.1:{bare_http}/v2/models/digits/ready")
         stable = backend.manager.get("digits-v1")
-        grpc_port = _free_port()
+        grpc_port = free_port()
         # A kubeml server with gRPC enabled, for the gRPC comparison (direct, no router).
         direct = backend.manager.deploy("digits", bundle, version="1", instance="digits-grpc",
                                         grpc_port=grpc_port)  # fmt: skip

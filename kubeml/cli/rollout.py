@@ -58,7 +58,6 @@ def _load_rows(path: Path) -> Any:
 
 def _resolve_registry_version(cfg: Any, model: str, version: str) -> tuple[Path, Any]:
     """Bundle directory and held-out rows of an approved registry version."""
-    from kubeml.artifacts import open_store
     from kubeml.registry import Registry
 
     try:
@@ -168,7 +167,7 @@ def deploy(
             rows = None
         outcome = deploy_local(
             model, version, bundle_dir,
-            state_dir=servingserving_state_dir(state_dir, config, env),
+            state_dir=serving_state_dir(state_dir, config, env),
             host=cfg.serving.host if cfg is not None else "127.0.0.1",
             router_port=port if port is not None else cfg.serving.http_port,
             router_grpc_port=cfg.serving.grpc_port if cfg is not None else None,

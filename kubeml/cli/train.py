@@ -151,7 +151,6 @@ def train(
              "(default: training.launcher.wait_timeout_s).")] = None,
 ) -> None:
     """Train a model with Ray Train (locally, as a KubeRay RayJob, or on SageMaker) and show the result."""
-    from kubeml.artifacts import open_store
 
     cfg = _with_overrides(load_env(config, env), epochs=epochs, workers=workers, precision=precision)
     target = target or cfg.training.target
@@ -239,7 +238,6 @@ def tune(
     run_id: Annotated[str | None, typer.Option(help="Run id (default: generated).")] = None,
 ) -> None:
     """Search hyperparameters with Ray Tune (Optuna TPE, ASHA early stopping); log trials to MLflow."""
-    from kubeml.artifacts import open_store
     from kubeml.data import ingest
     from kubeml.training.tune import TuneOptions, run_tune
 

@@ -16,7 +16,6 @@ import contextlib
 import json
 import shutil
 import signal
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -25,6 +24,8 @@ from pathlib import Path
 from typing import Any
 
 import requests
+
+from kubeml._proc import free_port
 
 #: Seconds between scrapes and rule evaluations. Short, so a test waits seconds for its
 #: traffic to show up; the rollout analysis copes with it through its minimum window.
@@ -113,12 +114,6 @@ def prometheus_binary() -> str:
     return binary
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _config(targets: tuple[ScrapeTarget, ...], scrape_interval_s: float) -> dict[str, Any]:
     interval = f"{int(scrape_interval_s * 1000)}ms"
     return {
@@ -159,7 +154,7 @@ def running_prometheus(
     config = work_dir / "prometheus.yml"
     # JSON is YAML: no YAML writer needed for a generated config.
     config.write_text(json.dumps(_config(targets, scrape_interval_s), indent=2))
-    port = _free_port()
+    port = free_port()
     log_file = work_dir / "prometheus.log"
     cmd = [
         prometheus_binary(),

@@ -10,6 +10,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
+from kubeml._proc import pid_alive
 from kubeml.testing.cluster import (
     AssetsMissing,
     Cluster,
@@ -44,14 +45,6 @@ def _ports_of(cluster: Cluster) -> set[int]:
     assert state is not None
     urls = [state["server"], *state["health"].values()]
     return {urlsplit(u).port for u in urls}
-
-
-def _alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 def test_missing_assets_error_says_how_to_build_them(tmp_path, monkeypatch):
@@ -89,7 +82,7 @@ def test_crashed_cluster_is_cleaned_up_and_down_leaves_no_process_or_port(tmp_pa
         # A crash: every component dies without cleanup, state.json stays behind.
         for component in first.status().components:
             os.kill(component.pid, signal.SIGKILL)
-        wait_until(lambda: not any(_alive(c.pid) for c in first.status().components),
+        wait_until(lambda: not any(pid_alive(c.pid) for c in first.status().components),
                    timeout_s=10, what="the killed components to exit")
 
         second = Cluster("lifecycle", state_dir=state_dir, node_groups=ONE_NODE).up()
@@ -99,7 +92,7 @@ def test_crashed_cluster_is_cleaned_up_and_down_leaves_no_process_or_port(tmp_pa
 
         second.down()
 
-        assert not [pid for pid in pids if _alive(pid)]
+        assert not [pid for pid in pids if pid_alive(pid)]
         assert not ports & _listening_ports()
         assert not state_dir.exists()
     finally:

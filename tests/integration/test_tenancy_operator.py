@@ -11,7 +11,6 @@ import contextlib
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,6 +21,7 @@ import pytest
 from kubernetes import client as k8s
 from kubernetes.client.exceptions import ApiException
 
+from kubeml._proc import free_port
 from kubeml.testing.cluster.fixtures import wait_until
 from kubeml.operators import KubeApi
 from tests.integration.tenancy_fixtures import (
@@ -271,16 +271,10 @@ def test_fuzzed_tenants_never_crash_the_operator_nor_leave_partial_children(admi
 
 # --- crash recovery -------------------------------------------------------------------------------
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextlib.contextmanager
 def _operator_process(kubeconfig: str, log: Any) -> Iterator[subprocess.Popen[bytes]]:
     argv = [sys.executable, "-m", "kubeml.operators", f"--kubeconfig={kubeconfig}", f"--resync-seconds={RESYNC_S}",
-            f"--health-port={_free_port()}", "--metrics-port=0"]
+            f"--health-port={free_port()}", "--metrics-port=0"]
     proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
     try:
         yield proc

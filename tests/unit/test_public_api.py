@@ -9,7 +9,6 @@ import pkgutil
 
 import pytest
 
-import kubeml
 
 PACKAGES = ("kubeml", "kubeml.training", "kubeml.serving")
 
