@@ -40,7 +40,6 @@ import asyncio
 import bisect
 import json
 import logging
-import os
 import random
 import sys
 import time
@@ -48,6 +47,8 @@ from collections import deque
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
+
+from kubeml._files import atomic_write_text
 
 __all__ = ["ADMIN_PREFIX", "Routes", "main"]
 
@@ -291,9 +292,7 @@ class Router:
         if self._grpc is not None:
             self._grpc.routes_changed(routes)
         if self.routes_file is not None:
-            tmp = self.routes_file.with_suffix(".tmp")
-            tmp.write_text(json.dumps(routes.to_dict(), indent=2))
-            os.replace(tmp, self.routes_file)
+            atomic_write_text(self.routes_file, json.dumps(routes.to_dict(), indent=2), fsync=False)
         log.info("routes: %s", routes.to_dict())
         return web.json_response(routes.to_dict())
 
