@@ -49,6 +49,7 @@ from pathlib import Path
 from typing import Any
 
 from kubeml._files import atomic_write_text
+from kubeml.serving.protocol import error_body
 
 __all__ = ["ADMIN_PREFIX", "Routes", "main"]
 
@@ -327,8 +328,8 @@ class Router:
                 out = {k: upstream.headers[k] for k in _FORWARD_RESPONSE if k in upstream.headers}
                 return upstream.status, payload, out
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
-            error = json.dumps({"error": f"backend {base} unavailable: {type(exc).__name__}"})
-            return 502, error.encode(), {"content-type": "application/json"}
+            error = error_body(f"backend {base} unavailable: {type(exc).__name__}")
+            return 502, error, {"content-type": "application/json"}
 
     async def _timed(self, backend: str, base: str, request: Any, body: bytes) -> tuple[int, bytes, dict]:
         started = time.perf_counter()
