@@ -21,7 +21,7 @@ Importing this module is cheap: the rollout machinery loads when a target deploy
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from kubeml.errors import ConfigError
 
@@ -106,16 +106,8 @@ class KServeDeployTarget:
 
     name = "kserve"
 
-    def deploy(
-        self,
-        *,
-        model: str,
-        version: str,
-        bundle_dir: Path,
-        serving: ServingConfig,
-        state_dir: Path,
-        replay_rows: np.ndarray | None = None,
-    ) -> DeployOutcome:
+    # The other keywords of DeployTarget.deploy are accepted and unused: nothing is served.
+    def deploy(self, *, model: str, version: str, **_options: Any) -> DeployOutcome:
         raise ConfigError(
             f"serving.target 'kserve': serving {model!r} version {version} on a cluster "
             "through a KServe InferenceService is not available yet; set "
