@@ -2,8 +2,8 @@
 
 Where it sits: a model class (``model.py``) hands each request's validated feature rows to
 :meth:`AdaptiveBatcher.submit` and gets back exactly its own rows of the outputs.
-``server.py`` turns batching on (``--batch-max-size``, ``--batch-max-latency-ms``). This
-module knows nothing about protocols or web frameworks: it is asyncio plus numpy, so
+``kubeml.serving.server`` turns batching on (``--batch-max-size``,
+``--batch-max-latency-ms``). This module knows nothing about protocols or web frameworks: it is asyncio plus numpy, so
 REST V1, REST V2 and gRPC requests all coalesce in the same queue.
 
 Policy, for ``max_batch_size=N`` rows and ``max_latency_ms=T``:

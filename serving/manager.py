@@ -18,8 +18,6 @@ import contextlib
 import fcntl
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -30,6 +28,8 @@ from typing import Any
 
 import requests
 
+from kubeml._files import atomic_write_text
+from kubeml._proc import free_port, log_tail, pid_alive, port_free, terminate_group
 from kubeml.errors import BundleError, ConfigError, ServingError
 
 __all__ = ["ServedModel", "ServingManager", "default_state_dir"]
@@ -152,7 +152,7 @@ class ServingManager:
         self.stop(key)
         with self._locked() as state:
             for other_key, other in state.items():
-                if other_key != key and _pid_alive(other["pid"]):
+                if other_key != key and pid_alive(other["pid"], marker=_SERVER_MODULE):
                     taken = {other["http_port"], other.get("grpc_port")} - {None}
                     if http_port in taken or (grpc_port is not None and grpc_port in taken):
                         raise ServingError(
@@ -160,9 +160,9 @@ class ServingManager:
                             f"served model {other_key!r}; stop it "
                             f"(kubeml serve stop {other_key}) or choose another port"
                         )
-        port = http_port if http_port is not None else _free_port(self.host)
+        port = http_port if http_port is not None else free_port(self.host)
         for p in (port, grpc_port):
-            if p is not None and not _port_free(self.host, p):
+            if p is not None and not port_free(_bind_host(self.host), p):
                 raise ServingError(
                     f"port {p} on {self.host} is already in use by another process; "
                     "choose another port"
@@ -233,7 +233,7 @@ class ServingManager:
                 self._forget(key)
                 raise ServingError(
                     f"model server for {key!r} exited with status {code} before it was "
-                    f"ready; last lines of {log_file}:\n{_tail(log_file)}"
+                    f"ready; last lines of {log_file}:\n{log_tail(log_file, LOG_TAIL_LINES)}"
                 )
             if _model_ready(served):
                 return replace(served, alive=True, ready=True)
@@ -241,7 +241,7 @@ class ServingManager:
                 self.stop(key)
                 raise ServingError(
                     f"model server for {key!r} was not ready after {ready_timeout_s:.0f} s "
-                    f"and was stopped; last lines of {log_file}:\n{_tail(log_file)}"
+                    f"and was stopped; last lines of {log_file}:\n{log_tail(log_file, LOG_TAIL_LINES)}"
                 )
             time.sleep(0.25)
 
@@ -255,7 +255,7 @@ class ServingManager:
             records = [_from_record(r) for r in state.values()]
         result = []
         for served in sorted(records, key=lambda s: (s.instance or s.name)):
-            alive = _pid_alive(served.pid)
+            alive = pid_alive(served.pid, marker=_SERVER_MODULE)
             result.append(replace(served, alive=alive, ready=alive and _model_ready(served)))
         return result
 
@@ -274,7 +274,7 @@ class ServingManager:
             names = [n for n in state if name is None or n == name]
             records = {n: state[n] for n in names}
         for n, record in records.items():
-            _terminate_group(record["pid"])
+            terminate_group(record["pid"], marker=_SERVER_MODULE, grace_s=STOP_GRACE_S)
             self._forget(n)
         return sorted(records)
 
@@ -295,9 +295,9 @@ class ServingManager:
                 before = json.dumps(state, sort_keys=True)
                 yield state
                 if json.dumps(state, sort_keys=True) != before:
-                    tmp = self.state_file.with_suffix(".json.tmp")
-                    tmp.write_text(json.dumps(state, indent=2, sort_keys=True))
-                    os.replace(tmp, self.state_file)
+                    atomic_write_text(
+                        self.state_file, json.dumps(state, indent=2, sort_keys=True), fsync=False
+                    )
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
 
@@ -324,7 +324,7 @@ def _from_record(record: dict) -> ServedModel:
     return served if served.instance else replace(served, instance=served.name)
 
 
-# -- process and port helpers ---------------------------------------------------------------
+# -- names and readiness --------------------------------------------------------------------
 
 
 def _check_name(name: str) -> None:
@@ -335,99 +335,6 @@ def _check_name(name: str) -> None:
         )
 
 
-def _reap(pid: int) -> bool:
-    """Collect ``pid`` if it is our exited child; True when it was reaped now."""
-    try:
-        done, _ = os.waitpid(pid, os.WNOHANG)
-        return done == pid
-    except ChildProcessError:  # not our child (deployed by another process) or reaped
-        return False
-
-
-def _pid_alive(pid: int, *, marker: str = _SERVER_MODULE) -> bool:
-    """True if ``pid`` runs a kubeml server (not a zombie, not a reused pid).
-
-    ``marker`` is the module name its command line must contain (another kubeml process
-    kind, such as the rollout router, passes its own)."""
-    if _reap(pid):
-        return False
-    proc = Path(f"/proc/{pid}")
-    if proc.is_dir():
-        try:
-            stat = (proc / "stat").read_text()
-            if stat.rsplit(")", 1)[1].split()[0] in ("Z", "X"):
-                return False
-            return marker in (proc / "cmdline").read_bytes().decode(errors="replace")
-        except (OSError, IndexError):
-            return False
-    try:  # no /proc (macOS): signal 0 checks existence only
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _group_alive(pgid: int) -> bool:
-    _reap(pgid)
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # killpg(0) also succeeds while only zombies remain; /proc tells them apart.
-    if Path("/proc").is_dir():
-        for stat in Path("/proc").glob("[0-9]*/stat"):
-            try:
-                fields = stat.read_text().rsplit(")", 1)[1].split()
-            except (OSError, IndexError):
-                continue
-            if int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
-                return True
-        return False
-    return True
-
-
-def _terminate_group(pid: int, *, marker: str = _SERVER_MODULE) -> None:
-    """SIGTERM the process group led by ``pid``, SIGKILL after the grace period."""
-    if not _pid_alive(pid, marker=marker):
-        # Never signal a group whose leader is gone or is not ours: the pgid may be reused.
-        return
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(pid, signal.SIGTERM)
-    deadline = time.monotonic() + STOP_GRACE_S
-    while _group_alive(pid) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    if _group_alive(pid):
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(pid, signal.SIGKILL)
-        deadline = time.monotonic() + 5.0
-        while _group_alive(pid) and time.monotonic() < deadline:
-            time.sleep(0.1)
-    # The leader may have exited after the last reap inside _group_alive; collect it so a
-    # long-lived deploying process (pipeline, tests) does not accumulate zombies.
-    _reap(pid)
-
-
-def _free_port(host: str) -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
-def _port_free(host: str, port: int) -> bool:
-    with socket.socket() as s:
-        # Same option uvicorn sets, so a port in TIME_WAIT after a stop counts as free.
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind(("0.0.0.0" if host in ("127.0.0.1", "localhost") else host, port))
-        except OSError:
-            return False
-    return True
-
-
 def _model_ready(served: ServedModel) -> bool:
     try:
         r = requests.get(f"{served.url}/v2/models/{served.name}/ready", timeout=2)
@@ -436,9 +343,10 @@ def _model_ready(served: ServedModel) -> bool:
     return r.status_code == 200
 
 
-def _tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
-    try:
-        text = path.read_text(errors="replace")
-    except OSError as exc:
-        return f"(log unreadable: {exc})"
-    return "\n".join(text.splitlines()[-lines:])
+def _bind_host(host: str) -> str:
+    """The address a port check binds for ``host``.
+
+    A server on loopback still clashes with one bound to every interface, so a loopback
+    host is checked on 0.0.0.0: a port taken on any interface counts as taken.
+    """
+    return "0.0.0.0" if host in ("127.0.0.1", "localhost") else host

@@ -1,8 +1,8 @@
 """KServe model class for kubeml bundles, and the request checks every protocol shares.
 
-Where it sits: ``server.py`` owns the web side (routes, error mapping, body limits); this
-module only turns decoded requests into validated feature arrays and predictions into
-protocol responses. It imports no web framework, so the same class serves REST V1, REST
+Where it sits: ``kubeml.serving.server`` owns the web side (routes, error mapping, body
+limits); this module only turns decoded requests into validated feature arrays and
+predictions into protocol responses. It imports no web framework, so the same class serves REST V1, REST
 V2 and gRPC V2, and can be driven in-process by tests.
 
 Request flow (kserve's ``Model.__call__``)::

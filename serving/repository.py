@@ -2,8 +2,8 @@
 
 Where it sits: kserve's ``ModelRepository`` behind the Open Inference Protocol model
 repository extension (``POST /v2/repository/models/NAME/load|unload``,
-``POST /v2/repository/index``). ``server.py --models-dir DIR`` serves every bundle under
-``DIR/NAME/``; a model is loaded when asked to, and when loading it would take the
+``POST /v2/repository/index``). ``python -m kubeml.serving.server --models-dir DIR``
+serves every bundle under ``DIR/NAME/``; a model is loaded when asked to, and when loading it would take the
 server over its memory cap, the least recently used models are unloaded first.
 
 Memory is accounted per model as the size of its weights file (float32 weights dominate

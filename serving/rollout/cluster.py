@@ -47,7 +47,7 @@ _GROUP, _VERSION, _PLURAL = "serving.kserve.io", "v1beta1", "inferenceservices"
 class PrometheusMetrics:
     """Reads per-version request, error, latency and prediction metrics from Prometheus.
 
-    The series are the ones the kubeml model server exports (``telemetry.py``):
+    The series are the ones the kubeml model server exports (``kubeml.serving.telemetry``):
     ``kubeml_requests_total{model,version,status}``, the
     ``kubeml_request_latency_seconds`` histogram and ``kubeml_predictions_total{class}``.
     ``namespace`` (the ``namespace`` target label a ServiceMonitor or PodMonitor adds;

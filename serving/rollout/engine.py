@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
+from kubeml._files import atomic_write_text
 from kubeml.errors import ServingError
 
 __all__ = [
@@ -360,10 +361,7 @@ class RolloutEngine:
             "pid": os.getpid(),
             "updated_at": time.time(),
         }
-        self.state_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.state_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps(state, indent=2))
-        os.replace(tmp, self.state_file)
+        atomic_write_text(self.state_file, json.dumps(state, indent=2), fsync=False)
 
     def _command(self) -> str | None:
         if self.control_file is None or not self.control_file.is_file():

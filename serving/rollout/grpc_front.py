@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 
+from kubeml.serving.protocol import grpc_http_status
 from kubeml.serving.rollout.router import UPSTREAM_TIMEOUT_S
 
 if TYPE_CHECKING:
@@ -58,25 +59,10 @@ CHANNEL_CLOSE_GRACE_S = 30.0
 RECONNECT_BACKOFF_MS = (100, 1000)
 
 #: gRPC status -> the HTTP status the statistics count (the OIP's own REST/gRPC mapping,
-#: plus gateway codes for a backend the router could not reach in time).
+#: plus gateway codes for a backend the router could not reach in time); the table itself
+#: is :data:`kubeml.serving.protocol.GRPC_HTTP_STATUS`, shared with the model server.
 HTTP_STATUS: dict[grpc.StatusCode, int] = {
-    grpc.StatusCode.OK: 200,
-    grpc.StatusCode.CANCELLED: 499,
-    grpc.StatusCode.UNKNOWN: 500,
-    grpc.StatusCode.INVALID_ARGUMENT: 400,
-    grpc.StatusCode.DEADLINE_EXCEEDED: 504,
-    grpc.StatusCode.NOT_FOUND: 404,
-    grpc.StatusCode.ALREADY_EXISTS: 409,
-    grpc.StatusCode.PERMISSION_DENIED: 403,
-    grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
-    grpc.StatusCode.FAILED_PRECONDITION: 400,
-    grpc.StatusCode.ABORTED: 409,
-    grpc.StatusCode.OUT_OF_RANGE: 400,
-    grpc.StatusCode.UNIMPLEMENTED: 501,
-    grpc.StatusCode.INTERNAL: 500,
-    grpc.StatusCode.UNAVAILABLE: 503,
-    grpc.StatusCode.DATA_LOSS: 500,
-    grpc.StatusCode.UNAUTHENTICATED: 401,
+    code: grpc_http_status(code) for code in grpc.StatusCode
 }
 
 # method -> request message name; ModelInfer is the only inference (routed, counted) call.

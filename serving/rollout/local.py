@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import subprocess
 import sys
 import time
@@ -30,15 +29,14 @@ from typing import Any
 
 import requests
 
+from kubeml._proc import free_port, log_tail, pid_alive, port_free, terminate_group
 from kubeml.errors import ConfigError, ServingError
 from kubeml.serving.manager import (
+    LOG_TAIL_LINES,
+    STOP_GRACE_S,
     ServedModel,
     ServingManager,
-    _free_port,
-    _pid_alive,
-    _port_free,
-    _tail,
-    _terminate_group,
+    _bind_host,
     default_state_dir,
 )
 from kubeml.serving.rollout.engine import BackendMetrics, WindowMetrics
@@ -83,7 +81,7 @@ class RouterProcess:
         return f"{self.host}:{self.grpc_port}" if self.grpc_port is not None else None
 
     def alive(self) -> bool:
-        return _pid_alive(self.pid, marker=_ROUTER_MODULE)
+        return pid_alive(self.pid, marker=_ROUTER_MODULE)
 
     def routes(self) -> Routes | None:
         try:
@@ -208,13 +206,13 @@ class LocalBackend:
 
     def _start_router(self, routes: Routes) -> RouterProcess:
         self.rollout_dir.mkdir(parents=True, exist_ok=True)
-        port = self.router_port if self.router_port is not None else _free_port(self.host)
-        if not _port_free(self.host, port):
+        port = self.router_port if self.router_port is not None else free_port(self.host)
+        if not port_free(_bind_host(self.host), port):
             raise ServingError(f"port {port} on {self.host} is in use; choose another router port")
         grpc_port = self.router_grpc_port
         if grpc_port == 0:
-            grpc_port = _free_port(self.host)
-        if grpc_port is not None and (grpc_port == port or not _port_free(self.host, grpc_port)):
+            grpc_port = free_port(self.host)
+        if grpc_port is not None and (grpc_port == port or not port_free(_bind_host(self.host), grpc_port)):
             raise ServingError(
                 f"gRPC port {grpc_port} on {self.host} is in use; choose another gRPC port "
                 "(serving.grpc_port in kubeml.yaml)"
@@ -246,13 +244,13 @@ class LocalBackend:
             if proc.poll() is not None:
                 raise ServingError(
                     f"router for {self.model!r} exited with status {proc.returncode}; "
-                    f"last lines of {log_file}:\n{_tail(log_file)}"
+                    f"last lines of {log_file}:\n{log_tail(log_file, LOG_TAIL_LINES)}"
                 )
             with contextlib.suppress(requests.RequestException):
                 if requests.get(f"{router.url}{ADMIN_PREFIX}/healthz", timeout=2).ok:
                     return router
             if time.monotonic() > deadline:
-                _terminate_group(proc.pid, marker=_ROUTER_MODULE)
+                terminate_group(proc.pid, marker=_ROUTER_MODULE, grace_s=STOP_GRACE_S)
                 raise ServingError(f"router for {self.model!r} did not start in time")
             time.sleep(0.1)
 
@@ -280,7 +278,7 @@ class LocalBackend:
             payload_log=payload_log,
             payload_sample_rate=self.payload_sample_rate or 1.0,
             fault=fault,
-            grpc_port=_free_port(self.host) if self._serves_grpc() else None,
+            grpc_port=free_port(self.host) if self._serves_grpc() else None,
             **self.server_options,
         )
 
@@ -308,7 +306,7 @@ class LocalBackend:
         stopped = []
         router = self.router()
         if router is not None:
-            _terminate_group(router.pid, marker=_ROUTER_MODULE)
+            terminate_group(router.pid, marker=_ROUTER_MODULE, grace_s=STOP_GRACE_S)
             stopped.append(f"{self.model} (router)")
         (self.rollout_dir / "router.json").unlink(missing_ok=True)
         for served in self.manager.status():
@@ -432,15 +430,7 @@ def engine_alive(state: dict[str, Any] | None) -> bool:
     if not state or state.get("phase") not in ("starting", "running"):
         return False
     pid = int(state.get("pid", 0))
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    return pid_alive(pid)
 
 
 @dataclass(frozen=True)

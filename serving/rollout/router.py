@@ -40,7 +40,6 @@ import asyncio
 import bisect
 import json
 import logging
-import os
 import random
 import sys
 import time
@@ -48,6 +47,9 @@ from collections import deque
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
+
+from kubeml._files import atomic_write_text
+from kubeml.serving.protocol import error_body
 
 __all__ = ["ADMIN_PREFIX", "Routes", "main"]
 
@@ -291,9 +293,7 @@ class Router:
         if self._grpc is not None:
             self._grpc.routes_changed(routes)
         if self.routes_file is not None:
-            tmp = self.routes_file.with_suffix(".tmp")
-            tmp.write_text(json.dumps(routes.to_dict(), indent=2))
-            os.replace(tmp, self.routes_file)
+            atomic_write_text(self.routes_file, json.dumps(routes.to_dict(), indent=2), fsync=False)
         log.info("routes: %s", routes.to_dict())
         return web.json_response(routes.to_dict())
 
@@ -328,8 +328,8 @@ class Router:
                 out = {k: upstream.headers[k] for k in _FORWARD_RESPONSE if k in upstream.headers}
                 return upstream.status, payload, out
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
-            error = json.dumps({"error": f"backend {base} unavailable: {type(exc).__name__}"})
-            return 502, error.encode(), {"content-type": "application/json"}
+            error = error_body(f"backend {base} unavailable: {type(exc).__name__}")
+            return 502, error, {"content-type": "application/json"}
 
     async def _timed(self, backend: str, base: str, request: Any, body: bytes) -> tuple[int, bytes, dict]:
         started = time.perf_counter()

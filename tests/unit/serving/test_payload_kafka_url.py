@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from kubeml.serving.telemetry import PayloadLogger, _parse_kafka_url
+from kubeml.serving.telemetry import PayloadLogger
+from kubeml.serving.telemetry.payload import _parse_kafka_url
 
 
 @pytest.mark.parametrize(

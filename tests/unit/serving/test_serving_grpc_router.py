@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 import requests
 
-from kubeml.serving.manager import _free_port
+from kubeml._proc import free_port as _free_port
 from kubeml.serving.rollout import DecisionLog, LocalBackend, RolloutEngine, RolloutPolicy, Routes
 from kubeml.serving.rollout.local import instance_name
 

@@ -1,0 +1,187 @@
+"""Command line of the model server: ``python -m kubeml.serving.server``.
+
+Where it sits: the entry point of a model server process. ``kubeml.serving.manager``
+starts servers as ``python -m kubeml.serving.server ...`` (and recognises them by that
+module name in their command line); the KServe InferenceService runs the same command in
+its predictor container. Flags are parsed and checked here before kserve or torch is
+imported, then :func:`~kubeml.serving.server._run.serve` (``--model-dir``) or
+:func:`~kubeml.serving.server._run.serve_repository` (``--models-dir``) runs the server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import re
+import sys
+from pathlib import Path
+
+from kubeml.errors import BundleError
+from kubeml.serving.server._limits import (
+    DEFAULT_MAX_BODY_BYTES,
+    DEFAULT_REQUEST_TIMEOUT_S,
+    EXIT_LOAD_FAILED,
+    RUNTIMES,
+    _check_timeouts,
+)
+from kubeml.serving.server._run import serve, serve_repository
+
+__all__ = ["main"]
+
+log = logging.getLogger("kubeml.serving.server")
+
+
+def _port(text: str) -> int:
+    value = int(text)
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"port must be 1..65535, got {value}")
+    return value
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m kubeml.serving.server",
+        description="Serve a kubeml model bundle over KServe V1 and Open Inference Protocol V2.",
+    )
+    p.add_argument("--model-dir", type=Path, help="bundle directory (one model)")
+    p.add_argument("--model-name", help="name in /v1/models/NAME and /v2/models/NAME")
+    multi = p.add_argument_group(
+        "multi-model", "serve every bundle under a directory, loaded through /v2/repository"
+    )
+    multi.add_argument("--models-dir", type=Path, help="directory of bundles, one per NAME/")
+    multi.add_argument(
+        "--max-memory-mb", type=float, default=1024.0, help="cap on loaded weights; LRU eviction"
+    )
+    multi.add_argument("--preload", default="", help="comma-separated models to load at start")
+    p.add_argument("--model-version", default="", help="version reported in V2 metadata/responses")
+    p.add_argument("--http-port", required=True, type=_port)
+    p.add_argument("--grpc-port", type=_port, default=None, help="enable gRPC V2 on this port")
+    p.add_argument("--max-batch-size", type=int, default=None, help="most instances per request")
+    p.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES)
+    p.add_argument(
+        "--request-timeout-s",
+        type=float,
+        default=DEFAULT_REQUEST_TIMEOUT_S,
+        help="answer 504 when one inference takes longer (0: no limit)",
+    )
+    batching = p.add_argument_group(
+        "adaptive batching",
+        "coalesce concurrent requests into one forward pass (single-model mode; off by default)",
+    )
+    batching.add_argument(
+        "--batch-max-size",
+        type=int,
+        default=None,
+        help="most instances per forward pass, summed over requests; turns batching on",
+    )
+    batching.add_argument(
+        "--batch-max-latency-ms",
+        type=float,
+        default=None,
+        help="longest wait of the oldest queued request before its batch runs (default 5)",
+    )
+    p.add_argument("--runtime", choices=RUNTIMES, default="pytorch", help="model runtime")
+    p.add_argument(
+        "--payload-log",
+        default=None,
+        help="sink for sampled payloads: a JSONL file, an http(s) URL, "
+        "or kafka://HOST:PORT[,HOST:PORT]/TOPIC",
+    )
+    p.add_argument(
+        "--payload-sample-rate", type=float, default=1.0, help="share of requests logged (0, 1]"
+    )
+    faults = p.add_argument_group(
+        "fault injection", "test hook: make this server behave like a bad model version"
+    )
+    faults.add_argument(
+        "--fault-error-rate",
+        type=float,
+        default=0.0,
+        help="share of infer requests answered 503 (gRPC: UNAVAILABLE) at once",
+    )
+    faults.add_argument(
+        "--fault-latency-ms",
+        type=float,
+        default=0.0,
+        help="delay added to each infer request that reaches the model (inside its deadline)",
+    )
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    from kubeml.serving.batching import BatchingConfig
+    from kubeml.serving.telemetry import FaultInjection
+
+    batching = None
+    if args.batch_max_size is not None:
+        if args.models_dir is not None:
+            parser.error("--batch-max-size is for one model (--model-dir), not --models-dir")
+        try:
+            batching = BatchingConfig(
+                args.batch_max_size,
+                *(() if args.batch_max_latency_ms is None else (args.batch_max_latency_ms,)),
+            )
+        except ValueError as exc:
+            parser.error(str(exc))
+    elif args.batch_max_latency_ms is not None:
+        parser.error("--batch-max-latency-ms needs --batch-max-size (which turns batching on)")
+    try:
+        _check_timeouts(args.request_timeout_s, batching)
+    except ValueError as exc:
+        parser.error(str(exc))
+
+    if args.models_dir is not None:
+        if args.model_dir is not None:
+            parser.error("use either --model-dir (one model) or --models-dir (many), not both")
+        logging.basicConfig(
+            level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        )
+        try:
+            return serve_repository(
+                args.models_dir,
+                http_port=args.http_port,
+                grpc_port=args.grpc_port,
+                max_memory_bytes=int(args.max_memory_mb * 1024 * 1024),
+                runtime=args.runtime,
+                preload=tuple(n for n in args.preload.split(",") if n),
+                max_body_bytes=args.max_body_bytes,
+                request_timeout_s=args.request_timeout_s,
+            )
+        except BundleError as exc:
+            log.error("%s", exc)
+            return EXIT_LOAD_FAILED
+    if args.model_dir is None or not args.model_name:
+        parser.error("--model-dir and --model-name are required (or --models-dir)")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", args.model_name):
+        log.error(
+            "model name %r is not URL-safe; use letters, digits, '.', '_', '-'", args.model_name
+        )
+        return 2
+    try:
+        return serve(
+            args.model_dir,
+            model_name=args.model_name,
+            model_version=args.model_version,
+            http_port=args.http_port,
+            grpc_port=args.grpc_port,
+            max_batch_size=args.max_batch_size,
+            max_body_bytes=args.max_body_bytes,
+            payload_log=args.payload_log,
+            payload_sample_rate=args.payload_sample_rate,
+            fault=FaultInjection(args.fault_error_rate, args.fault_latency_ms),
+            runtime=args.runtime,
+            batching=batching,
+            request_timeout_s=args.request_timeout_s,
+        )
+    except BundleError as exc:
+        log.error("%s", exc)
+        return EXIT_LOAD_FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,274 @@
+"""The model server's REST app: kserve's FastAPI app with kubeml's routes and middleware.
+
+Where it sits: in ``kubeml.serving.server``; :func:`build_server` is what ``_run.py``'s
+``serve`` and ``serve_repository`` call. It closes the gaps where kserve answers a client
+mistake with a 5xx or no JSON:
+
+* FastAPI's 422 validation errors, unknown routes (404) and wrong methods (405) answer
+  with the same ``{"error": "..."}`` body as every other error;
+* bodies above ``--max-body-bytes`` get a 413 before they are buffered, and JSON nested
+  deeply enough to exhaust the parser's recursion gets a 400 (:class:`_RequestGuard`);
+* ``/v2/models/NAME/versions/V/...`` is answered for the served version (kserve itself
+  answers 501 for any versioned route) and 404 for any other version;
+* the V2 model repository routes load in a worker thread (multi-model mode).
+
+Middleware order, outermost first: telemetry (so 413s and guard errors are timed and
+counted too), the request guard, kserve's app.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from typing import Any
+
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from kubeml.config import DEFAULT_REQUEST_TIMEOUT_S
+from kubeml.errors import BundleError
+from kubeml.serving.protocol import send_json_error
+from kubeml.serving.server._dataplane import InferenceTimeout
+from kubeml.serving.server._grpc import GrpcTelemetryInterceptor
+from kubeml.serving.server._kserve import KubemlModelServer, kserve_app, quiet_kserve_logs
+from kubeml.serving.server._limits import GRACE_PERIOD_S
+from kubeml.serving.telemetry import FaultInjection, ModelTelemetry, TelemetryMiddleware
+
+__all__ = ["build_server"]
+
+log = logging.getLogger("kubeml.serving.server")
+
+_VERSIONED_ROUTE = re.compile(
+    r"^/v2/models/(?P<name>[^/]+)/versions/(?P<version>[^/]+)(?P<rest>/.*)?$"
+)
+
+
+# --------------------------------------------------------------------------------------
+# ASGI guard: body limit, deep nesting, versioned routes. Plain ASGI so it depends on no
+# particular Starlette/FastAPI version.
+# --------------------------------------------------------------------------------------
+
+
+class _RequestGuard:
+    def __init__(self, app: Any, *, max_body_bytes: int, versions: dict[str, str]):
+        # Raised from receive() so that FastAPI (which turns any other exception raised
+        # while reading the body into a generic 400) passes it through unchanged.
+        self._too_large_error = StarletteHTTPException
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+        self.versions = versions
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        match = _VERSIONED_ROUTE.match(scope["path"])
+        if match:
+            name, version, rest = match["name"], match["version"], match["rest"] or ""
+            served = self.versions.get(name)
+            if served is not None and version != served:
+                await send_json_error(
+                    send, 404, f"model {name!r} has no version {version!r}; serving {served!r}"
+                )
+                return
+            # Unknown names fall through to kserve, which answers 404 "model not found".
+            path = f"/v2/models/{name}{rest}"
+            scope = {**scope, "path": path, "raw_path": path.encode()}
+
+        for key, value in scope.get("headers", []):
+            if key == b"content-length":
+                try:
+                    declared = int(value)
+                except ValueError:
+                    await send_json_error(send, 400, "invalid Content-Length header")
+                    return
+                if declared > self.max_body_bytes:
+                    await send_json_error(send, 413, self._too_large())
+                    return
+
+        received = 0
+        started = False
+
+        async def limited_receive() -> dict:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_body_bytes:
+                    raise self._too_large_error(413, self._too_large())
+            return message
+
+        async def tracking_send(message: dict) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, tracking_send)
+        except RecursionError:
+            if started:
+                raise
+            await send_json_error(send, 400, "request JSON is nested too deeply")
+
+    def _too_large(self) -> str:
+        return (
+            f"request body exceeds {self.max_body_bytes} bytes; "
+            "send fewer instances per request"
+        )
+
+
+class _RepositoryVersions:
+    """``versions.get(name)`` for a multi-model server: whatever version is loaded now."""
+
+    def __init__(self, repository: Any):
+        self.repository = repository
+
+    def get(self, name: str, default: str = "") -> str:
+        model = self.repository.models.get(name)
+        return getattr(model, "version", default) if model is not None else default
+
+
+# --------------------------------------------------------------------------------------
+# Exception handlers: every error answers {"error": "..."}
+# --------------------------------------------------------------------------------------
+
+
+async def _validation_error(_request: Any, exc: RequestValidationError) -> Any:
+    problems = "; ".join(
+        f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg', '')}"
+        for e in exc.errors()[:5]
+    )
+    return JSONResponse(status_code=400, content={"error": f"invalid request: {problems}"})
+
+
+async def _inference_timeout(_request: Any, exc: InferenceTimeout) -> Any:
+    log.warning("%s", exc)
+    return JSONResponse(status_code=504, content={"error": str(exc)})
+
+
+async def _http_error(_request: Any, exc: StarletteHTTPException) -> Any:
+    return JSONResponse(
+        status_code=exc.status_code,
+        content={"error": str(exc.detail)},
+        headers=getattr(exc, "headers", None),
+    )
+
+
+def _add_repository_routes(app: Any, repository: Any) -> None:
+    """Model repository routes, registered before kserve's own (FastAPI matches the first).
+
+    kserve loads in the event loop (every other model stalls meanwhile) and answers 503
+    for any load failure; here loads run in a worker thread, an unknown bundle is a 404
+    and a model bigger than the whole memory cap a 400.
+    """
+
+    async def load(model_name: str) -> Any:
+        try:
+            await asyncio.to_thread(repository.load, model_name)
+        except BundleError as exc:
+            status = 400 if "cap" in str(exc) else 404
+            return JSONResponse(status_code=status, content={"error": str(exc)})
+        return {"name": model_name, "load": True, "loaded": repository.loaded(),
+                "used_bytes": repository.used_bytes}
+
+    async def unload(model_name: str) -> Any:
+        try:
+            repository.unload(model_name)
+        except KeyError:
+            return JSONResponse(
+                status_code=404, content={"error": f"model {model_name!r} is not loaded"}
+            )
+        return {"name": model_name, "unload": True}
+
+    async def index() -> Any:
+        loaded = set(repository.loaded())
+        names = sorted(
+            d.name for d in repository.root.iterdir() if (d / "kubeml-model.json").is_file()
+        )
+        return [
+            {"name": n, "state": "READY" if n in loaded else "UNAVAILABLE", "reason": ""}
+            for n in names
+        ]
+
+    app.add_api_route("/v2/repository/models/{model_name}/load", load, methods=["POST"])
+    app.add_api_route("/v2/repository/models/{model_name}/unload", unload, methods=["POST"])
+    app.add_api_route("/v2/repository/index", index, methods=["POST", "GET"])
+
+
+def build_server(
+    model: Any,
+    *,
+    repository: Any = None,
+    http_port: int,
+    grpc_port: int | None,
+    max_body_bytes: int,
+    payload_logger: Any = None,
+    fault: FaultInjection | None = None,
+    request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S,
+) -> KubemlModelServer:
+    """A ready-to-start server for ``model`` (one model) or ``repository`` (many).
+
+    ``grpc_port`` None: REST only. ``fault`` is the fault-injection hook: its errors are
+    answered by the telemetry middleware and the gRPC interceptor, its latency is spent
+    inside the data plane's deadline.
+    """
+    # The injected latency is spent inside the deadline, as a slow forward pass would be;
+    # the middleware (HTTP) and the gRPC interceptor inject errors only, answered at once.
+    fault_latency_s = fault.latency_ms / 1000 if fault is not None else 0.0
+    middleware_fault = FaultInjection(error_rate=fault.error_rate) if fault is not None else None
+
+    versions = {model.name: model.version} if model is not None else _RepositoryVersions(repository)
+    grpc_telemetry = (
+        GrpcTelemetryInterceptor(versions, fault) if grpc_port is not None else None
+    )
+
+    app = kserve_app()
+    quiet_kserve_logs()
+
+    if repository is not None:
+        _add_repository_routes(app, repository)
+    # kserve registers its own handlers at start(); these two types it leaves alone.
+    app.exception_handlers[RequestValidationError] = _validation_error
+    app.exception_handlers[StarletteHTTPException] = _http_error
+    app.exception_handlers[InferenceTimeout] = _inference_timeout
+    app.add_middleware(
+        _RequestGuard,
+        max_body_bytes=max_body_bytes,
+        versions={model.name: model.version} if model is not None and model.version else {},
+    )
+    if model is not None:
+        model.telemetry = ModelTelemetry(
+            model.name, model.version, tuple(model.spec.classes) if model.spec else ()
+        )
+    # Added last, so it is outermost: 413s and guard errors are timed and counted too.
+    app.add_middleware(
+        TelemetryMiddleware,
+        versions=versions,
+        payload_logger=payload_logger,
+        fault=middleware_fault,
+    )
+
+    server = KubemlModelServer(
+        repository=repository,
+        grpc_telemetry=grpc_telemetry,
+        request_timeout_s=request_timeout_s,
+        fault_latency_s=fault_latency_s,
+        http_port=http_port,
+        grpc_port=grpc_port or 0,
+        workers=1,
+        enable_docs_url=False,
+        enable_latency_logging=False,
+        grace_period=GRACE_PERIOD_S,
+        access_log_format=None,
+        event_loop="asyncio",
+        timeout_keep_alive=65,
+        ssl_certfile=None,
+        ssl_keyfile=None,
+    )
+    if model is not None:
+        server.register_model(model)
+    return server

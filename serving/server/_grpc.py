@@ -1,0 +1,123 @@
+"""The model server's gRPC side: Open Inference Protocol V2 with kubeml's telemetry.
+
+Where it sits: in ``kubeml.serving.server``; :class:`~kubeml.serving.server._kserve.KubemlModelServer`
+starts a :class:`TelemetryGRPCServer` when the server runs with ``--grpc-port``. It shares
+the REST side's data plane (deadlines, strict decoding) and its metrics: ``ModelInfer``
+calls are counted as protocol ``grpc`` with the HTTP status their gRPC code stands for
+(``kubeml.serving.protocol``), and the fault-injection hook's error rate applies to them.
+
+Imports grpc and kserve: load it only to serve.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from concurrent import futures
+from typing import Any
+
+import grpc
+from grpc import aio
+from grpc.aio import ServerInterceptor
+
+from kubeml.serving._kserve import kserve  # noqa: F401  (kserve first, with a bare argv)
+from kserve.protocol.grpc import grpc_predict_v2_pb2_grpc
+from kserve.protocol.grpc.interceptors import ExceptionToStatusInterceptor, LoggingInterceptor
+from kserve.protocol.grpc.server import GRPCServer
+from kserve.protocol.grpc.servicer import InferenceServicer
+from kubeml.serving.protocol import grpc_http_status
+from kubeml.serving.telemetry import LATENCY, REQUESTS, ErrorSchedule, FaultInjection
+
+__all__ = ["GRPC_INFER_METHOD", "GrpcTelemetryInterceptor", "TelemetryGRPCServer"]
+
+log = logging.getLogger("kubeml.serving.server")
+
+#: Full name of the OIP inference method, the one gRPC method that is timed, counted and
+#: may get an injected fault (health and metadata stay truthful, as over HTTP).
+GRPC_INFER_METHOD = "/inference.GRPCInferenceService/ModelInfer"
+
+
+def _status_label(code: Any) -> str:
+    """The HTTP status (as the metrics label) a gRPC status code stands for."""
+    return str(grpc_http_status(code))
+
+
+class GrpcTelemetryInterceptor(ServerInterceptor):
+    """A ``grpc.aio`` server interceptor: the gRPC side of
+    :class:`~kubeml.serving.telemetry.TelemetryMiddleware`.
+
+    ``ModelInfer`` calls are timed and counted in ``kubeml_requests_total`` /
+    ``kubeml_request_latency_seconds`` with protocol ``grpc``, and, when ``fault`` has an
+    error rate, that share of them is answered ``UNAVAILABLE`` at once (HTTP's 503).
+    Registered outermost, so kserve's exception mapping has set the status it reads.
+    ``versions.get(name)`` gives the version a model's metrics are labelled with.
+    """
+
+    def __init__(self, versions: Any, fault: FaultInjection | None):
+        self.versions = versions
+        self._errors = ErrorSchedule(fault.error_rate if fault is not None else 0.0)
+
+    async def intercept_service(self, continuation: Any, details: Any) -> Any:
+        handler = await continuation(details)
+        if details.method != GRPC_INFER_METHOD or handler is None or handler.unary_unary is None:
+            return handler
+        inner = handler.unary_unary
+        versions, errors = self.versions, self._errors
+
+        async def model_infer(request: Any, context: Any) -> Any:
+            model = request.model_name
+            version = versions.get(model, "") or "unversioned"
+            started = time.perf_counter()
+            status = "500"
+            try:
+                if errors.next_fails():
+                    status = _status_label(grpc.StatusCode.UNAVAILABLE)
+                    await context.abort(
+                        grpc.StatusCode.UNAVAILABLE, "injected fault (fault-injection hook)"
+                    )
+                response = await inner(request, context)
+                code = context.code()
+                status = _status_label(code if code is not None else grpc.StatusCode.OK)
+                return response
+            except BaseException:
+                code = context.code()
+                if code is not None:
+                    status = _status_label(code)
+                elif context.cancelled():
+                    status = "499"
+                raise
+            finally:
+                REQUESTS.labels(model, version, "grpc", status).inc()
+                LATENCY.labels(model, version, "grpc").observe(time.perf_counter() - started)
+
+        return grpc.unary_unary_rpc_method_handler(
+            model_infer,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+
+class TelemetryGRPCServer(GRPCServer):
+    """kserve's gRPC server with a :class:`GrpcTelemetryInterceptor` in front of kserve's
+    own interceptors (kserve fixes its list when it builds the server)."""
+
+    def __init__(self, *args: Any, telemetry: GrpcTelemetryInterceptor, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.telemetry = telemetry
+
+    async def start(self, max_workers: int) -> None:
+        self._server = aio.server(
+            futures.ThreadPoolExecutor(max_workers=max_workers),
+            interceptors=(self.telemetry, LoggingInterceptor(), ExceptionToStatusInterceptor()),
+            options=[
+                (name, self._kwargs.get(name))
+                for name in ("grpc_max_send_message_length", "grpc_max_receive_message_length")
+            ],
+        )
+        grpc_predict_v2_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
+            InferenceServicer(self._data_plane, self._model_repository_extension), self._server
+        )
+        self._server.add_insecure_port(f"[::]:{self._port}")
+        log.info("gRPC server on port %d", self._port)
+        await self._server.start()
+        await self._server.wait_for_termination()

@@ -1,0 +1,113 @@
+"""Prometheus series of a model server, and the per-model hook the model classes call.
+
+Where it sits: the bottom of ``kubeml.serving.telemetry``. The ASGI middleware
+(``middleware.py``) and the server's gRPC interceptor count requests here; the model
+classes report batch sizes and predicted classes through
+:meth:`ModelTelemetry.observe_batch`; payload sinks count dropped records. It imports no
+web framework, so the model classes may import it.
+
+Metrics (on the server's ``/metrics``, next to kserve's own)::
+
+    kubeml_requests_total{model,version,protocol,status}       counter
+    kubeml_request_latency_seconds{model,version,protocol}     histogram
+    kubeml_batch_size{model,version}                           histogram
+    kubeml_predictions_total{model,version,class}              counter
+    kubeml_payload_records_dropped_total{sink}                 counter
+
+``protocol`` is ``v1``, ``v2`` or ``grpc`` (OIP ``ModelInfer``, counted by the model
+server's gRPC interceptor); for gRPC, ``status`` is the HTTP status the gRPC code stands
+for (OK 200, UNAVAILABLE 503, DEADLINE_EXCEEDED 504, ...; ``kubeml.serving.protocol``), so
+one ``status=~"5.."`` selector sees the server errors of both protocols.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from prometheus_client import Counter, Histogram
+
+__all__ = [
+    "BATCH_SIZE",
+    "LATENCY",
+    "PAYLOAD_DROPPED",
+    "PREDICTIONS",
+    "REQUESTS",
+    "ModelTelemetry",
+    "infer_route",
+]
+
+# Seconds; spans a cached small CNN (~1 ms) to a cold or overloaded server (~10 s).
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+# Instances per batch; powers of two up to the default max batch size (1024).
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+
+REQUESTS = Counter(
+    "kubeml_requests",
+    "Inference requests by model, version, protocol and HTTP status",
+    ["model", "version", "protocol", "status"],
+)
+LATENCY = Histogram(
+    "kubeml_request_latency_seconds",
+    "Inference request latency as seen by the server, body read to last byte sent",
+    ["model", "version", "protocol"],
+    buckets=_LATENCY_BUCKETS,
+)
+BATCH_SIZE = Histogram(
+    "kubeml_batch_size",
+    "Instances per inference batch",
+    ["model", "version"],
+    buckets=_BATCH_BUCKETS,
+)
+PREDICTIONS = Counter(
+    "kubeml_predictions",
+    "Predicted class per instance (the prediction distribution, for drift alerts)",
+    ["model", "version", "class"],
+)
+
+PAYLOAD_DROPPED = Counter(
+    "kubeml_payload_records_dropped",
+    "Sampled payload records lost: queue full, sink unreachable or delivery failed",
+    ["sink"],
+)
+
+_INFER = re.compile(
+    r"^/(?:v2/models/(?P<v2>[^/]+)(?:/versions/[^/]+)?/infer|v1/models/(?P<v1>[^/:]+):predict)$"
+)
+
+
+def infer_route(path: str) -> tuple[str, str] | None:
+    """``(model name, protocol)`` when ``path`` is an inference route, else None.
+
+    >>> infer_route("/v2/models/digits/infer")
+    ('digits', 'v2')
+    >>> infer_route("/v1/models/digits:predict")
+    ('digits', 'v1')
+    >>> infer_route("/v2/health/ready") is None
+    True
+    """
+    m = _INFER.match(path)
+    if not m:
+        return None
+    return (m["v2"], "v2") if m["v2"] else (m["v1"], "v1")
+
+
+class ModelTelemetry:
+    """Per-model hooks the model class calls; labels are fixed at construction."""
+
+    def __init__(self, model: str, version: str, classes: tuple[str, ...] = ()):
+        self.model = model
+        self.version = version or "unversioned"
+        self.classes = classes
+        self._batch = BATCH_SIZE.labels(model, self.version)
+
+    def observe_batch(self, predictions: Any) -> None:
+        """Record one batch's size and predicted classes (an int array or list)."""
+        preds = list(predictions)
+        self._batch.observe(len(preds))
+        counts: dict[int, int] = {}
+        for p in preds:
+            counts[int(p)] = counts.get(int(p), 0) + 1
+        for index, n in counts.items():
+            label = self.classes[index] if index < len(self.classes) else str(index)
+            PREDICTIONS.labels(self.model, self.version, label).inc(n)
