@@ -209,7 +209,7 @@ def _train_cluster(cfg, store, target: str, run: str, dataset: str, version: str
     """Build the job; with ``dry_run`` print it, else submit it and follow it to the end."""
     import yaml
 
-    from kubeml.training.launch import build_manifest, cancel_on_sigterm, train_on_cluster
+    from kubeml.training.launchers import build_manifest, cancel_on_sigterm, train_on_cluster
 
     manifest, opts = build_manifest(cfg, target, run_id=run, dataset=dataset, dataset_version=version, resume=resume)
     if dry_run:

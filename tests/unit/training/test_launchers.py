@@ -8,8 +8,8 @@ import pytest
 
 from kubeml.config import KubemlConfig
 from kubeml.errors import ConfigError
-from kubeml.training.launch_kuberay import KubeRayOptions, rayjob_manifest
-from kubeml.training.launch_sagemaker import SageMakerOptions, model_trainer, training_job_manifest
+from kubeml.training.launchers.kuberay import KubeRayOptions, rayjob_manifest
+from kubeml.training.launchers.sagemaker import SageMakerOptions, model_trainer, training_job_manifest
 from kubeml.training.ray_main import main
 
 
