@@ -77,7 +77,7 @@ def _with_overrides(cfg: EnvironmentConfig, **overrides: Any) -> EnvironmentConf
 
 
 def _follow(store, run_id: str, worker: threading.Thread) -> None:
-    from kubeml.training.trainer import read_progress
+    from kubeml.training.fit import read_progress
 
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[detail]}"),
                TimeElapsedColumn())
@@ -132,7 +132,7 @@ def _test_accuracy(cfg: EnvironmentConfig, store, result, dataset: str, version:
 
 
 def _train_local(cfg: EnvironmentConfig, store, run_id: str, dataset: str, version: str, resume: bool | None):
-    from kubeml.training.trainer import _ensure_ray, fit
+    from kubeml.training.fit import _ensure_ray, fit
 
     _ensure_ray(cfg)  # in the main thread: ray.init installs signal handlers
     outcome: dict[str, Any] = {}
@@ -175,7 +175,7 @@ def train(
     store = cfg.artifact_store.open()
     try:
         if resume:
-            from kubeml.training.trainer import run_spec_key
+            from kubeml.training.fit import run_spec_key
 
             try:
                 spec = json.loads(store.get_text(run_spec_key(resume)))

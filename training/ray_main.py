@@ -1,7 +1,7 @@
 """Entry point of a training job on a cluster: ``python -m kubeml.training.ray_main``.
 
 The KubeRay ``RayJob`` entrypoint and the SageMaker entry script both run this. The job's
-environment carries everything :func:`~kubeml.training.trainer.fit` needs:
+environment carries everything :func:`~kubeml.training.fit.fit` needs:
 
 - ``KUBEML_CONFIG``: the environment configuration as JSON (``EnvironmentConfig``);
 - ``KUBEML_RUN_ID``, ``KUBEML_DATASET``, ``KUBEML_DATASET_VERSION``;
@@ -28,7 +28,7 @@ def main(environ: dict[str, str] | None = None) -> int:
     from kubeml.config import EnvironmentConfig
     from kubeml.errors import KubemlError
     from kubeml.training.launchers import write_result
-    from kubeml.training.trainer import fit
+    from kubeml.training.fit import fit
 
     env = os.environ if environ is None else environ
     missing = [k for k in ("KUBEML_CONFIG", "KUBEML_RUN_ID", "KUBEML_DATASET", "KUBEML_DATASET_VERSION") if not env.get(k)]
