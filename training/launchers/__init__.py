@@ -47,14 +47,14 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CLUSTER_TARGETS",
-    "LAUNCHERS",
-    "RBAC_RULES",
     "ClusterLauncher",
     "ClusterTrainResult",
     "JobApiError",
     "JobOutcome",
     "JobState",
+    "LAUNCHERS",
     "Launcher",
+    "RBAC_RULES",
     "TrainOutcome",
     "build_manifest",
     "cancel_on_sigterm",

@@ -57,9 +57,9 @@ from kubeml.errors import ConfigError, JobCancelled, JobConflict, JobError, JobF
 from kubeml.training.launchers._contract import JobOutcome
 
 __all__ = [
-    "RBAC_RULES",
     "JobApiError",
     "JobState",
+    "RBAC_RULES",
     "cancel_on_sigterm",
     "job_state",
     "run_job",
