@@ -28,39 +28,36 @@ CLUSTER_TARGETS = ("kuberay", "sagemaker")
 
 
 class ClusterLauncher:
-    """A launcher that trains as a Kubernetes job; subclasses say how to build the manifest.
+    """A launcher that trains as a Kubernetes job; a subclass names its target, the
+    ``training.launcher`` options model of it and the function that builds its manifest.
 
     :meth:`train` follows the job inside :func:`cancel_on_sigterm`: KFP terminates a
     cancelled run's step with SIGTERM, and the job it started is then deleted.
     """
 
     name: str = ""
+    options_type: Any = None
+    """The options model; ``options_type.from_training(cfg.training)`` validates ``training.launcher``."""
+    build: Callable[..., dict[str, Any]]
+    """``build(cfg, *, run_id, dataset, dataset_version, options, resume)``: the job's manifest."""
 
     def options(self, tc: TrainingConfig) -> Any:
         """The validated ``training.launcher`` options of this target."""
-        raise NotImplementedError
+        return self.options_type.from_training(tc)
 
     def manifest(self, cfg: EnvironmentConfig, *, run_id: str, dataset: str, dataset_version: str,
                  options: Any, resume: bool = False) -> dict[str, Any]:
         """The job's manifest, built with ``options``."""
-        raise NotImplementedError
+        return self.build(cfg, run_id=run_id, dataset=dataset, dataset_version=dataset_version,
+                          options=options, resume=resume)
 
-    def train(
-        self,
-        cfg: EnvironmentConfig,
-        store: ArtifactStore,
-        *,
-        run_id: str,
-        dataset: str,
-        dataset_version: str,
-        on_status: Callable[[str], None] | None = None,
-    ) -> TrainOutcome:
+    def train(self, cfg: EnvironmentConfig, store: ArtifactStore, *, run_id: str, dataset: str,
+              dataset_version: str, on_status: Callable[[str], None] | None = None) -> TrainOutcome:
+        """:meth:`kubeml.training.launchers.Launcher.train` as a job on the cluster."""
         with cancel_on_sigterm() as stop:
             res = train_on_cluster(cfg, store, target=self.name, run_id=run_id, dataset=dataset,
                                    dataset_version=dataset_version, on_status=on_status, stop=stop)
-        return TrainOutcome(bundle_key=res.bundle_key, checkpoint_uri=res.checkpoint_uri, epochs=res.epochs,
-                            history=res.history, time_to_first_step_s=res.time_to_first_step_s,
-                            job=res.job.record())
+        return TrainOutcome.of(res, job=res.job.record())
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r})"

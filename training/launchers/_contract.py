@@ -99,6 +99,12 @@ class TrainOutcome:
     job: dict | None = None
     """For cluster targets the job as :meth:`JobOutcome.record` gives it; None for a local run."""
 
+    @classmethod
+    def of(cls, result: TrainResult | ClusterTrainResult, *, job: dict | None = None) -> TrainOutcome:
+        """The outcome of a local (:class:`~kubeml.training.fit.TrainResult`) or cluster run."""
+        return cls(bundle_key=result.bundle_key, checkpoint_uri=result.checkpoint_uri, epochs=result.epochs,
+                   history=result.history, time_to_first_step_s=result.time_to_first_step_s, job=job)
+
 
 # ------------------------------------------------------------------ the result record
 

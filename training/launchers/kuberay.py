@@ -215,11 +215,5 @@ class KubeRayLauncher(ClusterLauncher):
     """``training.target: kuberay``: a ``RayJob`` on the cluster, followed to the end."""
 
     name = "kuberay"
-
-    def options(self, tc: TrainingConfig) -> KubeRayOptions:
-        return KubeRayOptions.from_training(tc)
-
-    def manifest(self, cfg: EnvironmentConfig, *, run_id: str, dataset: str, dataset_version: str,
-                 options: KubeRayOptions, resume: bool = False) -> dict[str, Any]:
-        return rayjob_manifest(cfg, run_id=run_id, dataset=dataset, dataset_version=dataset_version,
-                               options=options, resume=resume)
+    options_type = KubeRayOptions
+    build = staticmethod(rayjob_manifest)

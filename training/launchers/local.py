@@ -26,23 +26,14 @@ class LocalLauncher:
 
     name = "local"
 
-    def train(
-        self,
-        cfg: EnvironmentConfig,
-        store: ArtifactStore,
-        *,
-        run_id: str,
-        dataset: str,
-        dataset_version: str,
-        on_status: Callable[[str], None] | None = None,
-    ) -> TrainOutcome:
+    def train(self, cfg: EnvironmentConfig, store: ArtifactStore, *, run_id: str, dataset: str,
+              dataset_version: str, on_status: Callable[[str], None] | None = None) -> TrainOutcome:
+        """:meth:`kubeml.training.launchers.Launcher.train` in this process."""
         # on_status is for job status lines; a local run has none (its progress goes to
         # runs/RUN_ID/train/progress.json like every run's).
         from kubeml.training.fit import fit
 
-        result = fit(cfg, store, dataset=dataset, dataset_version=dataset_version, run_id=run_id)
-        return TrainOutcome(bundle_key=result.bundle_key, checkpoint_uri=result.checkpoint_uri, epochs=result.epochs,
-                            history=result.history, time_to_first_step_s=result.time_to_first_step_s, job=None)
+        return TrainOutcome.of(fit(cfg, store, dataset=dataset, dataset_version=dataset_version, run_id=run_id))
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r})"

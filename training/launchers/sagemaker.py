@@ -209,11 +209,5 @@ class SageMakerLauncher(ClusterLauncher):
     """``training.target: sagemaker``: an ACK ``TrainingJob`` on the cluster, followed to the end."""
 
     name = "sagemaker"
-
-    def options(self, tc: TrainingConfig) -> SageMakerOptions:
-        return SageMakerOptions.from_training(tc)
-
-    def manifest(self, cfg: EnvironmentConfig, *, run_id: str, dataset: str, dataset_version: str,
-                 options: SageMakerOptions, resume: bool = False) -> dict[str, Any]:
-        return training_job_manifest(cfg, run_id=run_id, dataset=dataset, dataset_version=dataset_version,
-                                     options=options, resume=resume)
+    options_type = SageMakerOptions
+    build = staticmethod(training_job_manifest)
