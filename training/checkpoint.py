@@ -21,7 +21,6 @@ to the newest earlier checkpoint that verifies.
 from __future__ import annotations
 
 import json
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from kubeml._files import sha256_file
+from kubeml._files import atomic_write_text, sha256_file
 from kubeml.errors import CheckpointCorrupt
 
 __all__ = [
@@ -162,9 +161,8 @@ def save_checkpoint(directory: str | Path, state: TrainState) -> Path:
         "epoch": state.epoch,
         "files": {name: {"bytes": (out / name).stat().st_size, "sha256": sha256_file(out / name)} for name in _PAYLOAD},
     }
-    tmp = out / (MANIFEST_FILE + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2))
-    os.replace(tmp, out / MANIFEST_FILE)
+    # Atomic: a reader sees either no manifest (incomplete checkpoint) or the whole one.
+    atomic_write_text(out / MANIFEST_FILE, json.dumps(manifest, indent=2))
     return out
 
 

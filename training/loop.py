@@ -1,6 +1,6 @@
 """The training step and its parts, in plain PyTorch (no Ray).
 
-The Ray Train worker loop (:mod:`kubeml.training.trainer`), the Ray Tune trainable
+The Ray Train worker loop (:mod:`kubeml.training.worker`), the Ray Tune trainable
 (:mod:`kubeml.training.tune`) and the benchmarks all drive the same :class:`Stepper`, so
 what is measured and tested is exactly what runs in production:
 

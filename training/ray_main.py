@@ -1,7 +1,7 @@
 """Entry point of a training job on a cluster: ``python -m kubeml.training.ray_main``.
 
 The KubeRay ``RayJob`` entrypoint and the SageMaker entry script both run this. The job's
-environment carries everything :func:`~kubeml.training.trainer.fit` needs:
+environment carries everything :func:`~kubeml.training.fit.fit` needs:
 
 - ``KUBEML_CONFIG``: the environment configuration as JSON (``EnvironmentConfig``);
 - ``KUBEML_RUN_ID``, ``KUBEML_DATASET``, ``KUBEML_DATASET_VERSION``;
@@ -11,7 +11,7 @@ Checkpoints go to the configured artifact store (S3 on a cluster), so a restarte
 on a new spot node or a new SageMaker instance, continues from the last one. The model
 bundle and the run's result record go there too (``models/RUN_ID/bundle``,
 ``runs/RUN_ID/train/result.json``): the train step that launched the job reads them back
-(the contract is in :mod:`kubeml.training.launch`).
+(the contract is in :mod:`kubeml.training.launchers._contract`).
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ def main(environ: dict[str, str] | None = None) -> int:
     from kubeml.artifacts import open_store
     from kubeml.config import EnvironmentConfig
     from kubeml.errors import KubemlError
-    from kubeml.training.launch import write_result
-    from kubeml.training.trainer import fit
+    from kubeml.training.launchers import write_result
+    from kubeml.training.fit import fit
 
     env = os.environ if environ is None else environ
     missing = [k for k in ("KUBEML_CONFIG", "KUBEML_RUN_ID", "KUBEML_DATASET", "KUBEML_DATASET_VERSION") if not env.get(k)]

@@ -79,7 +79,7 @@ def train_trial(config: dict[str, Any]) -> None:
     from kubeml.data import load_dataset
     from kubeml.training.loop import Stepper, evaluate, make_optimizer, make_scheduler, windows
     from kubeml.models import build_model
-    from kubeml.training.trainer import _seed_everything, _split_validation
+    from kubeml.training.worker import _seed_everything, _split_validation
 
     tc = {**config["training"], **{k: config[k] for k in SEARCHED}}
     seed = config["seed"]
@@ -135,7 +135,7 @@ def run_tune(
     from ray.tune.search import ConcurrencyLimiter
     from ray.tune.search.optuna import OptunaSearch
 
-    from kubeml.training.trainer import _ensure_ray
+    from kubeml.training.fit import _ensure_ray
 
     t0 = time.perf_counter()
     tc = cfg.training

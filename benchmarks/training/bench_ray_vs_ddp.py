@@ -98,7 +98,7 @@ def run_plain(args: dict) -> dict:
 
 
 def run_kubeml(cfg, store, m, tag: str) -> dict:
-    from kubeml.training.trainer import fit
+    from kubeml.training.fit import fit
 
     r = fit(cfg, store, dataset=m.name, dataset_version=m.version, run_id=f"bench-{tag}-{int(time.time())}")
     steady = r.history[1:] or r.history

@@ -62,7 +62,7 @@ def _with_overrides(cfg: EnvironmentConfig, **overrides: Any) -> EnvironmentConf
 
 
 def _follow(store, run_id: str, worker: threading.Thread) -> None:
-    from kubeml.training.trainer import read_progress
+    from kubeml.training.fit import read_progress
 
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[detail]}"),
                TimeElapsedColumn())
@@ -117,7 +117,7 @@ def _test_accuracy(cfg: EnvironmentConfig, store, result, dataset: str, version:
 
 
 def _train_local(cfg: EnvironmentConfig, store, run_id: str, dataset: str, version: str, resume: bool | None):
-    from kubeml.training.trainer import _ensure_ray, fit
+    from kubeml.training.fit import _ensure_ray, fit
 
     _ensure_ray(cfg)  # in the main thread: ray.init installs signal handlers
     outcome: dict[str, Any] = {}
@@ -159,7 +159,7 @@ def train(
     store = cfg.artifact_store.open()
     try:
         if resume:
-            from kubeml.training.trainer import run_spec_key
+            from kubeml.training.fit import run_spec_key
 
             try:
                 spec = json.loads(store.get_text(run_spec_key(resume)))
@@ -191,7 +191,7 @@ def _train_cluster(cfg, store, target: str, run: str, dataset: str, version: str
     """Build the job; with ``dry_run`` print it, else submit it and follow it to the end."""
     import yaml
 
-    from kubeml.training.launch import build_manifest, cancel_on_sigterm, train_on_cluster
+    from kubeml.training.launchers import build_manifest, cancel_on_sigterm, train_on_cluster
 
     manifest, opts = build_manifest(cfg, target, run_id=run, dataset=dataset, dataset_version=version, resume=resume)
     if dry_run:

@@ -78,7 +78,7 @@ def process_group(tmp_path):
 def test_fsdp_fully_shard_on_cuda_trains_and_round_trips_its_full_state(process_group):
     from torch.distributed.tensor import DTensor
 
-    from kubeml.training.trainer import _load_states, _model_state, _optim_state, _shard_model
+    from kubeml.training.worker import _load_states, _model_state, _optim_state, _shard_model
 
     device = torch.device("cuda")
     torch.manual_seed(0)

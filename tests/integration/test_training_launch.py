@@ -28,16 +28,10 @@ from kubernetes.client.exceptions import ApiException
 
 from kubeml.testing.cluster.fixtures import wait_until
 from kubeml.config import KubemlConfig
-from kubeml.training.launch import (
-    RBAC_RULES,
-    JobCancelled,
-    JobConflict,
-    JobFailed,
-    JobTimedOut,
-    run_job,
-)
-from kubeml.training.launch_kuberay import rayjob_manifest, rayjob_name
-from kubeml.training.launch_sagemaker import training_job_manifest
+from kubeml.errors import JobCancelled, JobConflict, JobFailed, JobTimedOut
+from kubeml.training.launchers import RBAC_RULES, run_job
+from kubeml.training.launchers.kuberay import rayjob_manifest, rayjob_name
+from kubeml.training.launchers.sagemaker import training_job_manifest
 
 pytestmark = pytest.mark.integration
 
@@ -288,7 +282,7 @@ def test_sigterm_to_the_train_command_deletes_its_job(cluster, admin, namespace,
     job = _rayjob(namespace)
     (tmp_path / "job.json").write_text(json.dumps(job))
     code = ("import json, sys\n"
-            "from kubeml.training.launch import cancel_on_sigterm, run_job\n"
+            "from kubeml.training.launchers import cancel_on_sigterm, run_job\n"
             "with cancel_on_sigterm() as stop:\n"
             "    run_job(json.load(open(sys.argv[1])), poll_s=0.1, timeout_s=120, stop=stop,\n"
             "            on_status=lambda s: print(s, flush=True))\n")

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 
 from kubeml.config import KubemlConfig
-from kubeml.training.launch import server_dry_run
-from kubeml.training.launch_kuberay import rayjob_manifest
-from kubeml.training.launch_sagemaker import training_job_manifest
+from kubeml.training.launchers import server_dry_run
+from kubeml.training.launchers.kuberay import rayjob_manifest
+from kubeml.training.launchers.sagemaker import training_job_manifest
 
 pytestmark = pytest.mark.integration
 

@@ -19,7 +19,7 @@ from kubeml.config import KubemlConfig
 from kubeml.data import ingest, load_dataset
 from kubeml.evaluation import evaluate_model
 from kubeml.training.checkpoint import MODEL_FILE
-from kubeml.training.trainer import FaultInjection, TrainingFailed, fit
+from kubeml.training.fit import FaultInjection, TrainingFailed, fit
 
 pytestmark = pytest.mark.slow
 

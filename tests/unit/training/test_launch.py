@@ -15,11 +15,9 @@ import pytest
 
 from kubeml.artifacts import open_store
 from kubeml.config import KubemlConfig
-from kubeml.errors import ConfigError
+from kubeml.errors import ConfigError, JobError, JobFailed
 from kubeml.ledger import Ledger
-from kubeml.training.launch import (
-    JobError,
-    JobFailed,
+from kubeml.training.launchers import (
     build_manifest,
     cancel_on_sigterm,
     job_state,
@@ -27,7 +25,7 @@ from kubeml.training.launch import (
     result_key,
     spec_hash,
 )
-from kubeml.training.launch_kuberay import MAX_RAYJOB_NAME, rayjob_name
+from kubeml.training.launchers.kuberay import MAX_RAYJOB_NAME, rayjob_name
 
 
 def _ray(**status):
@@ -109,8 +107,8 @@ def test_manifests_carry_the_run_id_and_the_resume_flag():
 
 
 def test_wait_timeouts_default_to_the_jobs_own_limits():
-    from kubeml.training.launch_kuberay import KubeRayOptions
-    from kubeml.training.launch_sagemaker import SageMakerOptions
+    from kubeml.training.launchers.kuberay import KubeRayOptions
+    from kubeml.training.launchers.sagemaker import SageMakerOptions
 
     assert KubeRayOptions().effective_wait_timeout_s == 24 * 3600
     assert KubeRayOptions(active_deadline_seconds=7200).effective_wait_timeout_s == 7200 + 3600

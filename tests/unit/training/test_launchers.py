@@ -1,15 +1,21 @@
-"""Launchers: RayJob and ACK TrainingJob manifests, the SageMaker SDK configuration, the entry point."""
+"""Launchers: the target seam, RayJob and ACK TrainingJob manifests, the SageMaker SDK configuration,
+the entry point."""
 
 from __future__ import annotations
 
 import json
+import pickle
 
 import pytest
+from kubernetes.client.exceptions import ApiException
 
 from kubeml.config import KubemlConfig
-from kubeml.errors import ConfigError
-from kubeml.training.launch_kuberay import KubeRayOptions, rayjob_manifest
-from kubeml.training.launch_sagemaker import SageMakerOptions, model_trainer, training_job_manifest
+from kubeml.artifacts import open_store
+from kubeml.errors import ConfigError, JobError, is_retryable
+from kubeml.training.launchers import RBAC_RULES, TrainOutcome, get_launcher, result_key
+from kubeml.training.launchers._jobs import JobApiError
+from kubeml.training.launchers.kuberay import KubeRayOptions, rayjob_manifest
+from kubeml.training.launchers.sagemaker import SageMakerOptions, model_trainer, training_job_manifest
 from kubeml.training.ray_main import main
 
 
@@ -76,3 +82,107 @@ def test_sagemaker_sdk_configuration_validates(monkeypatch):
 def test_entry_point_reports_missing_environment(capsys):
     assert main({}) == 2
     assert "KUBEML_CONFIG" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ the target seam
+
+
+@pytest.mark.parametrize("target", ["local", "kuberay", "sagemaker"])
+def test_get_launcher_returns_the_launcher_of_each_target(target):
+    launcher = get_launcher(target)
+    assert launcher.name == target
+    assert callable(launcher.train)
+
+
+def test_unknown_target_names_the_key_and_the_allowed_values():
+    with pytest.raises(ConfigError, match=r"training\.target 'slurm' .*allowed values: kuberay, local, sagemaker"):
+        get_launcher("slurm")
+
+
+def test_rbac_rules_stay_importable_from_the_package():
+    assert {g for rule in RBAC_RULES for g in rule["apiGroups"]} == {"ray.io", "sagemaker.services.k8s.aws"}
+
+
+class _Api:
+    """A ``CustomObjectsApi`` stand-in: ``create`` answers with ``answer`` (an object, or an error to raise)."""
+
+    def __init__(self, answer):
+        self.answer = answer
+        self.created = []
+
+    def create_namespaced_custom_object(self, group, version, namespace, plural, body, **kwargs):
+        self.created.append(body)
+        if isinstance(self.answer, BaseException):
+            raise self.answer
+        return {**body, **self.answer}
+
+
+class _S3Store:
+    """A file store that says it is on S3: the cluster path refuses any other store before it starts."""
+
+    uri = "s3://ml-artifacts/kubeml"
+
+    def __init__(self, inner):
+        self._inner = inner
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+
+@pytest.mark.parametrize(("status", "retryable"), [(401, False), (403, False), (404, False), (422, False),
+                                                   (429, True), (500, True), (503, True)])
+@pytest.mark.parametrize("target", ["kuberay", "sagemaker"])
+def test_cluster_launcher_api_errors_keep_their_retryable_meaning(monkeypatch, tmp_path, target, status, retryable):
+    monkeypatch.setattr("kubeml.training.launchers._jobs.custom_objects_api",
+                        lambda api_client=None: _Api(ApiException(status=status, reason="answer")))
+    store = _S3Store(open_store(f"file://{tmp_path}"))
+    with pytest.raises(JobError) as info:
+        get_launcher(target).train(_cfg(target=target, use_gpu=True), store, run_id="r1", dataset="digits",
+                                   dataset_version="v-1")
+    assert isinstance(info.value, JobApiError) and info.value.status == status
+    assert is_retryable(info.value) is retryable
+    again = pickle.loads(pickle.dumps(info.value))  # it crosses KFP and Ray process boundaries
+    assert (str(again), again.status, is_retryable(again)) == (str(info.value), status, retryable)
+    if status in (401, 403):
+        assert "kubeml.training.launchers.RBAC_RULES" in str(info.value)
+
+
+def test_cluster_launcher_hands_back_the_bundle_and_the_job_record(monkeypatch, tmp_path):
+    api = _Api({"status": {"jobDeploymentStatus": "Complete", "jobStatus": "SUCCEEDED"}})
+    monkeypatch.setattr("kubeml.training.launchers._jobs.custom_objects_api", lambda api_client=None: api)
+    store = _S3Store(open_store(f"file://{tmp_path}"))
+    store.put_text("models/r1/bundle/spec.json", "{}")
+    store.put_text(result_key("r1"), json.dumps({
+        "run_id": "r1", "bundle_key": "models/r1/bundle", "checkpoint_uri": "s3://ml-artifacts/kubeml/checkpoints/c",
+        "epochs": 2, "history": [{"loss": 1.0}, {"loss": 0.5}], "time_to_first_step_s": 3.5}))
+    seen = []
+    out = get_launcher("kuberay").train(_cfg(target="kuberay", use_gpu=True), store, run_id="r1", dataset="digits",
+                                        dataset_version="v-1", on_status=seen.append)
+    assert isinstance(out, TrainOutcome)
+    assert (out.bundle_key, out.epochs, out.history, out.time_to_first_step_s) == (
+        "models/r1/bundle", 2, ({"loss": 1.0}, {"loss": 0.5}), 3.5)
+    assert seen == ["Complete / SUCCEEDED"]
+    job = out.job
+    assert set(job) == {"kind", "namespace", "name", "status", "transitions", "adopted", "replaced", "wait_s",
+                        "model_artifacts"}
+    assert (job["kind"], job["name"], job["status"], job["transitions"], job["adopted"]) == (
+        "RayJob", "kubeml-r1", "Complete / SUCCEEDED", ["Complete / SUCCEEDED"], False)
+    assert api.created[0]["metadata"]["annotations"]["kubeml.io/run-id"] == "r1"
+
+
+def test_local_launcher_runs_fit_here_and_has_no_job(monkeypatch, tmp_path):
+    from kubeml.training.fit import TrainResult
+
+    calls = []
+
+    def fake_fit(cfg, store, *, dataset, dataset_version, run_id):
+        calls.append((dataset, dataset_version, run_id))
+        return TrainResult(run_id=run_id, bundle_key=f"models/{run_id}/bundle", epochs=1, history=({"loss": 0.1},),
+                           checkpoint_uri="file:///c", time_to_first_step_s=2.0, wall_s=5.0)
+
+    monkeypatch.setattr("kubeml.training.fit.fit", fake_fit)
+    out = get_launcher("local").train(_cfg(), open_store(f"file://{tmp_path}"), run_id="r1", dataset="digits",
+                                      dataset_version="v-1")
+    assert calls == [("digits", "v-1", "r1")]
+    assert out == TrainOutcome(bundle_key="models/r1/bundle", checkpoint_uri="file:///c", epochs=1,
+                               history=({"loss": 0.1},), time_to_first_step_s=2.0, job=None)

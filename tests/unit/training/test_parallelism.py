@@ -26,12 +26,12 @@ from kubeml.bundle import load_bundle
 from kubeml.config import KubemlConfig
 from kubeml.data import ingest, load_dataset
 from kubeml.evaluation import evaluate_model
-from kubeml.training.trainer import FaultInjection, fit, read_steps
+from kubeml.training.fit import FaultInjection, fit, read_steps
 
 pytestmark = pytest.mark.slow
 
 EPOCHS = 3
-#: PowerSGD's warm-up: the hook in trainer.py starts compressing at this step.
+#: PowerSGD's warm-up: the hook in worker.py starts compressing at this step.
 POWERSGD_START = 10
 
 

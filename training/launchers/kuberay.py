@@ -7,10 +7,12 @@ interfaces ``vpc.amazonaws.com/efa`` for NCCL over EFA), tolerate the GPU taint,
 run on spot capacity. Spot is only allowed with an ``s3://`` artifact store: checkpoints
 then outlive the node, and an interruption costs at most ``checkpoint_every_epochs``.
 
-This module only builds the manifest; :mod:`kubeml.training.launch` creates the ``RayJob``,
-follows its status and holds the artifact contract: the job's entrypoint writes the model
-bundle to ``models/RUN_ID/bundle`` in the (S3) artifact store of ``KUBEML_CONFIG``, where the
-train stage and the evaluate/register steps after it read it.
+Where it sits: this module builds the manifest and names the launcher
+(:class:`KubeRayLauncher`, ``training.target: kuberay``);
+:mod:`kubeml.training.launchers._jobs` creates the ``RayJob`` and follows its status, and
+:mod:`kubeml.training.launchers._contract` holds the artifact contract: the job's entrypoint
+writes the model bundle to ``models/RUN_ID/bundle`` in the (S3) artifact store of
+``KUBEML_CONFIG``, where the train stage and the evaluate/register steps after it read it.
 """
 
 from __future__ import annotations
@@ -24,8 +26,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from kubeml.config import EnvironmentConfig, TrainingConfig
 from kubeml.errors import ConfigError
+from kubeml.training.launchers._cluster import ClusterLauncher
 
-__all__ = ["KubeRayOptions", "rayjob_manifest", "rayjob_name"]
+__all__ = ["KubeRayLauncher", "KubeRayOptions", "rayjob_manifest", "rayjob_name"]
 
 GROUP, VERSION, PLURAL = "ray.io", "v1", "rayjobs"
 NODEGROUP_LABEL = "eks.amazonaws.com/nodegroup"
@@ -207,3 +210,10 @@ def rayjob_manifest(
         "spec": spec,
     }
 
+
+class KubeRayLauncher(ClusterLauncher):
+    """``training.target: kuberay``: a ``RayJob`` on the cluster, followed to the end."""
+
+    name = "kuberay"
+    options_type = KubeRayOptions
+    build = staticmethod(rayjob_manifest)

@@ -1,12 +1,13 @@
-"""Run a training job on a cluster and wait for it: the cluster half of the train stage.
+"""Submit a training job to Kubernetes, follow it to the end, cancel it: the one module of
+``kubeml.training`` that talks to the Kubernetes API.
 
-Where it sits: :mod:`~kubeml.training.launch_kuberay` and :mod:`~kubeml.training.launch_sagemaker`
-build the manifests (a KubeRay ``RayJob``, an ACK SageMaker ``TrainingJob``); this is the one
-module of ``kubeml.training`` that talks to the Kubernetes API. Its callers are the pipeline's
-train stage (:func:`kubeml.stages.train_stage`, inside a KFP step: KFP v2 has no
-``ResourceOp``, so the step itself creates the object and waits for it) and
-``kubeml train --target kuberay|sagemaker``. ``training.target`` in ``kubeml.yaml`` picks
-the launcher; ``local`` never comes here.
+Where it sits: :mod:`~kubeml.training.launchers.kuberay` and
+:mod:`~kubeml.training.launchers.sagemaker` build the manifests (a KubeRay ``RayJob``, an ACK
+SageMaker ``TrainingJob``); :mod:`~kubeml.training.launchers._cluster` puts manifest, job and
+result record together for the cluster launchers. Their callers are the pipeline's train
+stage (inside a KFP step: KFP v2 has no ``ResourceOp``, so the step itself creates the
+object and waits for it) and ``kubeml train --target kuberay|sagemaker``. Client loading is
+:mod:`kubeml._kube`'s.
 
 Life of a job (:func:`run_job`)
 -------------------------------
@@ -33,22 +34,9 @@ Life of a job (:func:`run_job`)
 6. Timeout: :class:`JobTimedOut` names the last status. The job is left running, so a
    retried step adopts it instead of starting over.
 
-Artifact contract
------------------
-The job runs ``python -m kubeml.training.ray_main`` with ``KUBEML_CONFIG`` set to the same
-environment configuration the step has (its artifact store included), and that calls the
-same :func:`~kubeml.training.trainer.fit` as a local run. In the artifact store it writes:
-
-- ``models/RUN_ID/bundle``: the model bundle. The train stage returns this key; evaluate and
-  register read the bundle from it, exactly as after a local run.
-- ``checkpoints/RUN_ID/...``: the Ray Train checkpoints (resume after spot loss or a retry).
-- ``runs/RUN_ID/train/result.json`` (:func:`write_result`): bundle key, final and best
-  checkpoint URIs, epochs, per-epoch history. The stage reads it back for its ledger record.
-
-So the store must be one both the job's pods and the step can reach: ``s3://`` (a
-``file://`` store would be each pod's own disk; it is refused before anything is created).
-After success the step checks the bundle is there: a job that reports success without
-writing it is an error naming the missing key.
+An API answer that is not a transient one raises :class:`JobApiError`, whose ``retryable``
+follows the HTTP status: a refusal (401/403/404/422, any other 4xx) comes back the same on a
+retry, a throttled or failing apiserver (429, 5xx) or a lost connection may not.
 """
 
 from __future__ import annotations
@@ -61,43 +49,26 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import Any
 
+from kubeml._kube import custom_objects_api
 from kubeml.errors import ConfigError, JobCancelled, JobConflict, JobError, JobFailed, JobTimedOut
-
-if TYPE_CHECKING:
-    from kubeml.artifacts import ArtifactStore
-    from kubeml.config import EnvironmentConfig
-    from kubeml.training.trainer import TrainResult
+from kubeml.training.launchers._contract import JobOutcome
 
 __all__ = [
-    "CLUSTER_TARGETS",
-    "ClusterTrainResult",
-    "JobCancelled",
-    "JobConflict",
-    "JobError",
-    "JobFailed",
-    "JobOutcome",
+    "JobApiError",
     "JobState",
-    "JobTimedOut",
     "RBAC_RULES",
-    "build_manifest",
     "cancel_on_sigterm",
-    "custom_objects_api",
     "job_state",
-    "read_result",
-    "result_key",
     "run_job",
     "server_dry_run",
     "spec_hash",
-    "train_on_cluster",
-    "write_result",
 ]
 
 log = logging.getLogger("kubeml.training.launch")
 
-CLUSTER_TARGETS = ("kuberay", "sagemaker")
 RUN_ID_ANNOTATION = "kubeml.io/run-id"
 SPEC_HASH_ANNOTATION = "kubeml.io/spec-sha256"
 
@@ -135,80 +106,6 @@ class JobState:
     def line(self) -> str:
         msg = self.message if len(self.message) <= MESSAGE_MAX_CHARS else self.message[:MESSAGE_MAX_CHARS] + "..."
         return f"{self.text}: {msg}" if msg else self.text
-
-
-@dataclass(frozen=True)
-class JobOutcome:
-    """A job that finished successfully."""
-
-    kind: str
-    name: str
-    namespace: str
-    status: str
-    """Final status text."""
-    transitions: tuple[str, ...]
-    """Every status line seen, in order (the first is the state found on creation or adoption)."""
-    adopted: bool = False
-    """The job existed already (a retried step) and was followed instead of created."""
-    replaced: bool = False
-    """A failed job of the same name was deleted and created again."""
-    model_artifacts: str = ""
-    """SageMaker's ``modelArtifacts.s3ModelArtifacts`` (``/opt/ml/model`` as uploaded); empty for RayJob."""
-    wall_s: float = 0.0
-
-
-@dataclass(frozen=True)
-class ClusterTrainResult:
-    """What a training run on a cluster left in the artifact store (see the module's contract)."""
-
-    run_id: str
-    bundle_key: str
-    bundle_uri: str
-    checkpoint_uri: str
-    best_checkpoint_uri: str
-    epochs: int
-    history: tuple[dict[str, float], ...]
-    time_to_first_step_s: float
-    job: JobOutcome
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
-# ------------------------------------------------------------------ artifact contract
-
-
-def result_key(run_id: str) -> str:
-    """Store key of a run's result record, written by the job, read by the step."""
-    return f"runs/{run_id}/train/result.json"
-
-
-def write_result(store: ArtifactStore, result: TrainResult) -> str:
-    """Write the result record of a finished :func:`~kubeml.training.trainer.fit`; returns its key."""
-    key = result_key(result.run_id)
-    store.put_text(key, json.dumps({
-        "run_id": result.run_id,
-        "bundle_key": result.bundle_key,
-        "checkpoint_uri": result.checkpoint_uri,
-        "best_checkpoint_uri": result.best_checkpoint_uri,
-        "epochs": result.epochs,
-        "history": list(result.history),
-        "time_to_first_step_s": result.time_to_first_step_s,
-        "wall_s": result.wall_s,
-        "stopped_early": result.stopped_early,
-    }, indent=2))
-    return key
-
-
-def read_result(store: ArtifactStore, run_id: str) -> dict[str, Any]:
-    """The result record of ``run_id``; ``JobError`` naming the key when the job wrote none."""
-    from kubeml.errors import ArtifactNotFound
-
-    try:
-        return json.loads(store.get_text(result_key(run_id)))
-    except ArtifactNotFound:
-        raise JobError(
-            f"the training job of run {run_id} reported success but wrote no result record at "
-            f"{store.url(result_key(run_id))}; its image must run kubeml.training.ray_main of this kubeml version"
-        ) from None
 
 
 # ------------------------------------------------------------------ status
@@ -261,30 +158,6 @@ def spec_hash(manifest: dict[str, Any]) -> str:
 # ------------------------------------------------------------------ Kubernetes API
 
 
-def custom_objects_api(api_client: Any | None = None):
-    """``CustomObjectsApi`` on ``api_client``, else in-cluster credentials, else ``$KUBECONFIG``
-    (or ``~/.kube/config``). Leaves the client library's global default configuration alone."""
-    import os
-
-    from kubernetes import client, config
-
-    if api_client is not None:
-        return client.CustomObjectsApi(api_client)
-    configuration = client.Configuration()
-    try:
-        config.load_incluster_config(client_configuration=configuration)
-    except config.ConfigException:
-        try:
-            # Read KUBECONFIG now: the library's default is taken when it is first imported.
-            config.load_kube_config(config_file=os.environ.get("KUBECONFIG") or None, client_configuration=configuration)
-        except (config.ConfigException, OSError) as exc:
-            raise ConfigError(
-                f"no Kubernetes credentials: not in a pod and no usable kubeconfig ({exc}); "
-                "set KUBECONFIG or run inside the cluster"
-            ) from None
-    return client.CustomObjectsApi(client.ApiClient(configuration))
-
-
 @dataclass(frozen=True)
 class _Ref:
     group: str
@@ -316,14 +189,39 @@ def server_dry_run(manifest: dict[str, Any], *, namespace: str, api_client: Any 
         ref.group, ref.version, ref.namespace, ref.plural, manifest, dry_run="All")
 
 
-def _api_error(ref: _Ref, action: str, exc: Any) -> JobError:
+class JobApiError(JobError):
+    """The Kubernetes API refused or failed an operation on a job; ``status`` is its HTTP status.
+
+    Retryable by status: a refusal (401/403 RBAC, 404, 422 schema, any other 4xx) is the
+    request's fault and comes back the same; throttling (429), a failing apiserver (5xx) or no
+    answer at all (``0``/None: the connection was lost) may heal.
+    """
+
+    def __init__(self, message: str, status: int | None = None):
+        super().__init__(message, status)
+
+    @property
+    def status(self) -> int | None:
+        return self.args[1]
+
+    @property
+    def retryable(self) -> bool:  # type: ignore[override]
+        code = self.status
+        return not code or code in _TRANSIENT_HTTP or code >= 500
+
+    def __str__(self) -> str:
+        return self.args[0]
+
+
+def _api_error(ref: _Ref, action: str, exc: Any) -> JobApiError:
     status = getattr(exc, "status", None)
     if status in (401, 403):
         verbs = ", ".join(RBAC_RULES[0 if ref.group == "ray.io" else 1]["verbs"])
-        return JobError(f"not allowed to {action} {ref} ({status}); the step's identity needs {verbs} on "
-                        f"{ref.plural}.{ref.group} in namespace {ref.namespace} (see kubeml.training.launch.RBAC_RULES)")
+        return JobApiError(f"not allowed to {action} {ref} ({status}); the step's identity needs {verbs} on "
+                           f"{ref.plural}.{ref.group} in namespace {ref.namespace} "
+                           "(see kubeml.training.launchers.RBAC_RULES)", status)
     body = getattr(exc, "body", None) or exc
-    return JobError(f"{action} {ref} failed ({status}): {body}")
+    return JobApiError(f"{action} {ref} failed ({status}): {body}", status)
 
 
 def _transient(exc: BaseException) -> bool:
@@ -512,73 +410,3 @@ def cancel_on_sigterm() -> Iterator[threading.Event]:
         yield event
     finally:
         signal.signal(signal.SIGTERM, previous)
-
-
-# ------------------------------------------------------------------ the train stage's cluster path
-
-
-def build_manifest(cfg: EnvironmentConfig, target: str, *, run_id: str, dataset: str, dataset_version: str,
-                   resume: bool = False) -> tuple[dict[str, Any], Any]:
-    """The job manifest for ``target`` and the launcher options it was built with."""
-    if target == "kuberay":
-        from kubeml.training.launch_kuberay import KubeRayOptions, rayjob_manifest
-
-        opts = KubeRayOptions.from_training(cfg.training)
-        return rayjob_manifest(cfg, run_id=run_id, dataset=dataset, dataset_version=dataset_version,
-                               options=opts, resume=resume), opts
-    if target == "sagemaker":
-        from kubeml.training.launch_sagemaker import SageMakerOptions, training_job_manifest
-
-        opts = SageMakerOptions.from_training(cfg.training)
-        return training_job_manifest(cfg, run_id=run_id, dataset=dataset, dataset_version=dataset_version,
-                                     options=opts, resume=resume), opts
-    raise ConfigError(f"training target {target!r} does not run on a cluster; cluster targets: {', '.join(CLUSTER_TARGETS)}")
-
-
-def train_on_cluster(
-    cfg: EnvironmentConfig,
-    store: ArtifactStore,
-    *,
-    target: str,
-    run_id: str,
-    dataset: str,
-    dataset_version: str,
-    resume: bool = False,
-    timeout_s: float | None = None,
-    poll_s: float | None = None,
-    on_status: Callable[[str], None] | None = None,
-    stop: threading.Event | None = None,
-    api_client: Any | None = None,
-) -> ClusterTrainResult:
-    """Train ``run_id`` as a RayJob (``kuberay``) or ACK TrainingJob (``sagemaker``), wait, and
-    return what the job left in the artifact store (see the module's contract).
-
-    ``timeout_s`` / ``poll_s`` default to the launcher options ``wait_timeout_s`` / ``poll_s``.
-    """
-    if not store.uri.startswith("s3://"):
-        raise ConfigError(
-            f"training.target {target} needs an artifact store the job's pods and this step share: "
-            f"set artifact_store.uri to s3://... (it is {store.uri})"
-        )
-    manifest, opts = build_manifest(cfg, target, run_id=run_id, dataset=dataset, dataset_version=dataset_version,
-                                    resume=resume)
-    outcome = run_job(manifest, namespace=opts.namespace, timeout_s=timeout_s or opts.effective_wait_timeout_s,
-                      poll_s=poll_s or opts.poll_s, on_status=on_status, stop=stop, api_client=api_client)
-    record = read_result(store, run_id)
-    bundle_key = record["bundle_key"]
-    if not store.list(bundle_key):
-        raise JobError(f"{outcome.kind} {outcome.namespace}/{outcome.name} succeeded but the model bundle "
-                       f"{store.url(bundle_key)} is missing")
-    known = {"run_id", "bundle_key", "checkpoint_uri", "best_checkpoint_uri", "epochs", "history", "time_to_first_step_s"}
-    return ClusterTrainResult(
-        run_id=run_id,
-        bundle_key=bundle_key,
-        bundle_uri=store.url(bundle_key),
-        checkpoint_uri=record.get("checkpoint_uri", ""),
-        best_checkpoint_uri=record.get("best_checkpoint_uri", ""),
-        epochs=int(record.get("epochs", 0)),
-        history=tuple(record.get("history") or ()),
-        time_to_first_step_s=float(record.get("time_to_first_step_s") or float("nan")),
-        job=outcome,
-        extra={k: v for k, v in record.items() if k not in known},
-    )

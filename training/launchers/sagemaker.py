@@ -12,11 +12,13 @@ checkpoints in the S3 artifact store anyway, so an interrupted job resumes from 
   with AWS credentials to start the job.
 - :func:`training_job_manifest` builds the ACK ``TrainingJob`` (``sagemaker.services.k8s.aws/v1alpha1``)
   for clusters running the ACK SageMaker controller; the KFP step (or ``kubeml train
-  --target sagemaker``) creates it and follows its status with :func:`kubeml.training.launch.run_job`.
+  --target sagemaker``) creates it and follows its status with
+  :func:`kubeml.training.launchers._jobs.run_job`.
+- :class:`SageMakerLauncher` is the launcher of ``training.target: sagemaker`` (the ACK path).
 
 The job writes the model bundle to ``models/RUN_ID/bundle`` in the S3 artifact store of
-``KUBEML_CONFIG`` (the contract is in :mod:`kubeml.training.launch`), not only to SageMaker's
-``/opt/ml/model``: the pipeline's evaluate and register steps read it there.
+``KUBEML_CONFIG`` (the contract is in :mod:`kubeml.training.launchers._contract`), not only to
+SageMaker's ``/opt/ml/model``: the pipeline's evaluate and register steps read it there.
 
 No AWS call is made here. (Tests validate the SDK objects locally and the manifest against
 the real CRD schema on the test control plane; a real AWS account is the one stand-in.)
@@ -31,8 +33,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from kubeml.config import EnvironmentConfig, TrainingConfig
 from kubeml.errors import ConfigError
+from kubeml.training.launchers._cluster import ClusterLauncher
 
-__all__ = ["SageMakerOptions", "model_trainer", "training_job_manifest"]
+__all__ = ["SageMakerLauncher", "SageMakerOptions", "model_trainer", "training_job_manifest"]
 
 #: GPUs per instance type, for the Ray worker count (one worker per GPU).
 GPUS = {"ml.p4d.24xlarge": 8, "ml.p4de.24xlarge": 8, "ml.p5.48xlarge": 8, "ml.g5.xlarge": 1, "ml.g5.12xlarge": 4}
@@ -200,3 +203,11 @@ def model_trainer(
         )
     except ValidationError as exc:
         raise ConfigError(f"SageMaker rejected the training configuration: {exc}") from exc
+
+
+class SageMakerLauncher(ClusterLauncher):
+    """``training.target: sagemaker``: an ACK ``TrainingJob`` on the cluster, followed to the end."""
+
+    name = "sagemaker"
+    options_type = SageMakerOptions
+    build = staticmethod(training_job_manifest)
