@@ -46,7 +46,7 @@ _EXPORTS: dict[str, str] = {
 _ERRORS = (
     "ArtifactError", "ArtifactNotFound", "AssetsMissing", "BundleError", "CheckpointCorrupt",
     "ClusterAlreadyRunning", "ClusterError", "ComponentFailed", "ConfigError", "DataValidationError",
-    "JobCancelled", "JobConflict", "JobError", "JobFailed", "JobTimedOut", "KubemlError", "PortInUse",
+    "JobApiError", "JobCancelled", "JobConflict", "JobError", "JobFailed", "JobTimedOut", "KubemlError", "PortInUse",
     "RegistryError", "ServingError", "ServingRequestError", "StageFailed", "TrainingFailed",
 )
 _EXPORTS.update({name: "kubeml.errors" for name in _ERRORS})
@@ -65,6 +65,7 @@ __all__ = [
     "ConfigError",
     "DataValidationError",
     "EnvironmentConfig",
+    "JobApiError",
     "JobCancelled",
     "JobConflict",
     "JobError",

@@ -164,7 +164,7 @@ class TrainingConfig(_Strict):
     """Where the pipeline's train stage and ``kubeml train`` train: Ray on this machine, a KubeRay
     ``RayJob``, or a SageMaker training job (an ACK ``TrainingJob``). The cluster targets create the
     job, wait for it and read its model bundle from the artifact store, which must then be ``s3://``
-    (see ``kubeml.training.launch``)."""
+    (see ``kubeml.training.launchers``)."""
     launcher: dict[str, Any] = Field(default_factory=dict)
     """Options of the target's launcher (image, node group, instance type, spot, ...), validated
     by ``kubeml.training`` when a job is built; see the launcher's options class."""

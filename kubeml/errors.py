@@ -13,6 +13,7 @@
     ├── TrainingFailed             yes        a Ray Train run failed; a retry resumes from checkpoints
     │   └── CheckpointCorrupt      no         a checkpoint is incomplete or fails its manifest
     ├── JobError                   yes        a cluster training job did not run to success
+    │   ├── JobApiError            by status  the Kubernetes API refused (4xx: no) or failed (429/5xx/none: yes)
     │   ├── JobFailed              yes        it ended unsuccessfully (a retry replaces it)
     │   ├── JobTimedOut            yes        the wait ran out; the job keeps running (a retry adopts it)
     │   ├── JobCancelled           no         the wait was cancelled and the job deleted
@@ -54,6 +55,7 @@ __all__ = [
     "ComponentFailed",
     "ConfigError",
     "DataValidationError",
+    "JobApiError",
     "JobCancelled",
     "JobConflict",
     "JobError",
@@ -184,6 +186,30 @@ class JobError(KubemlError):
     """A cluster training job could not be run to success (base of the errors below)."""
 
     retryable = True
+
+
+class JobApiError(JobError):
+    """The Kubernetes API refused or failed an operation on a job; ``status`` is its HTTP status.
+
+    Retryable by status: a refusal (401/403 RBAC, 404, 422 schema, any other 4xx) is the
+    request's fault and comes back the same; throttling (429), a failing apiserver (5xx) or no
+    answer at all (``0``/None: the connection was lost) may heal.
+    """
+
+    def __init__(self, message: str, status: int | None = None):
+        super().__init__(message, status)
+
+    @property
+    def status(self) -> int | None:
+        return self.args[1]
+
+    @property
+    def retryable(self) -> bool:  # type: ignore[override]
+        code = self.status
+        return not code or code == 429 or code >= 500
+
+    def __str__(self) -> str:
+        return self.args[0]
 
 
 class JobFailed(JobError):

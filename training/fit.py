@@ -156,7 +156,7 @@ def _run_exists(store: ArtifactStore, run_id: str) -> bool:
     return bool(store.list(f"checkpoints/{run_id}"))
 
 
-def _ensure_ray(cfg: EnvironmentConfig) -> None:
+def ensure_ray(cfg: EnvironmentConfig) -> None:
     import ray
 
     if ray.is_initialized():
@@ -197,7 +197,6 @@ def fit(
     up where it stopped) and starts it otherwise; True requires checkpoints to continue from;
     False requires a fresh run id. ``fault`` injects worker failures (chaos testing).
     """
-    import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -217,7 +216,7 @@ def fit(
         "config": json.loads(cfg.model_dump_json()), "dataset": dataset, "dataset_version": dataset_version,
         "input_shape": list(input_shape), "classes": list(classes),
     }, indent=2))
-    _ensure_ray(cfg)
+    ensure_ray(cfg)
     ray_ready_at = time.time()
     storage_path, fs = _storage(store)
     loop_config = {

@@ -24,7 +24,6 @@ __all__ = ["main"]
 
 
 def main(environ: dict[str, str] | None = None) -> int:
-    from kubeml.artifacts import open_store
     from kubeml.config import EnvironmentConfig
     from kubeml.errors import KubemlError
     from kubeml.training.launchers import write_result

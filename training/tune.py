@@ -135,13 +135,13 @@ def run_tune(
     from ray.tune.search import ConcurrencyLimiter
     from ray.tune.search.optuna import OptunaSearch
 
-    from kubeml.training.fit import _ensure_ray
+    from kubeml.training.fit import ensure_ray
 
     t0 = time.perf_counter()
     tc = cfg.training
     if tc.precision == "fp16":
         raise ConfigError("kubeml tune runs trials on CPU; use precision fp32 or bf16")
-    _ensure_ray(cfg)
+    ensure_ray(cfg)
     default = {k: getattr(tc, k) for k in SEARCHED}
     searcher = OptunaSearch(metric="val_accuracy", mode="max", points_to_evaluate=[default], seed=options.seed)
     scheduler = ASHAScheduler(time_attr="epoch", max_t=tc.epochs, grace_period=min(options.grace_epochs, tc.epochs),

@@ -5,7 +5,7 @@
 KubeRay ``RayJob`` / ACK SageMaker ``TrainingJob`` and wait for it (KFP v2 has no ResourceOp),
 then return the bundle key the job wrote in the S3 artifact store. On a cluster the step's
 service account needs create, get and delete on those objects
-(``kubeml.training.launch.RBAC_RULES``); a retried step adopts the job it started, and a
+(``kubeml.training.launchers.RBAC_RULES``); a retried step adopts the job it started, and a
 cancelled run deletes it.
 """
 

@@ -7,7 +7,7 @@ continues an interrupted run with the configuration and data version it started 
 
 ``--target kuberay|sagemaker`` (default: ``training.target`` of the environment) creates a
 KubeRay ``RayJob`` or an ACK SageMaker ``TrainingJob`` through
-:func:`kubeml.training.launch.train_on_cluster`, the same code the pipeline's train step
+:func:`kubeml.training.launchers.train_on_cluster`, the same code the pipeline's train step
 runs, and follows its status until it ends; ``--dry-run`` prints the manifest instead.
 """
 
@@ -117,9 +117,9 @@ def _test_accuracy(cfg: EnvironmentConfig, store, result, dataset: str, version:
 
 
 def _train_local(cfg: EnvironmentConfig, store, run_id: str, dataset: str, version: str, resume: bool | None):
-    from kubeml.training.fit import _ensure_ray, fit
+    from kubeml.training.fit import ensure_ray, fit
 
-    _ensure_ray(cfg)  # in the main thread: ray.init installs signal handlers
+    ensure_ray(cfg)  # in the main thread: ray.init installs signal handlers
     outcome: dict[str, Any] = {}
 
     def work() -> None:

@@ -53,7 +53,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from kubeml._kube import custom_objects_api
-from kubeml.errors import ConfigError, JobCancelled, JobConflict, JobError, JobFailed, JobTimedOut
+from kubeml.errors import ConfigError, JobApiError, JobCancelled, JobConflict, JobError, JobFailed, JobTimedOut
 from kubeml.training.launchers._contract import JobOutcome
 
 __all__ = [
@@ -187,30 +187,6 @@ def server_dry_run(manifest: dict[str, Any], *, namespace: str, api_client: Any 
     ref = _Ref.of(manifest, namespace)
     return custom_objects_api(api_client).create_namespaced_custom_object(
         ref.group, ref.version, ref.namespace, ref.plural, manifest, dry_run="All")
-
-
-class JobApiError(JobError):
-    """The Kubernetes API refused or failed an operation on a job; ``status`` is its HTTP status.
-
-    Retryable by status: a refusal (401/403 RBAC, 404, 422 schema, any other 4xx) is the
-    request's fault and comes back the same; throttling (429), a failing apiserver (5xx) or no
-    answer at all (``0``/None: the connection was lost) may heal.
-    """
-
-    def __init__(self, message: str, status: int | None = None):
-        super().__init__(message, status)
-
-    @property
-    def status(self) -> int | None:
-        return self.args[1]
-
-    @property
-    def retryable(self) -> bool:  # type: ignore[override]
-        code = self.status
-        return not code or code in _TRANSIENT_HTTP or code >= 500
-
-    def __str__(self) -> str:
-        return self.args[0]
 
 
 def _api_error(ref: _Ref, action: str, exc: Any) -> JobApiError:
