@@ -43,15 +43,18 @@ def installed_layout(repo: Path, dest: Path) -> Path:
 def lint_imports(repo: Path, *, extra_files: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     """Run ``lint-imports`` with ``repo``'s ``.importlinter`` on the installed layout.
 
-    ``extra_files`` (a path under the tree, e.g. ``kubeml/_x.py``, -> its text) are written
-    into the tree first: a test adds a violation this way to see the check fail.
+    ``extra_files`` (a path under the tree, e.g. ``kubeml/config.py``, -> text) are appended
+    to the tree's copy of that file (or written, for a new file) first: a test adds a
+    violation this way to see the check fail.
     """
     repo = Path(repo).resolve()
     with tempfile.TemporaryDirectory(prefix="kubeml-layers-") as tmp:
         tree = installed_layout(repo, Path(tmp) / "src")
         for name, text in (extra_files or {}).items():
-            (tree / name).parent.mkdir(parents=True, exist_ok=True)
-            (tree / name).write_text(text)
+            path = tree / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with path.open("a") as handle:
+                handle.write("\n" + text)
         env = {**os.environ, "PYTHONPATH": str(tree)}
         lint = Path(sys.executable).with_name("lint-imports")
         return subprocess.run(
