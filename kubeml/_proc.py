@@ -18,7 +18,9 @@ import contextlib
 import os
 import signal
 import socket
+import subprocess
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 __all__ = [
@@ -29,6 +31,7 @@ __all__ = [
     "pid_alive",
     "port_free",
     "reap",
+    "spawn",
     "start_time",
     "terminate_group",
 ]
@@ -144,6 +147,31 @@ def terminate_group(pid: int, *, marker: str | None = None, grace_s: float = STO
             time.sleep(_POLL_S)
     # The leader may have exited after the last reap inside group_alive; collect it.
     reap(pid)
+
+
+def spawn(
+    argv: Sequence[str],
+    log_path: str | Path,
+    *,
+    env: Mapping[str, str] | None = None,
+    append: bool = False,
+) -> subprocess.Popen[bytes]:
+    """Start ``argv`` detached: its own session and process group, stdout+stderr to ``log_path``.
+
+    Its own session, so the caller's Ctrl-C does not reach it and :func:`terminate_group`
+    can stop the whole tree it starts; stdin from /dev/null, no inherited descriptors.
+    ``append`` keeps an existing log (a restarted component) instead of truncating it.
+    """
+    with open(log_path, "ab" if append else "wb") as log:
+        return subprocess.Popen(
+            list(argv),
+            env=dict(env) if env is not None else None,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            close_fds=True,
+        )
 
 
 def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:

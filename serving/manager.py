@@ -18,7 +18,6 @@ import contextlib
 import fcntl
 import json
 import os
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -29,8 +28,8 @@ from typing import Any
 import requests
 
 from kubeml._files import atomic_write_text
-from kubeml._proc import free_port, log_tail, pid_alive, port_free, terminate_group
-from kubeml.errors import BundleError, ConfigError, ServingError
+from kubeml._proc import free_port, log_tail, pid_alive, port_free, spawn, terminate_group
+from kubeml.errors import ConfigError, ServingError
 
 __all__ = ["ServedModel", "ServingManager", "default_state_dir"]
 
@@ -148,7 +147,7 @@ class ServingManager:
         _check_name(key)
         bundle = Path(bundle_dir).resolve()
         if not bundle.is_dir():
-            raise BundleError(f"bundle directory {bundle} does not exist")
+            raise ConfigError(f"bundle directory {bundle} does not exist")
         self.stop(key)
         with self._locked() as state:
             for other_key, other in state.items():
@@ -201,16 +200,7 @@ class ServingManager:
         # (seen on Linux 6.x VMs) can outlive the interpreter's exit and keep the stopped
         # server as an unreapable zombie. The server allocates nothing through Arrow.
         env.setdefault("JE_ARROW_MALLOC_CONF", "background_thread:false")
-        with log_file.open("wb") as log:
-            proc = subprocess.Popen(
-                cmd,
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,  # own process group: stop() signals the whole tree
-                close_fds=True,
-            )
+        proc = spawn(cmd, log_file, env=env)  # own process group: stop() signals the whole tree
         served = ServedModel(
             name=name,
             version=version,

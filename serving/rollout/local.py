@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -29,7 +28,7 @@ from typing import Any
 
 import requests
 
-from kubeml._proc import free_port, log_tail, pid_alive, port_free, terminate_group
+from kubeml._proc import free_port, log_tail, pid_alive, port_free, spawn, terminate_group
 from kubeml.errors import ConfigError, ServingError
 from kubeml.serving.manager import (
     LOG_TAIL_LINES,
@@ -226,15 +225,7 @@ class LocalBackend:
         ]  # fmt: skip
         if grpc_port is not None:
             cmd += ["--grpc-port", str(grpc_port)]
-        with log_file.open("wb") as log:
-            proc = subprocess.Popen(
-                cmd,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                close_fds=True,
-            )
+        proc = spawn(cmd, log_file)
         router = RouterProcess(
             self.model, proc.pid, port, self.host, str(routes_file), str(log_file), grpc_port
         )

@@ -16,7 +16,6 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
-import os
 import re
 import shutil
 import ssl
@@ -29,6 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kubeml.testing.cluster._assets import Assets, cache_root, find_assets
+from kubeml._proc import pid_alive
 from kubeml.errors import ClusterAlreadyRunning, ClusterError, ComponentFailed
 from kubeml.testing.cluster._kubeconfig import write_kubeconfig
 from kubeml.testing.cluster._nodes import DEFAULT_NODE_GROUPS, KWOK_ANNOTATION, NodeGroup
@@ -404,7 +404,7 @@ class Cluster:
             return
         records = self._records(state)
         owner = state.get("owner_pid")
-        owner_alive = owner is None or _pid_exists(int(owner))
+        owner_alive = owner is None or pid_alive(int(owner))
         if records and all(is_alive(r) for r in records) and owner_alive and not state.get("stale"):
             raise ClusterAlreadyRunning(self.name, str(state.get("server")))
         alive = [r.name for r in records if is_alive(r)]
@@ -648,14 +648,6 @@ def _insecure_ssl_context() -> ssl.SSLContext:
     return context
 
 
-def _pid_exists(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _safe(text: str) -> str:

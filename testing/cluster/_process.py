@@ -20,7 +20,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from kubeml._proc import free_ports, pid_alive, port_free, start_time
+from kubeml._proc import free_ports, pid_alive, port_free, spawn, start_time
 from kubeml.errors import AssetsMissing, ComponentFailed, PortInUse
 
 __all__ = [
@@ -89,15 +89,7 @@ def start_process(name: str, argv: list[str], log_path: Path) -> tuple[subproces
             f"{name}: {argv[0]} is missing or not executable; run `make cluster-assets` "
             "(or `bash hack/cluster/build.sh`) to build it"
         )
-    with open(log_path, "ab") as log:
-        proc = subprocess.Popen(
-            argv,
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            close_fds=True,
-        )
+    proc = spawn(argv, log_path, append=True)
     start = start_time(proc.pid)
     if start is None:
         proc.wait()

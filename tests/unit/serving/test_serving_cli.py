@@ -41,5 +41,5 @@ def test_deploy_reports_errors_without_traceback(tmp_path):
     result = runner.invoke(
         app, ["deploy", str(tmp_path / "missing"), "--name", "digits", "--state-dir", str(tmp_path)]
     )
-    assert result.exit_code == 1
+    assert result.exit_code == 2  # a bad argument: usage, as everywhere in the CLI
     assert "does not exist" in result.output
