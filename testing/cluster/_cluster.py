@@ -102,6 +102,27 @@ class ClusterStatus:
         return bool(self.components) and all(c.healthy for c in self.components)
 
 
+@dataclass(frozen=True)
+class _StartPlan:
+    """Where one start of the control plane puts each component, and by when it must be up."""
+
+    api_port: int
+    """kube-apiserver's secure port on 127.0.0.1."""
+    etcd_port: int
+    peer_port: int
+    """etcd's client and peer ports."""
+    kcm_port: int
+    sched_port: int
+    kwok_port: int
+    """Health ports of the controller-manager, scheduler and kwok."""
+    deadline: float
+    """``time.monotonic()`` by which every component must be healthy."""
+
+    @property
+    def server(self) -> str:
+        return f"https://127.0.0.1:{self.api_port}"
+
+
 class Cluster:
     """A local, real Kubernetes control plane with fake (kwok) nodes.
 
@@ -214,11 +235,11 @@ class Cluster:
         for sub in ("pki", "kubeconfigs", "logs", "etcd", "certs/kcm", "certs/scheduler"):
             (self.state_dir / sub).mkdir(parents=True, exist_ok=True)
         etcd_port, peer_port, kcm_port, sched_port, kwok_port, free_api = free_ports(6)
-        api_port = self.apiserver_port or free_api
-        server = f"https://127.0.0.1:{api_port}"
+        plan = _StartPlan(api_port=self.apiserver_port or free_api, etcd_port=etcd_port, peer_port=peer_port,
+                          kcm_port=kcm_port, sched_port=sched_port, kwok_port=kwok_port, deadline=deadline)
         state: dict[str, Any] = {
             "name": self.name,
-            "server": server,
+            "server": plan.server,
             "owner_pid": owner_pid,
             "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             "assets": str(assets.bin_dir),
@@ -227,18 +248,18 @@ class Cluster:
         }
         self._write_state(state)
         try:
-            self._start_all(assets, state, server, api_port, etcd_port, peer_port,
-                            kcm_port, sched_port, kwok_port, deadline)
+            self._start_all(assets, state, plan)
         except BaseException:
             # Leave nothing behind: a half-started cluster would make the next `up` stale.
             self._stop(state)
             raise
         return self
 
-    def _start_all(self, assets: Assets, state: dict[str, Any], server: str, api_port: int,
-                   etcd_port: int, peer_port: int, kcm_port: int, sched_port: int,
-                   kwok_port: int, deadline: float) -> None:
+    def _start_all(self, assets: Assets, state: dict[str, Any], plan: _StartPlan) -> None:
         t0 = time.monotonic()
+        server, api_port, deadline = plan.server, plan.api_port, plan.deadline
+        etcd_port, peer_port = plan.etcd_port, plan.peer_port
+        kcm_port, sched_port, kwok_port = plan.kcm_port, plan.sched_port, plan.kwok_port
 
         def phase(what: str) -> None:
             log.info("cluster %s: %s after %.1f s", self.name, what, time.monotonic() - t0)
