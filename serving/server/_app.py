@@ -51,21 +51,35 @@ _VERSIONED_ROUTE = re.compile(
 # --------------------------------------------------------------------------------------
 
 
+#: Path prefix of the V2 model repository API (load, unload, index). kserve serves it in
+#: single-model mode too: one anonymous unload would take the served model down for good.
+REPOSITORY_PREFIX = "/v2/repository"
+
+
 class _RequestGuard:
-    def __init__(self, app: Any, *, max_body_bytes: int, versions: dict[str, str]):
+    """Version routing, body limits, and the repository API only where there is a repository."""
+
+    def __init__(self, app: Any, *, max_body_bytes: int, versions: dict[str, str], repository_api: bool = False):
         # Raised from receive() so that FastAPI (which turns any other exception raised
         # while reading the body into a generic 400) passes it through unchanged.
         self._too_large_error = StarletteHTTPException
         self.app = app
         self.max_body_bytes = max_body_bytes
         self.versions = versions
+        self.repository_api = repository_api
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
 
-        match = _VERSIONED_ROUTE.match(scope["path"])
+        path = scope["path"]
+        if not self.repository_api and (path == REPOSITORY_PREFIX or path.startswith(REPOSITORY_PREFIX + "/")):
+            await send_json_error(
+                send, 403, "the model repository API (load, unload, index) is disabled on a single-model server"
+            )
+            return
+        match = _VERSIONED_ROUTE.match(path)
         if match:
             name, version, rest = match["name"], match["version"], match["rest"] or ""
             served = self.versions.get(name)
@@ -130,6 +144,12 @@ class _RepositoryVersions:
     def get(self, name: str, default: str = "") -> str:
         model = self.repository.models.get(name)
         return getattr(model, "version", default) if model is not None else default
+
+    def __contains__(self, name: object) -> bool:
+        """A model this server can serve: loaded, or a bundle in the repository directory."""
+        if not isinstance(name, str) or not name or "/" in name or name in (".", ".."):
+            return False
+        return name in self.repository.models or (self.repository.root / name / "kubeml-model.json").is_file()
 
 
 # --------------------------------------------------------------------------------------
@@ -223,7 +243,8 @@ def build_server(
 
     versions = {model.name: model.version} if model is not None else _RepositoryVersions(repository)
     grpc_telemetry = (
-        GrpcTelemetryInterceptor(versions, fault) if grpc_port is not None else None
+        GrpcTelemetryInterceptor(versions, fault, repository_api=repository is not None)
+        if grpc_port is not None else None
     )
 
     app = kserve_app()
@@ -239,6 +260,7 @@ def build_server(
         _RequestGuard,
         max_body_bytes=max_body_bytes,
         versions={model.name: model.version} if model is not None and model.version else {},
+        repository_api=repository is not None,
     )
     if model is not None:
         model.telemetry = ModelTelemetry(

@@ -26,7 +26,7 @@ from kserve.protocol.grpc.interceptors import ExceptionToStatusInterceptor, Logg
 from kserve.protocol.grpc.server import GRPCServer
 from kserve.protocol.grpc.servicer import InferenceServicer
 from kubeml.serving.protocol import grpc_http_status
-from kubeml.serving.telemetry import LATENCY, REQUESTS, ErrorSchedule, FaultInjection
+from kubeml.serving.telemetry import LATENCY, REQUESTS, ErrorSchedule, FaultInjection, series_labels
 
 __all__ = ["GRPC_INFER_METHOD", "GrpcTelemetryInterceptor", "TelemetryGRPCServer"]
 
@@ -35,6 +35,12 @@ log = logging.getLogger("kubeml.serving.server")
 #: Full name of the OIP inference method, the one gRPC method that is timed, counted and
 #: may get an injected fault (health and metadata stay truthful, as over HTTP).
 GRPC_INFER_METHOD = "/inference.GRPCInferenceService/ModelInfer"
+#: The repository RPCs; refused on a single-model server, as the REST repository routes are.
+GRPC_REPOSITORY_METHODS = frozenset({
+    "/inference.GRPCInferenceService/RepositoryModelLoad",
+    "/inference.GRPCInferenceService/RepositoryModelUnload",
+    "/inference.GRPCInferenceService/RepositoryIndex",
+})
 
 
 def _status_label(code: Any) -> str:
@@ -53,11 +59,15 @@ class GrpcTelemetryInterceptor(ServerInterceptor):
     ``versions.get(name)`` gives the version a model's metrics are labelled with.
     """
 
-    def __init__(self, versions: Any, fault: FaultInjection | None):
+    def __init__(self, versions: Any, fault: FaultInjection | None, *, repository_api: bool = False):
         self.versions = versions
+        self.repository_api = repository_api
+        """False (one model): the repository RPCs answer PERMISSION_DENIED."""
         self._errors = ErrorSchedule(fault.error_rate if fault is not None else 0.0)
 
     async def intercept_service(self, continuation: Any, details: Any) -> Any:
+        if not self.repository_api and details.method in GRPC_REPOSITORY_METHODS:
+            return _refuse(details.method)
         handler = await continuation(details)
         if details.method != GRPC_INFER_METHOD or handler is None or handler.unary_unary is None:
             return handler
@@ -65,8 +75,7 @@ class GrpcTelemetryInterceptor(ServerInterceptor):
         versions, errors = self.versions, self._errors
 
         async def model_infer(request: Any, context: Any) -> Any:
-            model = request.model_name
-            version = versions.get(model, "") or "unversioned"
+            model, version = series_labels(request.model_name, versions)
             started = time.perf_counter()
             status = "500"
             try:
@@ -95,6 +104,18 @@ class GrpcTelemetryInterceptor(ServerInterceptor):
             request_deserializer=handler.request_deserializer,
             response_serializer=handler.response_serializer,
         )
+
+
+def _refuse(method: str) -> Any:
+    """A handler that answers PERMISSION_DENIED (HTTP's 403) without reading the request."""
+
+    async def refused(_request: Any, context: Any) -> Any:
+        await context.abort(
+            grpc.StatusCode.PERMISSION_DENIED,
+            f"{method.rsplit('/', 1)[-1]}: the model repository API is disabled on a single-model server",
+        )
+
+    return grpc.unary_unary_rpc_method_handler(refused)
 
 
 class TelemetryGRPCServer(GRPCServer):

@@ -22,8 +22,10 @@ from kubeml.serving.telemetry.metrics import (
     PAYLOAD_DROPPED,
     PREDICTIONS,
     REQUESTS,
+    UNKNOWN_MODEL,
     ModelTelemetry,
     infer_route,
+    series_labels,
 )
 from kubeml.serving.telemetry.middleware import TelemetryMiddleware
 from kubeml.serving.telemetry.payload import PayloadLogger
@@ -34,10 +36,12 @@ __all__ = [
     "PAYLOAD_DROPPED",
     "PREDICTIONS",
     "REQUESTS",
+    "UNKNOWN_MODEL",
     "ErrorSchedule",
     "FaultInjection",
     "ModelTelemetry",
     "PayloadLogger",
     "TelemetryMiddleware",
     "infer_route",
+    "series_labels",
 ]

@@ -33,9 +33,16 @@ __all__ = [
     "PAYLOAD_DROPPED",
     "PREDICTIONS",
     "REQUESTS",
+    "UNKNOWN_MODEL",
     "ModelTelemetry",
     "infer_route",
+    "series_labels",
 ]
+
+#: The ``model`` label of requests naming a model this server does not serve. Labels come
+#: only from served models: a name taken from the URL as is would let any client grow the
+#: series count (and every Prometheus that scrapes it) without bound.
+UNKNOWN_MODEL = "_unknown"
 
 # Seconds; spans a cached small CNN (~1 ms) to a cold or overloaded server (~10 s).
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -74,6 +81,20 @@ PAYLOAD_DROPPED = Counter(
 _INFER = re.compile(
     r"^/(?:v2/models/(?P<v2>[^/]+)(?:/versions/[^/]+)?/infer|v1/models/(?P<v1>[^/:]+):predict)$"
 )
+
+
+def series_labels(model: str, versions: Any) -> tuple[str, str]:
+    """``(model, version)`` labels of a request for ``model``: the served name and version, or
+    :data:`UNKNOWN_MODEL` and ``""`` for a model this server does not serve.
+
+    ``versions`` maps served model names to versions (``in`` and ``get``).
+
+    >>> series_labels("digits", {"digits": "3"}), series_labels("x" * 40, {"digits": "3"})
+    (('digits', '3'), ('_unknown', ''))
+    """
+    if model in versions:
+        return model, versions.get(model, "") or "unversioned"
+    return UNKNOWN_MODEL, ""
 
 
 def infer_route(path: str) -> tuple[str, str] | None:

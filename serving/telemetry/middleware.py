@@ -14,7 +14,7 @@ from typing import Any
 
 from kubeml.serving.protocol import send_json_error
 from kubeml.serving.telemetry.faults import ErrorSchedule, FaultInjection
-from kubeml.serving.telemetry.metrics import LATENCY, REQUESTS, infer_route
+from kubeml.serving.telemetry.metrics import LATENCY, REQUESTS, infer_route, series_labels
 from kubeml.serving.telemetry.payload import PayloadLogger, body_for_record
 
 __all__ = ["TelemetryMiddleware"]
@@ -42,8 +42,8 @@ class TelemetryMiddleware:
         if route is None:
             await self.app(scope, receive, send)
             return
-        model, protocol = route
-        version = self.versions.get(model, "") or "unversioned"
+        requested, protocol = route
+        model, version = series_labels(requested, self.versions)
         headers = dict(scope.get("headers", []))
         request_id = headers.get(b"x-request-id", b"").decode(errors="replace")[:128]
         if not request_id:

@@ -1,0 +1,92 @@
+"""A single-model server refuses the model repository API, and clients cannot grow its metrics.
+
+Tried as an attacker would: anonymous unload over REST and gRPC, then random model names.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+import requests
+
+from kubeml._proc import free_port
+from kubeml.serving import ServingManager
+from kubeml.serving.manager import ServedModel
+
+
+@pytest.fixture(scope="module")
+def server(manager: ServingManager, digits_bundle: Path) -> ServedModel:
+    return manager.deploy("digits", digits_bundle, version="1", grpc_port=free_port())
+
+
+@pytest.fixture(scope="module")
+def pb():
+    from kubeml.serving._kserve import kserve  # noqa: F401  (imports kserve with a bare argv)
+    from kserve.protocol.grpc import grpc_predict_v2_pb2
+
+    return grpc_predict_v2_pb2
+
+
+def _infer(server: ServedModel, rows: np.ndarray) -> requests.Response:
+    body = {"inputs": [{"name": "input", "shape": list(rows.shape), "datatype": "FP32",
+                        "data": rows.ravel().tolist()}]}
+    return requests.post(server.v2_url, json=body, timeout=30)
+
+
+@pytest.mark.parametrize(("method", "path"), [
+    ("POST", "/v2/repository/models/digits/unload"),
+    ("POST", "/v2/repository/models/digits/load"),
+    ("POST", "/v2/repository/index"),
+    ("GET", "/v2/repository/index"),
+])
+def test_repository_routes_are_refused_and_the_model_keeps_serving(server, digits_rows, method, path):
+    r = requests.request(method, server.url + path, timeout=10)
+    assert r.status_code == 403, r.text
+    assert "disabled on a single-model server" in r.json()["error"]
+    assert _infer(server, digits_rows).status_code == 200
+    assert requests.get(f"{server.url}/v2/models/digits/ready", timeout=10).status_code == 200
+
+
+def test_grpc_repository_unload_is_refused_and_infer_still_answers(server, pb, digits_rows):
+    from kserve.protocol.grpc.grpc_predict_v2_pb2_grpc import GRPCInferenceServiceStub
+
+    with grpc.insecure_channel(f"{server.host}:{server.grpc_port}") as channel:
+        stub = GRPCInferenceServiceStub(channel)
+        for call, request in (
+            (stub.RepositoryModelUnload, pb.RepositoryModelUnloadRequest(model_name="digits")),
+            (stub.RepositoryModelLoad, pb.RepositoryModelLoadRequest(model_name="digits")),
+        ):
+            with pytest.raises(grpc.RpcError) as info:
+                call(request, timeout=10)
+            assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+            assert "disabled on a single-model server" in info.value.details()
+        tensor = pb.ModelInferRequest.InferInputTensor(name="input", datatype="FP32", shape=list(digits_rows.shape))
+        tensor.contents.fp32_contents.extend(digits_rows.ravel().tolist())
+        reply = stub.ModelInfer(pb.ModelInferRequest(model_name="digits", inputs=[tensor]), timeout=30)
+        assert reply.model_name == "digits"
+    assert _infer(server, digits_rows).status_code == 200
+
+
+def _series(server: ServedModel) -> set[str]:
+    text = requests.get(f"{server.url}/metrics", timeout=10).text
+    return {line.split(" ")[0] for line in text.splitlines() if line.startswith("kubeml_")}
+
+
+def test_random_model_names_leave_the_metric_series_unchanged(server, digits_rows):
+    # One unknown name first, asked the same way: it creates the fixed "_unknown" series, once.
+    requests.post(f"{server.url}/v2/models/nope/infer", json={"inputs": []}, timeout=10)
+    before = _series(server)
+    with requests.Session() as session:
+        for _ in range(1000):
+            name = secrets.token_hex(6)
+            r = session.post(f"{server.url}/v2/models/{name}/infer", json={"inputs": []}, timeout=10)
+            assert r.status_code in (400, 404)
+    after = _series(server)
+    assert after == before, sorted(after - before)[:5]
+    assert not any(re.search(r'model="[0-9a-f]{12}"', s) for s in after)
+    assert any('model="_unknown"' in s for s in after)  # the requests were counted, under one label
