@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import secrets
 import sys
 import time
 from dataclasses import dataclass
@@ -69,6 +71,15 @@ class RouterProcess:
     log_file: str
     grpc_port: int | None = None
     """Port of the router's Open Inference Protocol gRPC front; None: REST only."""
+    admin_token_file: str = ""
+    """File (mode 0600) with the bearer token of the router's admin API."""
+
+    def _admin_headers(self) -> dict[str, str]:
+        try:
+            token = Path(self.admin_token_file).read_text().strip() if self.admin_token_file else ""
+        except OSError as exc:
+            raise ServingError(f"router for {self.model!r}: cannot read its admin token: {exc}") from exc
+        return {"Authorization": f"Bearer {token}"} if token else {}
 
     @property
     def url(self) -> str:
@@ -84,7 +95,7 @@ class RouterProcess:
 
     def routes(self) -> Routes | None:
         try:
-            r = requests.get(f"{self.url}{ADMIN_PREFIX}/routes", timeout=5)
+            r = requests.get(f"{self.url}{ADMIN_PREFIX}/routes", headers=self._admin_headers(), timeout=5)
             r.raise_for_status()
         except requests.RequestException as exc:
             raise ServingError(f"router for {self.model!r} at {self.url} is unreachable: {exc}") from exc
@@ -93,7 +104,8 @@ class RouterProcess:
 
     def set_routes(self, routes: Routes) -> None:
         try:
-            r = requests.put(f"{self.url}{ADMIN_PREFIX}/routes", json=routes.to_dict(), timeout=5)
+            r = requests.put(f"{self.url}{ADMIN_PREFIX}/routes", json=routes.to_dict(),
+                             headers=self._admin_headers(), timeout=5)
         except requests.RequestException as exc:
             raise ServingError(f"router for {self.model!r} at {self.url} is unreachable: {exc}") from exc
         if r.status_code != 200:
@@ -101,7 +113,8 @@ class RouterProcess:
 
     def stats(self, since: float = 0.0) -> dict[str, Any]:
         try:
-            r = requests.get(f"{self.url}{ADMIN_PREFIX}/stats", params={"since": since}, timeout=10)
+            r = requests.get(f"{self.url}{ADMIN_PREFIX}/stats", params={"since": since},
+                             headers=self._admin_headers(), timeout=10)
             r.raise_for_status()
         except requests.RequestException as exc:
             raise ServingError(f"router for {self.model!r} at {self.url} is unreachable: {exc}") from exc
@@ -219,15 +232,16 @@ class LocalBackend:
         routes_file = self.rollout_dir / "routes.json"
         routes_file.write_text(json.dumps(routes.to_dict(), indent=2))
         log_file = self.rollout_dir / "router.log"
+        token_file = _write_admin_token(self.rollout_dir / "admin-token")
         cmd = [
             sys.executable, "-m", _ROUTER_MODULE, "--host", self.host, "--port", str(port),
-            "--routes-file", str(routes_file),
+            "--routes-file", str(routes_file), "--admin-token-file", str(token_file),
         ]  # fmt: skip
         if grpc_port is not None:
             cmd += ["--grpc-port", str(grpc_port)]
         proc = spawn(cmd, log_file)
         router = RouterProcess(
-            self.model, proc.pid, port, self.host, str(routes_file), str(log_file), grpc_port
+            self.model, proc.pid, port, self.host, str(routes_file), str(log_file), grpc_port, str(token_file)
         )
         (self.rollout_dir / "router.json").write_text(json.dumps(router.__dict__, indent=2))
         deadline = time.monotonic() + ROUTER_READY_TIMEOUT_S
@@ -403,6 +417,16 @@ class LocalBackend:
         if version:
             self.manager.stop(instance_name(self.model, version))
         self._canary = None
+
+
+def _write_admin_token(path: Path) -> Path:
+    """A new random admin token for a router, in a file only this user can read (0600)."""
+    token = secrets.token_urlsafe(32)  # 256 bits
+    path.unlink(missing_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(token + "\n")
+    return path
 
 
 def _grpc_target(served: ServedModel) -> str | None:

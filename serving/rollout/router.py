@@ -2,7 +2,7 @@
 
 Run as::
 
-    python -m kubeml.serving.rollout.router --port P --routes-file FILE [--grpc-port G]
+    python -m kubeml.serving.rollout.router --port P --routes-file FILE --admin-token-file T [--grpc-port G]
 
 Where it sits: the rollout engine's local backend starts one router per model and steers
 it through a small admin API; clients only ever see the router's port(s). It imports
@@ -24,13 +24,18 @@ Prediction divergence: for a share (``compare_rate``) of the requests the canary
 (or shadows), the same body is also sent to the other side and the predicted classes are
 compared; the divergence is the share of instances whose classes differ.
 
-Admin API (JSON)::
+Admin API (JSON), every route but ``healthz`` behind ``Authorization: Bearer TOKEN``
+(the token in ``--admin-token-file``; 401 without it)::
 
     GET  /-/rollout/routes          current Routes
     PUT  /-/rollout/routes          replace Routes (validated; 400 with the reason)
     GET  /-/rollout/stats?since=T   per-backend requests, errors, p50/p99 since unix time T,
                                     divergence since T, and totals since start
     GET  /-/rollout/healthz         200 once a stable backend is set; names the gRPC port
+
+Only the Open Inference Protocol's data-plane paths are forwarded (:data:`FORWARDED`:
+inference, model metadata and readiness, server health and metadata); anything else, the
+model repository API above all, is answered 404 by the router itself.
 """
 
 from __future__ import annotations
@@ -38,9 +43,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import bisect
+import hmac
 import json
 import logging
 import random
+import re
 import sys
 import time
 from collections import deque
@@ -51,7 +58,7 @@ from typing import Any
 from kubeml._files import atomic_write_text
 from kubeml.serving.protocol import error_body
 
-__all__ = ["ADMIN_PREFIX", "Routes", "main"]
+__all__ = ["ADMIN_PREFIX", "FORWARDED", "Routes", "forwarded", "main"]
 
 log = logging.getLogger("kubeml.serving.rollout.router")
 
@@ -126,6 +133,30 @@ class Routes:
 def _is_grpc_target(target: str) -> bool:
     host, sep, port = target.rpartition(":")
     return bool(sep and host and "/" not in target and port.isdigit() and 0 < int(port) < 65536)
+
+
+#: (method, path pattern) pairs the router forwards to a model server: the V1 and V2
+#: data planes of one model. The repository API, /metrics and the docs are not among them.
+FORWARDED: tuple[tuple[str, re.Pattern[str]], ...] = tuple(
+    (method, re.compile(pattern)) for method, pattern in (
+        ("POST", r"/v2/models/[^/]+(/versions/[^/]+)?/infer"),
+        ("POST", r"/v1/models/[^/:]+:predict"),
+        ("GET", r"/v2/models/[^/]+(/versions/[^/]+)?(/ready)?"),
+        ("GET", r"/v1/models/[^/:]+"),
+        ("GET", r"/v2/health/(live|ready)"),
+        ("GET", r"/v2"),
+        ("GET", r"/"),
+    )
+)
+
+
+def forwarded(method: str, path: str) -> bool:
+    """True when the router forwards ``method path`` to a model server.
+
+    >>> forwarded("POST", "/v2/models/digits/infer"), forwarded("POST", "/v2/repository/models/digits/unload")
+    (True, False)
+    """
+    return any(method == m and pattern.fullmatch(path) for m, pattern in FORWARDED)
 
 
 def _is_inference(method: str, path: str) -> bool:
@@ -225,8 +256,12 @@ class Router:
         seed: int | None = None,
         grpc_host: str = "127.0.0.1",
         grpc_port: int | None = None,
+        admin_token: str | None = None,
     ):
         self.routes = routes
+        self.admin_token = admin_token
+        """Bearer token of the admin API. None leaves it open: only for a router built
+        in-process by a test; the router's command line requires a token file."""
         self.routes_file = routes_file
         self.stats = _Stats()
         self._random = random.Random(seed)
@@ -242,7 +277,7 @@ class Router:
     def app(self) -> Any:
         from aiohttp import web
 
-        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app = web.Application(client_max_size=64 * 1024 * 1024, middlewares=[self._admin_guard])
         app.router.add_route("GET", f"{ADMIN_PREFIX}/routes", self._get_routes)
         app.router.add_route("PUT", f"{ADMIN_PREFIX}/routes", self._put_routes)
         app.router.add_route("GET", f"{ADMIN_PREFIX}/stats", self._get_stats)
@@ -276,6 +311,25 @@ class Router:
             await self._session.close()
 
     # -- admin -------------------------------------------------------------------------------
+
+    @property
+    def _admin_guard(self) -> Any:
+        from aiohttp import web
+
+        @web.middleware
+        async def guard(request: Any, handler: Any) -> Any:
+            path = request.path
+            if path.startswith(ADMIN_PREFIX + "/") and path != f"{ADMIN_PREFIX}/healthz" and self.admin_token:
+                given = request.headers.get("Authorization", "")
+                expected = f"Bearer {self.admin_token}"
+                if not hmac.compare_digest(given.encode(), expected.encode()):
+                    return web.json_response(
+                        {"error": "the router's admin API needs its bearer token (Authorization: Bearer ...)"},
+                        status=401, headers={"WWW-Authenticate": 'Bearer realm="kubeml-router"'},
+                    )
+            return await handler(request)
+
+        return guard
 
     async def _get_routes(self, _request: Any) -> Any:
         from aiohttp import web
@@ -391,6 +445,12 @@ class Router:
         routes = self.routes  # one snapshot per request: a PUT mid-request changes nothing
         if routes is None:
             return web.json_response({"error": "router has no stable backend yet"}, status=503)
+        if not forwarded(request.method, request.path):
+            return web.json_response(
+                {"error": f"{request.method} {request.path} is not routed: the router forwards only "
+                          "the inference data plane (V1/V2 infer, model metadata, readiness, health)"},
+                status=404,
+            )
         body = await request.read()
         if not _is_inference(request.method, request.path):
             status, payload, headers = await self._forward(routes.stable, request, body)
@@ -434,6 +494,12 @@ def _parser() -> argparse.ArgumentParser:
         help="JSON Routes read at start and rewritten on every change",
     )
     p.add_argument(
+        "--admin-token-file",
+        type=Path,
+        required=True,
+        help="file holding the bearer token of the admin API (/-/rollout/*; healthz stays open)",
+    )
+    p.add_argument(
         "--grpc-port",
         type=int,
         default=None,
@@ -462,7 +528,16 @@ def main(argv: list[str] | None = None) -> int:
         uvloop.install()
     except ImportError:  # optional: plain asyncio is ~30% slower, still correct
         pass
-    router = Router(routes, routes_file=args.routes_file, grpc_host=args.host, grpc_port=args.grpc_port)
+    try:
+        token = args.admin_token_file.read_text().strip()
+    except OSError as exc:
+        log.error("admin token file %s: %s", args.admin_token_file, exc)
+        return 2
+    if len(token) < 16:
+        log.error("admin token in %s is shorter than 16 characters", args.admin_token_file)
+        return 2
+    router = Router(routes, routes_file=args.routes_file, grpc_host=args.host, grpc_port=args.grpc_port,
+                    admin_token=token)
     # access_log=None: one line per request would cost more than the routing itself.
     web.run_app(
         router.app(), host=args.host, port=args.port, access_log=None, print=None,

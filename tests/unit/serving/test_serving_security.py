@@ -90,3 +90,57 @@ def test_random_model_names_leave_the_metric_series_unchanged(server, digits_row
     assert after == before, sorted(after - before)[:5]
     assert not any(re.search(r'model="[0-9a-f]{12}"', s) for s in after)
     assert any('model="_unknown"' in s for s in after)  # the requests were counted, under one label
+
+
+# -- the rollout router --------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def backend(tmp_path_factory: pytest.TempPathFactory, digits_bundle: Path):
+    from kubeml.serving.rollout.local import LocalBackend
+
+    backend = LocalBackend("digits", state_dir=tmp_path_factory.mktemp("router-security"))
+    try:
+        backend.deploy_stable(digits_bundle, "1")
+        yield backend
+    finally:
+        backend.stop()
+
+
+def test_the_router_admin_api_needs_the_token_from_a_private_file(backend):
+    import stat
+
+    router = backend.router()
+    token_file = Path(router.admin_token_file)
+    assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
+    before = router.routes()
+    hijack = {**before.to_dict(), "stable": "http://169.254.169.254"}  # never sent: refused first
+    for method, path, kwargs in (
+        ("PUT", "/-/rollout/routes", {"json": hijack}),
+        ("GET", "/-/rollout/routes", {}),
+        ("GET", "/-/rollout/stats", {}),
+    ):
+        for headers in ({}, {"Authorization": "Bearer not-the-token"}):
+            r = requests.request(method, router.url + path, headers=headers, timeout=10, **kwargs)
+            assert r.status_code == 401, (method, path, r.text)
+            assert "bearer token" in r.json()["error"]
+    assert requests.get(f"{router.url}/-/rollout/healthz", timeout=10).status_code == 200  # probes stay open
+    assert router.routes() == before  # the CLI's own client reads the token and gets through
+
+
+def test_the_router_forwards_only_the_data_plane(backend, digits_rows):
+    router = backend.router()
+    for method, path in (
+        ("POST", "/v2/repository/models/digits/unload"),
+        ("POST", "/v2/repository/index"),
+        ("GET", "/metrics"),
+        ("GET", "/docs"),
+        ("DELETE", "/v2/models/digits"),
+    ):
+        r = requests.request(method, router.url + path, timeout=10)
+        assert r.status_code == 404 and "not routed" in r.json()["error"], (method, path, r.text)
+    body = {"inputs": [{"name": "input", "shape": list(digits_rows.shape), "datatype": "FP32",
+                        "data": digits_rows.ravel().tolist()}]}
+    assert requests.post(f"{router.url}/v2/models/digits/infer", json=body, timeout=30).status_code == 200
+    assert requests.get(f"{router.url}/v2/models/digits/ready", timeout=10).status_code == 200
+    assert requests.get(f"{router.url}/v2/health/live", timeout=10).status_code == 200
