@@ -134,6 +134,9 @@ def predictor_spec(p: PredictorConfig) -> dict[str, Any]:
         "--model-dir", MODEL_MOUNT,
         "--model-name", p.model_name,
         "--model-version", p.version,
+        # In a pod the server must answer on the pod's address (the kubelet's probes, the
+        # Service, queue-proxy); it binds loopback only by default.
+        "--host", "0.0.0.0",
         "--http-port", "8080",
     ]  # fmt: skip
     ports = [{"name": "http1", "containerPort": 8080, "protocol": "TCP"}]

@@ -175,6 +175,7 @@ class ServingManager:
             "--model-dir", str(bundle),
             "--model-name", name,
             "--model-version", version,
+            "--host", self.host,
             "--http-port", str(port),
         ]  # fmt: skip
         if grpc_port is not None:

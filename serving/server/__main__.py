@@ -54,6 +54,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     multi.add_argument("--preload", default="", help="comma-separated models to load at start")
     p.add_argument("--model-version", default="", help="version reported in V2 metadata/responses")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address REST and gRPC listen on (default: loopback only; 0.0.0.0 in a pod)")
     p.add_argument("--http-port", required=True, type=_port)
     p.add_argument("--grpc-port", type=_port, default=None, help="enable gRPC V2 on this port")
     p.add_argument("--max-batch-size", type=int, default=None, help="most instances per request")
@@ -141,6 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             return serve_repository(
                 args.models_dir,
+                host=args.host,
                 http_port=args.http_port,
                 grpc_port=args.grpc_port,
                 max_memory_bytes=int(args.max_memory_mb * 1024 * 1024),
@@ -167,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
             args.model_dir,
             model_name=args.model_name,
             model_version=args.model_version,
+            host=args.host,
             http_port=args.http_port,
             grpc_port=args.grpc_port,
             max_batch_size=args.max_batch_size,

@@ -122,9 +122,10 @@ class TelemetryGRPCServer(GRPCServer):
     """kserve's gRPC server with a :class:`GrpcTelemetryInterceptor` in front of kserve's
     own interceptors (kserve fixes its list when it builds the server)."""
 
-    def __init__(self, *args: Any, telemetry: GrpcTelemetryInterceptor, **kwargs: Any):
+    def __init__(self, *args: Any, telemetry: GrpcTelemetryInterceptor, host: str = "127.0.0.1", **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.telemetry = telemetry
+        self.host = host
 
     async def start(self, max_workers: int) -> None:
         self._server = aio.server(
@@ -138,7 +139,8 @@ class TelemetryGRPCServer(GRPCServer):
         grpc_predict_v2_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
             InferenceServicer(self._data_plane, self._model_repository_extension), self._server
         )
-        self._server.add_insecure_port(f"[::]:{self._port}")
-        log.info("gRPC server on port %d", self._port)
+        address = f"[{self.host}]" if ":" in self.host else self.host
+        self._server.add_insecure_port(f"{address}:{self._port}")
+        log.info("gRPC server on %s:%d", self.host, self._port)
         await self._server.start()
         await self._server.wait_for_termination()

@@ -73,6 +73,7 @@ class KubemlModelServer(ModelServer):
         grpc_telemetry: GrpcTelemetryInterceptor | None = None,
         request_timeout_s: float,
         fault_latency_s: float = 0.0,
+        host: str = "127.0.0.1",
         **kwargs: Any,
     ):
         # kserve would build its own gRPC server in start(); _serve() adds ours instead.
@@ -84,6 +85,8 @@ class KubemlModelServer(ModelServer):
             serves_repository=repository is not None,
         )
         self.grpc_telemetry = grpc_telemetry
+        self.host = host
+        """Address REST and gRPC listen on; kserve itself always binds every interface."""
 
     async def _serve(self) -> None:
         if self.grpc_telemetry is not None:
@@ -94,6 +97,14 @@ class KubemlModelServer(ModelServer):
                 kwargs=kserve_args(),
                 grace_period=self.grace_period,
                 telemetry=self.grpc_telemetry,
+                host=self.host,
             )
             self.servers.append(self._grpc_server.start(self.max_threads))
+        # kserve's RESTServer hard-codes host 0.0.0.0 in its uvicorn Config; uvicorn reads it
+        # only when the server coroutine runs, after this point.
+        rest = getattr(self, "_rest_server", None)
+        if rest is None or not hasattr(rest, "config"):
+            raise RuntimeError("kserve's REST server was not built as expected; cannot bind "
+                               f"{self.host} (kserve {getattr(kserve, '__version__', '?')})")
+        rest.config.host = self.host
         await super()._serve()

@@ -32,6 +32,7 @@ log = logging.getLogger("kubeml.serving.server")
 def serve_repository(
     models_dir: str | Path,
     *,
+    host: str = "127.0.0.1",
     http_port: int,
     grpc_port: int | None = None,
     max_memory_bytes: int,
@@ -51,6 +52,7 @@ def serve_repository(
     server = build_server(
         None,
         repository=repository,
+        host=host,
         http_port=http_port,
         grpc_port=grpc_port,
         max_body_bytes=max_body_bytes,
@@ -65,6 +67,7 @@ def serve(
     *,
     model_name: str,
     model_version: str = "",
+    host: str = "127.0.0.1",
     http_port: int,
     grpc_port: int | None = None,
     max_batch_size: int | None = None,
@@ -111,6 +114,7 @@ def serve(
     )
     server = build_server(
         model,
+        host=host,
         http_port=http_port,
         grpc_port=grpc_port,
         max_body_bytes=max_body_bytes,

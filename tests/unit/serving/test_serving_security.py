@@ -144,3 +144,17 @@ def test_the_router_forwards_only_the_data_plane(backend, digits_rows):
     assert requests.post(f"{router.url}/v2/models/digits/infer", json=body, timeout=30).status_code == 200
     assert requests.get(f"{router.url}/v2/models/digits/ready", timeout=10).status_code == 200
     assert requests.get(f"{router.url}/v2/health/live", timeout=10).status_code == 200
+
+
+def test_a_model_server_listens_on_loopback_only(server):
+    import psutil
+
+    process = psutil.Process(server.pid)
+    connections = getattr(process, "net_connections", process.connections)  # psutil < 6 names it connections
+    listening = [c.laddr for c in connections(kind="inet") if c.status == psutil.CONN_LISTEN]
+    assert {a.port for a in listening} >= {server.http_port, server.grpc_port}
+    import ipaddress
+
+    # gRPC binds 127.0.0.1 as the IPv4-mapped ::ffff:127.0.0.1 on a dual-stack socket.
+    addresses = {ipaddress.ip_address(a.ip) for a in listening}
+    assert all((getattr(a, "ipv4_mapped", None) or a).is_loopback for a in addresses), listening
