@@ -32,6 +32,18 @@ def _clean_key(key: str) -> str:
     return str(p).strip("/")
 
 
+def _confined(root: Path, key: str, relative: str) -> Path:
+    """``root / relative``, refusing a path that would leave ``root`` (or go through a link out of it)."""
+    parts = relative.split("/")
+    if not relative or relative.startswith("/") or any(p in ("", ".", "..") for p in parts) or "\x00" in relative:
+        raise ArtifactError(f"refusing to download {key!r}: its path {relative!r} is not a plain relative path")
+    target = root.joinpath(*parts)
+    # resolve() follows links already present under root: one pointing outside is caught here.
+    if not target.resolve().is_relative_to(root):
+        raise ArtifactError(f"refusing to download {key!r}: {target} leads outside {root}")
+    return target
+
+
 class ArtifactStore(ABC):
     """A flat key -> bytes store with directory helpers."""
 
@@ -63,10 +75,8 @@ class ArtifactStore(ABC):
         return self.put_bytes(key, Path(path).read_bytes())
 
     def get_file(self, key: str, dest: str | Path) -> Path:
-        dest = Path(dest)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        dest.write_bytes(self.get_bytes(key))
-        return dest
+        """Download ``key`` to ``dest`` atomically (a symlink at ``dest`` is replaced, never followed)."""
+        return atomic_write_bytes(dest, self.get_bytes(key), fsync=False)
 
     def put_text(self, key: str, text: str) -> str:
         return self.put_bytes(key, text.encode())
@@ -80,7 +90,12 @@ class ArtifactStore(ABC):
         if not directory.is_dir():
             raise ArtifactError(f"{directory} is not a directory")
         prefix = _clean_key(prefix)
-        for f in sorted(directory.rglob("*")):
+        entries = sorted(directory.rglob("*"))
+        # A link would upload whatever it points at (a key file, /etc/shadow): refuse it.
+        links = [str(f) for f in entries if f.is_symlink()]
+        if links:
+            raise ArtifactError(f"refusing to upload {directory}: it contains symbolic links ({', '.join(links[:3])})")
+        for f in entries:
             if f.is_file():
                 self.put_file(f"{prefix}/{f.relative_to(directory).as_posix()}", f)
         return self.url(prefix)
@@ -92,8 +107,13 @@ class ArtifactStore(ABC):
         if not keys:
             raise ArtifactNotFound(f"nothing stored under {self.url(prefix)}")
         dest = Path(dest)
-        for k in keys:
-            self.get_file(k, dest / k[len(prefix) + 1 :])
+        root = dest.resolve()
+        # Every target is checked before anything is written: a hostile key (S3 keys may hold
+        # "//", ".." or a leading "/") must not write one byte outside ``dest``.
+        targets = [(k, _confined(root, k, k[len(prefix) + 1 :] if k != prefix else PurePosixPath(k).name))
+                   for k in keys]
+        for key, target in targets:
+            self.get_file(key, target)
         return dest
 
     def walk(self, prefix: str = "") -> Iterator[str]:
