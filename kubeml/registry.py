@@ -20,10 +20,13 @@ from pathlib import Path
 
 from kubeml.errors import RegistryError
 
-__all__ = ["APPROVAL_STATES", "ModelVersionInfo", "Registry", "code_version"]
+__all__ = ["APPROVAL_STATES", "BUNDLE_DIGEST_TAG", "ModelVersionInfo", "Registry", "code_version", "verified_bundle"]
 
 APPROVAL_STATES = ("approved", "pending", "rejected")
 APPROVAL_TAG = "approval_status"
+#: Version tag holding the registered bundle's digest (``sha256:<hex>`` of its manifest,
+#: :func:`kubeml.bundle.bundle_digest`); every deploy path checks the bundle against it.
+BUNDLE_DIGEST_TAG = "bundle_digest"
 
 
 def code_version(path: str | Path = ".") -> str:
@@ -156,3 +159,19 @@ class Registry:
         who = by or os.environ.get("USER") or "unknown"
         self._client.set_model_version_tag(model_name, str(version), f"{status}_by", who)
         return self.get(model_name, version)
+
+
+def verified_bundle(mv: ModelVersionInfo, bundle_dir: str | Path) -> str:
+    """Check a downloaded bundle against the digest registered for ``mv``; returns the digest.
+
+    The one check every deploy path makes. A version registered without a digest is
+    refused too: nothing would tell its bundle from a swapped one.
+    """
+    from kubeml.bundle import verify_bundle
+    from kubeml.errors import BundleError
+
+    expected = mv.tags.get(BUNDLE_DIGEST_TAG)
+    if not expected:
+        raise BundleError(f"{mv.name} version {mv.version} has no registered bundle digest; it cannot be "
+                          "verified, so it is not deployed (register the bundle again)")
+    return verify_bundle(bundle_dir, expected)

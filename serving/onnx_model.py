@@ -33,7 +33,7 @@ def export_onnx(bundle_dir: str | Path) -> Path:
     """Write ``model.onnx`` (dynamic batch dimension) into a bundle; returns its path."""
     import torch
 
-    from kubeml.bundle import load_bundle
+    from kubeml.bundle import load_bundle, write_manifest
 
     bundle_dir = Path(bundle_dir)
     module, spec = load_bundle(bundle_dir)
@@ -45,6 +45,7 @@ def export_onnx(bundle_dir: str | Path) -> Path:
         dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, opset_version=OPSET,
         dynamo=False,
     )  # fmt: skip
+    write_manifest(bundle_dir)  # the graph is part of what the registry pins
     return path
 
 

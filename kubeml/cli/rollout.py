@@ -58,7 +58,7 @@ def _load_rows(path: Path) -> Any:
 
 def _resolve_registry_version(cfg: Any, model: str, version: str) -> tuple[Path, Any]:
     """Bundle directory and held-out rows of an approved registry version."""
-    from kubeml.registry import Registry
+    from kubeml.registry import Registry, verified_bundle
 
     try:
         number = int(version)
@@ -79,6 +79,7 @@ def _resolve_registry_version(cfg: Any, model: str, version: str) -> tuple[Path,
     bundle = store.local_path(key)
     if bundle is None:
         bundle = store.get_dir(key, Path(cfg.home) / "cache" / "bundles" / f"{model}-v{mv.version}")
+    verified_bundle(mv, bundle)  # what was approved is what is served
     rows = None
     dataset, dataset_version = mv.tags.get("dataset"), mv.tags.get("dataset_version")
     if dataset and dataset_version:

@@ -24,7 +24,7 @@ def deploy_stage(config_json: str, run_id: str, model_version: int) -> str:
     keeps serving).
     """
     from kubeml.data import load_dataset
-    from kubeml.registry import Registry
+    from kubeml.registry import Registry, verified_bundle
     from kubeml.serving.client import smoke_test
     from kubeml.serving.deploy import get_deploy_target
 
@@ -45,6 +45,7 @@ def deploy_stage(config_json: str, run_id: str, model_version: int) -> str:
             return ""
         bundle_key = bundle_key_from_url(store, mv.source)
         bundle_dir = local_bundle(cfg, store, bundle_key, f"{mv.name}-v{mv.version}")
+        digest = verified_bundle(mv, bundle_dir)  # what was approved is what is served
         ingest_out = ctx.ledger.read("ingest").outputs
         x, _ = load_dataset(store, ingest_out["dataset"], ingest_out["version"]).test()
         # Held-out rows are replayed as traffic for a canary's analysis.
@@ -54,7 +55,7 @@ def deploy_stage(config_json: str, run_id: str, model_version: int) -> str:
         rec.outputs = {"url": outcome.url, "v1_url": f"{outcome.url}/v1/models/{mv.name}:predict", "v2_url": v2_url,
                        "model_version": mv.version, "rollout": outcome.action, "stable_version": outcome.stable_version,
                        "reason": outcome.reason, "rollout_id": outcome.rollout_id, "max_weight": outcome.max_weight,
-                       "grpc_target": outcome.grpc_target, "target": target.name}
+                       "grpc_target": outcome.grpc_target, "target": target.name, "bundle_digest": digest}
         if outcome.stable_version != str(mv.version):
             rec.outputs["deployed"] = False
             rec.message = (f"canary v{mv.version} {outcome.action.replace('_', ' ')} at {outcome.max_weight}%: "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 from kubeml.pipelines.stages._common import open_stage, run_stage
@@ -13,7 +14,8 @@ def register_stage(
     config_json: str, run_id: str, dataset: str, version: str, bundle_key: str, code_version: str
 ) -> int:
     """Registers the bundle as the next model version; returns the version number."""
-    from kubeml.registry import Registry
+    from kubeml.bundle import MANIFEST_FILE
+    from kubeml.registry import BUNDLE_DIGEST_TAG, Registry
 
     ctx = open_stage(config_json, run_id)
     cfg, store = ctx.cfg, ctx.store
@@ -22,6 +24,8 @@ def register_stage(
         evaluation = json.loads(store.get_text(f"runs/{run_id}/evaluation.json"))
         metrics = {k: evaluation[k] for k in ("accuracy", "macro_f1", "test_samples")}
         train = ctx.ledger.read("train").outputs
+        # The manifest hashes every file of the bundle; its digest pins what is approved.
+        digest = "sha256:" + hashlib.sha256(store.get_bytes(f"{bundle_key}/{MANIFEST_FILE}")).hexdigest()
         reg = Registry(cfg.registry.tracking_uri, artifact_root=cfg.artifact_store.uri)
         mv = reg.register(
             cfg.registry.model_name,
@@ -32,11 +36,11 @@ def register_stage(
                     "seed": cfg.data.seed},
             tags={"dataset": dataset, "dataset_version": version, "code_version": code_version,
                   "kubeml.run_id": run_id, "environment": cfg.name,
-                  "checkpoint_uri": train.get("checkpoint_uri", "")},
+                  "checkpoint_uri": train.get("checkpoint_uri", ""), BUNDLE_DIGEST_TAG: digest},
             auto_approve=cfg.approval == "auto",
         )
         rec.outputs = {"model_name": mv.name, "version": mv.version, "approval_status": mv.approval_status,
-                       "source": mv.source}
+                       "source": mv.source, "bundle_digest": digest}
         rec.message = f"{mv.name} version {mv.version} ({mv.approval_status})"
         return mv.version
 

@@ -29,6 +29,8 @@ def train_stage(config_json: str, run_id: str, dataset: str, version: str, *,
     launcher = get_launcher(cfg.training.target)
 
     def body(rec, attempt):
+        _refuse_a_registered_run(cfg, ctx.store, run_id)
+
         def on_status(line: str) -> None:
             rec.message = f"{launcher.name} job: {line}"
             print(f"train: {rec.message}", flush=True)  # the step's log
@@ -61,3 +63,17 @@ def train_stage(config_json: str, run_id: str, dataset: str, version: str, *,
         return res.bundle_key
 
     return run_stage("train", ctx, body, policy=retry)
+
+
+def _refuse_a_registered_run(cfg, store, run_id: str) -> None:
+    """A run whose bundle is a registered version never trains again: it would overwrite
+    the bundle that version (perhaps approved) points at."""
+    from kubeml.errors import ConfigError
+    from kubeml.registry import Registry
+
+    url = store.url(f"models/{run_id}/bundle")
+    reg = Registry(cfg.registry.tracking_uri, artifact_root=cfg.artifact_store.uri)
+    taken = [v.version for v in reg.versions(cfg.registry.model_name) if v.source == url]
+    if taken:
+        raise ConfigError(f"run id {run_id!r} already produced {cfg.registry.model_name} version {taken[0]} "
+                          f"({url}); start a new run (a new run id) instead of training over it")

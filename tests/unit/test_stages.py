@@ -97,3 +97,16 @@ def test_a_step_lost_while_running_is_run_again_by_an_orchestrator_retry(tmp_pat
 def test_retry_policy_refuses_nonsense_with_the_allowed_ranges():
     with pytest.raises(ValueError, match="retries >= 0"):
         RetryPolicy(retries=-1)
+
+
+def test_a_run_whose_bundle_is_registered_never_trains_over_it(tmp_path):
+    from kubeml.pipelines.stages import train_stage
+    from kubeml.registry import Registry
+
+    cfg = EnvironmentConfig(artifact_store={"uri": f"file://{tmp_path}/artifacts"},
+                            registry={"tracking_uri": f"sqlite:///{tmp_path}/mlflow.db"})
+    store = cfg.artifact_store.open()
+    Registry(cfg.registry.tracking_uri, artifact_root=cfg.artifact_store.uri).register(
+        cfg.registry.model_name, store.url("models/r1/bundle"), metrics={"accuracy": 0.99}, auto_approve=True)
+    with pytest.raises(ConfigError, match="already produced .* version 1"):
+        train_stage(cfg.model_dump_json(), "r1", "digits", "v-1")
