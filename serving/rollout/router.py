@@ -73,7 +73,7 @@ MAX_BACKGROUND = 64
 UPSTREAM_TIMEOUT_S = 30.0
 # Headers a model server needs to decode a request / a client needs to decode an answer.
 _FORWARD_REQUEST = ("content-type", "inference-header-content-length", "x-request-id", "accept")
-_FORWARD_RESPONSE = ("content-type", "inference-header-content-length", "x-request-id")
+_FORWARD_RESPONSE = ("content-type", "inference-header-content-length", "x-request-id", "x-kubeml-deadline")
 
 
 @dataclass(frozen=True)
@@ -388,7 +388,10 @@ class Router:
     async def _timed(self, backend: str, base: str, request: Any, body: bytes) -> tuple[int, bytes, dict]:
         started = time.perf_counter()
         status, payload, headers = await self._forward(base, request, body)
-        self.stats.record(backend, status, time.perf_counter() - started)
+        # A 504 on the client's own deadline is not the backend's failure (see the server's
+        # x-kubeml-deadline header): counted as 499, like the server's own metrics do.
+        counted = 499 if status == 504 and headers.get("x-kubeml-deadline") == "client" else status
+        self.stats.record(backend, counted, time.perf_counter() - started)
         return status, payload, headers
 
     def to_canary(self, routes: Routes) -> bool:

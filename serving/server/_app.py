@@ -33,7 +33,7 @@ from kubeml.serving.protocol import send_json_error
 from kubeml.serving.server._dataplane import InferenceTimeout
 from kubeml.serving.server._grpc import GrpcTelemetryInterceptor
 from kubeml.serving.server._kserve import KubemlModelServer, kserve_app, quiet_kserve_logs
-from kubeml.serving.server._limits import GRACE_PERIOD_S
+from kubeml.serving.server._limits import CLIENT_DEADLINE_HEADER, GRACE_PERIOD_S
 from kubeml.serving.telemetry import FaultInjection, ModelTelemetry, TelemetryMiddleware
 
 __all__ = ["build_server"]
@@ -167,7 +167,8 @@ async def _validation_error(_request: Any, exc: RequestValidationError) -> Any:
 
 async def _inference_timeout(_request: Any, exc: InferenceTimeout) -> Any:
     log.warning("%s", exc)
-    return JSONResponse(status_code=504, content={"error": str(exc)})
+    headers = {CLIENT_DEADLINE_HEADER: "client"} if getattr(exc, "client", False) else None
+    return JSONResponse(status_code=504, content={"error": str(exc)}, headers=headers)
 
 
 async def _http_error(_request: Any, exc: StarletteHTTPException) -> Any:

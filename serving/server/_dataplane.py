@@ -32,9 +32,11 @@ class InferenceTimeout(DeadlineExceeded):
     """An inference past its deadline: HTTP 504; kserve's gRPC interceptor maps
     ``GrpcException`` subclasses to their status, here DEADLINE_EXCEEDED."""
 
-    def __init__(self, details: str):
+    def __init__(self, details: str, *, client: bool = False):
         super().__init__(details)
         Exception.__init__(self, details)
+        self.client = client
+        """True when the deadline was the client's own (a header), not the server's."""
 
     def __str__(self) -> str:
         return self.details
@@ -105,7 +107,8 @@ class StrictDataPlane(DataPlane):
             raise InferenceTimeout(
                 f"inference on model {model_name!r} did not finish within {budget:g} s "
                 f"(the {source}); the model is slow or the server overloaded: "
-                "retry later, or send fewer instances per request"
+                "retry later, or send fewer instances per request",
+                client=source.endswith("header"),
             ) from None
 
     async def ready(self) -> bool:

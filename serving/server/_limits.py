@@ -58,6 +58,15 @@ def _preflight(model_dir: Path, runtime: str = "pytorch") -> None:
         )
 
 
+#: Shortest client deadline honoured, in ms; a shorter one is raised to it. Below this no
+#: model answers even on an idle server, so a tinier deadline is a way to mint 504s, not a
+#: wish a server can meet.
+MIN_CLIENT_TIMEOUT_MS = 10.0
+#: Response header on a 504 whose deadline was the client's own: the telemetry counts it
+#: under status 499 (a client-imposed limit), never as a server error a rollout judges.
+CLIENT_DEADLINE_HEADER = "x-kubeml-deadline"
+
+
 def _request_budget_s(
     headers: dict[str, str] | None, server_timeout_s: float
 ) -> tuple[float | None, str]:
@@ -69,6 +78,8 @@ def _request_budget_s(
     (30.0, '--request-timeout-s')
     >>> _request_budget_s({}, 0.0)
     (None, '')
+    >>> _request_budget_s({"x-request-timeout-ms": "0.001"}, 30.0)  # raised to the floor
+    (0.01, 'x-request-timeout-ms header')
     """
     budget, source = (server_timeout_s, "--request-timeout-s") if server_timeout_s else (None, "")
     for name in CLIENT_TIMEOUT_HEADERS:
@@ -83,6 +94,7 @@ def _request_budget_s(
             raise ValueError(
                 f"{name} header must be a positive number of milliseconds, got {raw!r}"
             )
+        ms = max(ms, MIN_CLIENT_TIMEOUT_MS)
         if budget is None or ms / 1000 < budget:
             budget, source = ms / 1000, f"{name} header"
     return budget, source

@@ -14,6 +14,13 @@ from typing import Any
 
 from kubeml.serving.protocol import send_json_error
 from kubeml.serving.telemetry.faults import ErrorSchedule, FaultInjection
+
+#: Response header (lower-case bytes, as ASGI carries it) marking a 504 whose deadline the
+#: client set; see ``kubeml.serving.server._limits.CLIENT_DEADLINE_HEADER``.
+CLIENT_DEADLINE = b"x-kubeml-deadline"
+#: The status such a request is counted under: nginx's "client closed request", outside the
+#: 5xx that the rollout analysis counts as errors.
+CLIENT_DEADLINE_STATUS = 499
 from kubeml.serving.telemetry.metrics import LATENCY, REQUESTS, infer_route, series_labels
 from kubeml.serving.telemetry.payload import PayloadLogger, body_for_record
 
@@ -65,6 +72,8 @@ class TelemetryMiddleware:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
+                if status == 504 and (CLIENT_DEADLINE, b"client") in message.get("headers", []):
+                    status = CLIENT_DEADLINE_STATUS  # the client's own deadline: not a server error
                 message = {
                     **message,
                     "headers": [*message.get("headers", []), (b"x-request-id", request_id.encode())],

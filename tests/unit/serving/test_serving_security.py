@@ -158,3 +158,22 @@ def test_a_model_server_listens_on_loopback_only(server):
     # gRPC binds 127.0.0.1 as the IPv4-mapped ::ffff:127.0.0.1 on a dual-stack socket.
     addresses = {ipaddress.ip_address(a.ip) for a in listening}
     assert all((getattr(a, "ipv4_mapped", None) or a).is_loopback for a in addresses), listening
+
+
+def test_a_tiny_client_deadline_is_raised_to_the_floor_and_never_counted_as_a_server_error(
+        manager: ServingManager, digits_bundle: Path, digits_rows):
+    from kubeml.serving.telemetry import FaultInjection
+
+    slow = manager.deploy("slow", digits_bundle, version="1", fault=FaultInjection(latency_ms=300))
+    body = {"inputs": [{"name": "input", "shape": list(digits_rows.shape), "datatype": "FP32",
+                        "data": digits_rows.ravel().tolist()}]}
+    for _ in range(5):
+        r = requests.post(slow.v2_url, json=body, headers={"x-request-timeout-ms": "0.001"}, timeout=30)
+        assert r.status_code == 504 and "within 0.01 s (the x-request-timeout-ms header)" in r.json()["error"]
+        assert r.headers.get("x-kubeml-deadline") == "client"
+    text = requests.get(f"{slow.url}/metrics", timeout=10).text
+    counted = {line.split(" ")[0] for line in text.splitlines() if line.startswith("kubeml_requests_total{")}
+    assert any('status="499"' in s and 'model="slow"' in s for s in counted), counted
+    assert not any('status="504"' in s for s in counted), counted  # no 5xx for the rollout analysis to judge
+    # The server's own deadline still is a server error: a slow model is the server's problem.
+    assert requests.post(slow.v2_url, json=body, timeout=30).status_code == 200
