@@ -168,8 +168,12 @@ class PayloadLogger:
             "queue.buffering.max.messages": self.QUEUE_SIZE,
             # JSON compresses ~5x; lz4 costs little CPU on the writer thread.
             "compression.type": "lz4",
-            # One leader ack: a lost record is a sampled telemetry record, not a payment.
-            "acks": 1,
+            # Every in-sync replica acknowledges, and the idempotent producer retries without
+            # duplicates: the payload log feeds drift and quality monitoring, and a record a
+            # leader change loses would bias it. Records still undelivered after
+            # KAFKA_DELIVERY_TIMEOUT_MS are dropped and counted.
+            "acks": "all",
+            "enable.idempotence": True,
             "error_cb": self._kafka_error,
             # Connection failures arrive through error_cb (rate-limited warnings); the
             # client's own log would repeat them on every reconnect.
