@@ -44,7 +44,7 @@ _EXPORTS: dict[str, str] = {
 }
 # The whole error tree is public.
 _ERRORS = (
-    "ArtifactError", "ArtifactNotFound", "AssetsMissing", "BundleError", "CheckpointCorrupt",
+    "ApprovalError", "ArtifactError", "ArtifactNotFound", "AssetsMissing", "BundleError", "CheckpointCorrupt",
     "ClusterAlreadyRunning", "ClusterError", "ComponentFailed", "ConfigError", "DataValidationError",
     "JobApiError", "JobCancelled", "JobConflict", "JobError", "JobFailed", "JobTimedOut", "KubemlError", "PortInUse",
     "RegistryError", "ServingError", "ServingRequestError", "StageFailed", "TrainingFailed",
@@ -52,6 +52,7 @@ _ERRORS = (
 _EXPORTS.update({name: "kubeml.errors" for name in _ERRORS})
 
 __all__ = [
+    "ApprovalError",
     "ArtifactError",
     "ArtifactNotFound",
     "ArtifactStore",

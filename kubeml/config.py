@@ -33,6 +33,7 @@ __all__ = [
     "KubemlConfig",
     "RegistryConfig",
     "ServingConfig",
+    "SigningConfig",
     "TrainingConfig",
     "ValidationConfig",
     "load_config",
@@ -238,6 +239,24 @@ class ServingConfig(_Strict):
         return {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
 
 
+class SigningConfig(_Strict):
+    """Ed25519 signing of approvals (see ``kubeml.approvals``); keys by reference only."""
+
+    private_key: str | None = None
+    """``file:PATH`` or ``env:NAME`` of the PEM private key ``kubeml models approve`` signs with
+    (and the register stage, for versions an ``auto`` environment approves)."""
+    public_key: str | None = None
+    """``file:PATH`` or ``env:NAME`` of the PEM public key every deploy path verifies approvals
+    with. Unset: approvals are not signature-checked (bundle digests always are)."""
+
+    @field_validator("private_key", "public_key")
+    @classmethod
+    def _reference(cls, v: str | None) -> str | None:
+        if v is not None and not (v.startswith("file:") or v.startswith("env:")):
+            raise ValueError("must be a reference, file:PATH or env:NAME, never the key itself")
+        return v
+
+
 class EnvironmentConfig(_Strict):
     name: Literal["dev", "staging", "prod"] = "dev"
     approval: Literal["auto", "manual"] = "auto"
@@ -250,6 +269,7 @@ class EnvironmentConfig(_Strict):
     training: TrainingConfig = TrainingConfig()
     gate: GateConfig = GateConfig()
     serving: ServingConfig = ServingConfig()
+    signing: SigningConfig = SigningConfig()
 
     def resolved(self, base: str | Path) -> EnvironmentConfig:
         """Return a copy with relative local paths made absolute against ``base``.

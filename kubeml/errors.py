@@ -6,6 +6,7 @@
     │   └── ArtifactNotFound       no         nothing at that key (retrying finds nothing either)
     ├── DataValidationError        no         the dataset violates constraints; lists every one
     ├── BundleError                no         a model bundle is missing, truncated or inconsistent
+    ├── ApprovalError              no         an approval is missing, refused, or its signature does not verify
     ├── StageFailed                no         a stage's earlier attempt failed with a non-retryable error
     ├── RegistryError              yes        the model registry (MLflow) could not complete
     ├── ServingError               yes        a model server could not be started, reached, stopped
@@ -45,6 +46,7 @@ from __future__ import annotations
 from typing import ClassVar
 
 __all__ = [
+    "ApprovalError",
     "ArtifactError",
     "ArtifactNotFound",
     "AssetsMissing",
@@ -123,6 +125,11 @@ class DataValidationError(KubemlError):
 
 class BundleError(KubemlError):
     """A model bundle could not be written or read."""
+
+
+class ApprovalError(KubemlError):
+    """A version may not be approved (the approver wrote it) or deployed (its approval
+    signature is missing or does not verify)."""
 
 
 class StageFailed(KubemlError):

@@ -20,13 +20,21 @@ from pathlib import Path
 
 from kubeml.errors import RegistryError
 
-__all__ = ["APPROVAL_STATES", "BUNDLE_DIGEST_TAG", "ModelVersionInfo", "Registry", "code_version", "verified_bundle"]
+__all__ = ["APPROVAL_STATES", "AUTHOR_TAG", "BUNDLE_DIGEST_TAG", "current_user", "ModelVersionInfo", "Registry", "code_version", "verified_bundle"]
 
 APPROVAL_STATES = ("approved", "pending", "rejected")
 APPROVAL_TAG = "approval_status"
+#: Version tag naming who registered a version (the pipeline's identity); in a manual
+#: environment that person may not approve it.
+AUTHOR_TAG = "registered_by"
 #: Version tag holding the registered bundle's digest (``sha256:<hex>`` of its manifest,
 #: :func:`kubeml.bundle.bundle_digest`); every deploy path checks the bundle against it.
 BUNDLE_DIGEST_TAG = "bundle_digest"
+
+
+def current_user() -> str:
+    """Who is acting: ``$KUBEML_USER`` (set it to a real identity in CI and pipelines), else ``$USER``."""
+    return os.environ.get("KUBEML_USER") or os.environ.get("USER") or "unknown"
 
 
 def code_version(path: str | Path = ".") -> str:
@@ -151,27 +159,61 @@ class Registry:
             raise RegistryError(f"listing versions of {model_name} failed: {exc}") from exc
         return sorted((self.get(model_name, int(m.version)) for m in found), key=lambda m: m.version)
 
-    def set_approval(self, model_name: str, version: int, status: str, *, by: str | None = None) -> ModelVersionInfo:
+    def set_approval(
+        self,
+        model_name: str,
+        version: int,
+        status: str,
+        *,
+        by: str | None = None,
+        signature: str | None = None,
+        distinct_approver: bool = False,
+    ) -> ModelVersionInfo:
+        """Record ``status`` for a version, by ``by`` (default: the current user).
+
+        ``signature`` (:func:`kubeml.approvals.sign_approval`) is stored with an approval; any
+        other decision clears an earlier one. ``distinct_approver`` (manual environments)
+        refuses an approval by the version's author (its ``registered_by`` tag).
+        """
+        from kubeml.approvals import SIGNATURE_TAG
+        from kubeml.errors import ApprovalError
+
         if status not in APPROVAL_STATES:
             raise RegistryError(f"unknown approval status {status!r}; allowed values: {', '.join(APPROVAL_STATES)}")
-        self.get(model_name, version)  # raises a clear error for an unknown version
+        mv = self.get(model_name, version)  # raises a clear error for an unknown version
+        who = by or current_user()
+        author = mv.tags.get(AUTHOR_TAG)
+        if status == "approved" and distinct_approver and author and author == who:
+            raise ApprovalError(f"{model_name} version {version} was registered by {who!r}, who may not also "
+                                "approve it in this environment; another person must approve it")
         self._client.set_model_version_tag(model_name, str(version), APPROVAL_TAG, status)
-        who = by or os.environ.get("USER") or "unknown"
         self._client.set_model_version_tag(model_name, str(version), f"{status}_by", who)
+        self._client.set_model_version_tag(model_name, str(version), SIGNATURE_TAG,
+                                           signature if status == "approved" and signature else "")
         return self.get(model_name, version)
 
 
-def verified_bundle(mv: ModelVersionInfo, bundle_dir: str | Path) -> str:
-    """Check a downloaded bundle against the digest registered for ``mv``; returns the digest.
+def verified_bundle(mv: ModelVersionInfo, bundle_dir: str | Path, *, public_key: str | None = None) -> str:
+    """Check a downloaded bundle against the digest registered for ``mv`` and, with
+    ``public_key`` (the environment's ``signing.public_key``), the approval's signature over
+    that digest; returns the digest.
 
     The one check every deploy path makes. A version registered without a digest is
     refused too: nothing would tell its bundle from a swapped one.
     """
+    from kubeml.approvals import SIGNATURE_TAG, check_signature, load_public_key
     from kubeml.bundle import verify_bundle
-    from kubeml.errors import BundleError
+    from kubeml.errors import ApprovalError, BundleError
 
     expected = mv.tags.get(BUNDLE_DIGEST_TAG)
     if not expected:
         raise BundleError(f"{mv.name} version {mv.version} has no registered bundle digest; it cannot be "
                           "verified, so it is not deployed (register the bundle again)")
+    if public_key is not None:
+        signature = mv.tags.get(SIGNATURE_TAG)
+        if not signature:
+            raise ApprovalError(f"{mv.name} version {mv.version} has no signed approval, and this environment "
+                                "verifies them (signing.public_key); approve it with the signing key set")
+        check_signature(load_public_key(public_key), signature, model=mv.name, version=mv.version,
+                        digest=expected, approver=mv.tags.get("approved_by", ""))
     return verify_bundle(bundle_dir, expected)

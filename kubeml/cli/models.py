@@ -37,10 +37,27 @@ def models_list(config: ConfigOpt = None, env: EnvOpt = None, output: OutputOpt 
 
 
 def _set_approval(config, env, version: int, status: str) -> None:
+    from kubeml.approvals import load_private_key, sign_approval
+    from kubeml.errors import ApprovalError
+    from kubeml.registry import BUNDLE_DIGEST_TAG, current_user
+
     cfg = load_env(config, env)
     with failures_exit():
-        mv = _registry(cfg).set_approval(cfg.registry.model_name, version, status)
-    console.print(f"{mv.name} version {mv.version}: {mv.approval_status}")
+        registry = _registry(cfg)
+        signature, who = None, current_user()
+        if status == "approved" and cfg.signing.private_key:
+            digest = registry.get(cfg.registry.model_name, version).tags.get(BUNDLE_DIGEST_TAG)
+            if not digest:
+                raise ApprovalError(f"{cfg.registry.model_name} version {version} has no registered bundle "
+                                    "digest: there is nothing to sign")
+            signature = sign_approval(load_private_key(cfg.signing.private_key), model=cfg.registry.model_name,
+                                      version=version, digest=digest, approver=who)
+        elif status == "approved" and cfg.signing.public_key:
+            raise ApprovalError("this environment verifies signed approvals (signing.public_key) but has no "
+                                "signing.private_key to sign with; an unsigned approval would never deploy")
+        mv = registry.set_approval(cfg.registry.model_name, version, status, by=who, signature=signature,
+                                   distinct_approver=cfg.approval == "manual")
+    console.print(f"{mv.name} version {mv.version}: {mv.approval_status}" + (" (signed)" if signature else ""))
 
 
 @app.command("approve")

@@ -79,7 +79,7 @@ def _resolve_registry_version(cfg: Any, model: str, version: str) -> tuple[Path,
     bundle = store.local_path(key)
     if bundle is None:
         bundle = store.get_dir(key, Path(cfg.home) / "cache" / "bundles" / f"{model}-v{mv.version}")
-    verified_bundle(mv, bundle)  # what was approved is what is served
+    verified_bundle(mv, bundle, public_key=cfg.signing.public_key)  # what was approved is what is served
     rows = None
     dataset, dataset_version = mv.tags.get("dataset"), mv.tags.get("dataset_version")
     if dataset and dataset_version:

@@ -45,7 +45,8 @@ def deploy_stage(config_json: str, run_id: str, model_version: int) -> str:
             return ""
         bundle_key = bundle_key_from_url(store, mv.source)
         bundle_dir = local_bundle(cfg, store, bundle_key, f"{mv.name}-v{mv.version}")
-        digest = verified_bundle(mv, bundle_dir)  # what was approved is what is served
+        # What was approved is what is served: the digest, and the approval's signature.
+        digest = verified_bundle(mv, bundle_dir, public_key=cfg.signing.public_key)
         ingest_out = ctx.ledger.read("ingest").outputs
         x, _ = load_dataset(store, ingest_out["dataset"], ingest_out["version"]).test()
         # Held-out rows are replayed as traffic for a canary's analysis.

@@ -15,7 +15,7 @@ def register_stage(
 ) -> int:
     """Registers the bundle as the next model version; returns the version number."""
     from kubeml.bundle import MANIFEST_FILE
-    from kubeml.registry import BUNDLE_DIGEST_TAG, Registry
+    from kubeml.registry import AUTHOR_TAG, BUNDLE_DIGEST_TAG, Registry, current_user
 
     ctx = open_stage(config_json, run_id)
     cfg, store = ctx.cfg, ctx.store
@@ -36,9 +36,17 @@ def register_stage(
                     "seed": cfg.data.seed},
             tags={"dataset": dataset, "dataset_version": version, "code_version": code_version,
                   "kubeml.run_id": run_id, "environment": cfg.name,
-                  "checkpoint_uri": train.get("checkpoint_uri", ""), BUNDLE_DIGEST_TAG: digest},
+                  "checkpoint_uri": train.get("checkpoint_uri", ""), BUNDLE_DIGEST_TAG: digest,
+                  AUTHOR_TAG: current_user()},
             auto_approve=cfg.approval == "auto",
         )
+        if mv.approved and cfg.signing.private_key:  # an auto environment signs its own approvals
+            from kubeml.approvals import load_private_key, sign_approval
+
+            approver = mv.tags.get("approved_by", "")
+            signature = sign_approval(load_private_key(cfg.signing.private_key), model=mv.name,
+                                      version=mv.version, digest=digest, approver=approver)
+            mv = reg.set_approval(mv.name, mv.version, "approved", by=approver, signature=signature)
         rec.outputs = {"model_name": mv.name, "version": mv.version, "approval_status": mv.approval_status,
                        "source": mv.source, "bundle_digest": digest}
         rec.message = f"{mv.name} version {mv.version} ({mv.approval_status})"

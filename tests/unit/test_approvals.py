@@ -1,0 +1,88 @@
+"""Approvals pinned to content: signed over the registered digest, verified on deploy,
+never by the version's own author in a manual environment."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from typer.testing import CliRunner
+
+from kubeml.bundle import bundle_digest
+from kubeml.cli import app
+from kubeml.config import load_config
+from kubeml.errors import ApprovalError, ConfigError
+from kubeml.registry import AUTHOR_TAG, BUNDLE_DIGEST_TAG, Registry, verified_bundle
+from kubeml.testing.serving import write_digits_bundle
+from tests.conftest import write_config
+
+runner = CliRunner()
+
+
+def _keys(directory: Path) -> tuple[str, str]:
+    key = Ed25519PrivateKey.generate()
+    private, public = directory / "approver.pem", directory / "approver.pub.pem"
+    private.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                          serialization.NoEncryption()))
+    public.write_bytes(key.public_key().public_bytes(serialization.Encoding.PEM,
+                                                     serialization.PublicFormat.SubjectPublicKeyInfo))
+    return f"file:{private}", f"file:{public}"
+
+
+@pytest.fixture
+def staging(project: Path, monkeypatch):
+    private, public = _keys(project)
+    write_config(project, {}, staging={"signing": {"private_key": private, "public_key": public}})
+    cfg = load_config("kubeml.yaml", "staging")
+    bundle = write_digits_bundle(project / "bundle")
+    reg = Registry(cfg.registry.tracking_uri, artifact_root=cfg.artifact_store.uri)
+    reg.register(cfg.registry.model_name, "file:///x/bundle", metrics={"accuracy": 0.97}, auto_approve=False,
+                 tags={BUNDLE_DIGEST_TAG: bundle_digest(bundle), AUTHOR_TAG: "alice"})
+    return cfg, reg, bundle
+
+
+def test_the_author_may_not_approve_in_a_manual_environment(staging, monkeypatch):
+    cfg, reg, _ = staging
+    monkeypatch.setenv("KUBEML_USER", "alice")
+    r = runner.invoke(app, ["models", "approve", "1", "--env", "staging"])
+    assert r.exit_code == 1 and "may not also approve it" in r.output
+    assert not reg.get(cfg.registry.model_name, 1).approved
+
+
+def test_a_signed_approval_verifies_and_any_edit_of_it_does_not(staging, monkeypatch):
+    cfg, reg, bundle = staging
+    monkeypatch.setenv("KUBEML_USER", "bob")
+    r = runner.invoke(app, ["models", "approve", "1", "--env", "staging"])
+    assert r.exit_code == 0 and "approved (signed)" in r.output, r.output
+    mv = reg.get(cfg.registry.model_name, 1)
+    assert verified_bundle(mv, bundle, public_key=cfg.signing.public_key) == bundle_digest(bundle)
+    # Someone with write access to MLflow edits the approval: it no longer verifies.
+    reg._client.set_model_version_tag(cfg.registry.model_name, "1", "approved_by", "mallory")
+    with pytest.raises(ApprovalError, match="does not verify"):
+        verified_bundle(reg.get(cfg.registry.model_name, 1), bundle, public_key=cfg.signing.public_key)
+
+
+def test_an_unsigned_approval_does_not_deploy_where_signatures_are_verified(staging):
+    cfg, reg, bundle = staging
+    reg.set_approval(cfg.registry.model_name, 1, "approved", by="bob")  # straight to MLflow, unsigned
+    with pytest.raises(ApprovalError, match="no signed approval"):
+        verified_bundle(reg.get(cfg.registry.model_name, 1), bundle, public_key=cfg.signing.public_key)
+
+
+def test_a_signed_approval_does_not_carry_over_to_a_swapped_bundle(staging, monkeypatch, project: Path):
+    cfg, reg, _ = staging
+    monkeypatch.setenv("KUBEML_USER", "bob")
+    assert runner.invoke(app, ["models", "approve", "1", "--env", "staging"]).exit_code == 0
+    other = write_digits_bundle(project / "other", seed=1)
+    from kubeml.errors import BundleError
+
+    with pytest.raises(BundleError, match="is not the registered"):
+        verified_bundle(reg.get(cfg.registry.model_name, 1), other, public_key=cfg.signing.public_key)
+
+
+def test_keys_are_references_never_inline(project: Path):
+    write_config(project, {"signing": {"private_key": "-----BEGIN PRIVATE KEY-----..."}})
+    with pytest.raises(ConfigError, match="signing.private_key.*reference"):
+        load_config("kubeml.yaml", "dev")
