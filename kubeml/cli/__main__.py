@@ -1,0 +1,5 @@
+"""``python -m kubeml.cli``: the ``kubeml`` command, for environments without the script."""
+
+from kubeml.cli import main
+
+main()
