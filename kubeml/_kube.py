@@ -1,4 +1,4 @@
-"""Kubernetes client loading: the one copy.
+"""Kubernetes client loading, and the pod security every platform pod carries: one copy each.
 
 Every part of kubeml that talks to a Kubernetes API gets its ``ApiClient`` here, so the
 credential order is the same everywhere: an explicit kubeconfig, else in-cluster
@@ -15,7 +15,25 @@ from typing import Any
 
 from kubeml.errors import ConfigError
 
-__all__ = ["api_client", "custom_objects_api"]
+__all__ = ["PLATFORM_UID", "api_client", "custom_objects_api", "restricted_container_security",
+           "restricted_pod_security"]
+
+#: User and group id platform containers run as: any non-root id satisfies Pod Security
+#: ``restricted``; a numeric one lets the kubelet check ``runAsNonRoot`` even for an image
+#: whose USER is a name.
+PLATFORM_UID = 1000
+
+
+def restricted_pod_security() -> dict[str, Any]:
+    """Pod ``securityContext`` of every pod kubeml builds (predictors, Ray head and workers),
+    so that tenant namespaces, which enforce Pod Security ``restricted``, admit them."""
+    return {"runAsNonRoot": True, "runAsUser": PLATFORM_UID, "runAsGroup": PLATFORM_UID,
+            "fsGroup": PLATFORM_UID, "seccompProfile": {"type": "RuntimeDefault"}}
+
+
+def restricted_container_security() -> dict[str, Any]:
+    """Container ``securityContext`` to go with :func:`restricted_pod_security`."""
+    return {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}, "runAsNonRoot": True}
 
 #: HTTP connections per client. The library's default (cpu_count * 5) starves kopf's worker
 #: threads on a 2-core machine; 32 serves the operator's and a watcher's concurrency.

@@ -29,6 +29,8 @@ import copy
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from kubeml._kube import restricted_container_security, restricted_pod_security
+
 __all__ = [
     "GPU_NODE_SELECTOR",
     "GPU_TOLERATION",
@@ -154,6 +156,7 @@ def predictor_spec(p: PredictorConfig) -> dict[str, Any]:
         ],
         "ports": ports,
         "resources": p.resources.to_dict(),
+        "securityContext": restricted_container_security(),
         "readinessProbe": {
             "httpGet": {"path": f"/v2/models/{p.model_name}/ready", "port": 8080},
             "periodSeconds": 5,
@@ -166,6 +169,8 @@ def predictor_spec(p: PredictorConfig) -> dict[str, Any]:
         "scaleTarget": p.scale_target,
         "timeout": p.timeout_s,
         "containers": [container],
+        # Tenant namespaces enforce Pod Security "restricted"; the predictor pod must pass it.
+        "securityContext": restricted_pod_security(),
         "labels": {"kubeml.io/model": p.model_name, "kubeml.io/version": p.version},
     }
     selector = dict(p.node_selector)

@@ -24,6 +24,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from kubeml._kube import restricted_container_security, restricted_pod_security
 from kubeml.config import EnvironmentConfig, TrainingConfig
 from kubeml.errors import ConfigError
 from kubeml.training.launchers._cluster import ClusterLauncher
@@ -155,12 +156,15 @@ def rayjob_manifest(
             "image": opts.image,
             "resources": {"requests": dict(resources), "limits": dict(resources)},
             "volumeMounts": [{"name": "dshm", "mountPath": "/dev/shm"}],
+            "securityContext": restricted_container_security(),
             # Ray stops cleanly on SIGTERM; give in-flight checkpoint uploads time to finish.
             "lifecycle": {"preStop": {"exec": {"command": ["/bin/sh", "-c", "ray stop"]}}},
         }
 
+    # Tenant namespaces enforce Pod Security "restricted"; head and workers must pass it.
     head_spec: dict[str, Any] = {
         "serviceAccountName": opts.service_account,
+        "securityContext": restricted_pod_security(),
         "containers": [container("ray-head", {"cpu": opts.head_cpu, "memory": opts.head_memory})],
         "volumes": [shm],
     }
@@ -168,6 +172,7 @@ def rayjob_manifest(
         head_spec["nodeSelector"] = {NODEGROUP_LABEL: opts.head_node_group}
     worker_spec = {
         "serviceAccountName": opts.service_account,
+        "securityContext": restricted_pod_security(),
         "nodeSelector": worker_selector,
         "tolerations": [dict(t) for t in opts.tolerations],
         "containers": [container("ray-worker", limits)],
