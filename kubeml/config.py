@@ -216,6 +216,11 @@ class ServingConfig(_Strict):
     504 / ``DEADLINE_EXCEEDED`` (``--request-timeout-s``; 0: no limit; unset: the server
     default, 30 s)."""
 
+    max_concurrency: int | None = Field(None, ge=0, strict=True)
+    """Inference requests one model server works on at once; more are answered 503 with
+    ``Retry-After`` instead of queueing (``--max-concurrency``; 0: no limit; unset: the
+    server default, 64)."""
+
     @model_validator(mode="after")
     def _batching(self) -> ServingConfig:
         if self.batch_max_latency_ms is not None and self.batch_max_size is None:
@@ -235,7 +240,7 @@ class ServingConfig(_Strict):
 
     def server_options(self) -> dict[str, Any]:
         """Keyword arguments of ``ServingManager.deploy`` for the set batching/timeout keys."""
-        keys = ("batch_max_size", "batch_max_latency_ms", "request_timeout_s")
+        keys = ("batch_max_size", "batch_max_latency_ms", "request_timeout_s", "max_concurrency")
         return {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
 
 

@@ -126,6 +126,7 @@ class ServingManager:
         batch_max_size: int | None = None,
         batch_max_latency_ms: float | None = None,
         request_timeout_s: float | None = None,
+        max_concurrency: int | None = None,
     ) -> ServedModel:
         """Start a server for ``bundle_dir`` as ``name`` and wait until it is ready.
 
@@ -190,6 +191,8 @@ class ServingManager:
             cmd += ["--batch-max-latency-ms", str(batch_max_latency_ms)]
         if request_timeout_s is not None:
             cmd += ["--request-timeout-s", str(request_timeout_s)]
+        if max_concurrency is not None:
+            cmd += ["--max-concurrency", str(max_concurrency)]
         if payload_log is not None:
             cmd += ["--payload-log", str(payload_log)]
             cmd += ["--payload-sample-rate", str(payload_sample_rate)]

@@ -148,6 +148,7 @@ class LocalBackend:
         batch_max_size: int | None = None,
         batch_max_latency_ms: float | None = None,
         request_timeout_s: float | None = None,
+        max_concurrency: int | None = None,
     ):
         self.model = model
         self.state_dir = Path(state_dir) if state_dir is not None else default_state_dir()
@@ -165,6 +166,7 @@ class LocalBackend:
                 ("batch_max_size", batch_max_size),
                 ("batch_max_latency_ms", batch_max_latency_ms),
                 ("request_timeout_s", request_timeout_s),
+                ("max_concurrency", max_concurrency),
             )
             if v is not None
         }
@@ -487,6 +489,7 @@ def deploy_local(
     batch_max_size: int | None = None,
     batch_max_latency_ms: float | None = None,
     request_timeout_s: float | None = None,
+    max_concurrency: int | None = None,
 ) -> DeployOutcome:
     """Deploy ``version`` of ``model`` locally; the entry point of ``kubeml deploy``.
 
@@ -499,8 +502,9 @@ def deploy_local(
     Inference Protocol gRPC front and every version server a gRPC port; a router already
     running keeps the ports it was started with. ``batch_max_size`` /
     ``batch_max_latency_ms`` (adaptive batching) and ``request_timeout_s`` (inference
-    deadline) apply to the version servers started here, the canary included (the
-    config's ``serving`` keys of the same names; None: server defaults).
+    deadline) and ``max_concurrency`` (the overload limit) apply to the version servers
+    started here, the canary included (the config's ``serving`` keys of the same names;
+    None: server defaults).
     """
     from kubeml.serving.rollout.engine import DecisionLog, RolloutEngine, RolloutPolicy
     from kubeml.serving.rollout.replay import TrafficReplayer
@@ -515,6 +519,7 @@ def deploy_local(
         batch_max_size=batch_max_size,
         batch_max_latency_ms=batch_max_latency_ms,
         request_timeout_s=request_timeout_s,
+        max_concurrency=max_concurrency,
     )
     router = backend.router()
     if router is None or not canary:

@@ -19,6 +19,7 @@ from pathlib import Path
 from kubeml.errors import BundleError
 from kubeml.serving.server._limits import (
     DEFAULT_MAX_BODY_BYTES,
+    DEFAULT_MAX_CONCURRENCY,
     DEFAULT_REQUEST_TIMEOUT_S,
     EXIT_LOAD_FAILED,
     RUNTIMES,
@@ -65,6 +66,12 @@ def _parser() -> argparse.ArgumentParser:
         type=float,
         default=DEFAULT_REQUEST_TIMEOUT_S,
         help="answer 504 when one inference takes longer (0: no limit)",
+    )
+    p.add_argument(
+        "--max-concurrency",
+        type=int,
+        default=DEFAULT_MAX_CONCURRENCY,
+        help="inference requests in flight at once; more are answered 503 with Retry-After (0: no limit)",
     )
     batching = p.add_argument_group(
         "adaptive batching",
@@ -151,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
                 preload=tuple(n for n in args.preload.split(",") if n),
                 max_body_bytes=args.max_body_bytes,
                 request_timeout_s=args.request_timeout_s,
+                max_concurrency=args.max_concurrency,
             )
         except BundleError as exc:
             log.error("%s", exc)
@@ -181,6 +189,7 @@ def main(argv: list[str] | None = None) -> int:
             runtime=args.runtime,
             batching=batching,
             request_timeout_s=args.request_timeout_s,
+            max_concurrency=args.max_concurrency,
         )
     except BundleError as exc:
         log.error("%s", exc)

@@ -33,8 +33,13 @@ from kubeml.serving.protocol import send_json_error
 from kubeml.serving.server._dataplane import InferenceTimeout
 from kubeml.serving.server._grpc import GrpcTelemetryInterceptor
 from kubeml.serving.server._kserve import KubemlModelServer, kserve_app, quiet_kserve_logs
-from kubeml.serving.server._limits import CLIENT_DEADLINE_HEADER, GRACE_PERIOD_S
-from kubeml.serving.telemetry import FaultInjection, ModelTelemetry, TelemetryMiddleware
+from kubeml.serving.server._limits import (
+    CLIENT_DEADLINE_HEADER,
+    DEFAULT_MAX_CONCURRENCY,
+    GRACE_PERIOD_S,
+    OVERLOAD_RETRY_AFTER_S,
+)
+from kubeml.serving.telemetry import FaultInjection, ModelTelemetry, TelemetryMiddleware, infer_route
 
 __all__ = ["build_server"]
 
@@ -54,6 +59,40 @@ _VERSIONED_ROUTE = re.compile(
 #: Path prefix of the V2 model repository API (load, unload, index). kserve serves it in
 #: single-model mode too: one anonymous unload would take the served model down for good.
 REPOSITORY_PREFIX = "/v2/repository"
+
+
+class _ConcurrencyLimit:
+    """At most ``limit`` inference requests in flight; the next is answered 503 + Retry-After.
+
+    Only inference routes count (health, metadata and /metrics always answer, so probes and
+    scrapes see an overloaded server as overloaded, not dead). No queue: the ASGI server's
+    accept backlog is the only wait, and it is bounded by the kernel.
+    """
+
+    def __init__(self, app: Any, *, limit: int):
+        self.app = app
+        self.limit = limit
+        self.in_flight = 0
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or self.limit <= 0 or infer_route(scope.get("path", "")) is None:
+            await self.app(scope, receive, send)
+            return
+        if self.in_flight >= self.limit:
+            async def with_retry_after(message: dict) -> None:
+                if message["type"] == "http.response.start":
+                    retry = str(OVERLOAD_RETRY_AFTER_S).encode()
+                    message = {**message, "headers": [*message.get("headers", []), (b"retry-after", retry)]}
+                await send(message)
+
+            await send_json_error(with_retry_after, 503, f"overloaded: {self.limit} inference requests "
+                                  f"in flight; retry after {OVERLOAD_RETRY_AFTER_S} s")
+            return
+        self.in_flight += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.in_flight -= 1
 
 
 class _RequestGuard:
@@ -231,6 +270,7 @@ def build_server(
     payload_logger: Any = None,
     fault: FaultInjection | None = None,
     request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S,
+    max_concurrency: int = DEFAULT_MAX_CONCURRENCY,
 ) -> KubemlModelServer:
     """A ready-to-start server for ``model`` (one model) or ``repository`` (many).
 
@@ -268,6 +308,8 @@ def build_server(
         model.telemetry = ModelTelemetry(
             model.name, model.version, tuple(model.spec.classes) if model.spec else ()
         )
+    # Inside the telemetry, so the overload 503s are counted like any other answer.
+    app.add_middleware(_ConcurrencyLimit, limit=max_concurrency)
     # Added last, so it is outermost: 413s and guard errors are timed and counted too.
     app.add_middleware(
         TelemetryMiddleware,

@@ -18,11 +18,15 @@ from kubeml.config import DEFAULT_REQUEST_TIMEOUT_S
 from kubeml.errors import BundleError
 
 __all__ = [
+    "CLIENT_DEADLINE_HEADER",
     "CLIENT_TIMEOUT_HEADERS",
     "DEFAULT_MAX_BODY_BYTES",
+    "DEFAULT_MAX_CONCURRENCY",
     "DEFAULT_REQUEST_TIMEOUT_S",
     "EXIT_LOAD_FAILED",
     "GRACE_PERIOD_S",
+    "MIN_CLIENT_TIMEOUT_MS",
+    "OVERLOAD_RETRY_AFTER_S",
     "RUNTIMES",
 ]
 
@@ -57,6 +61,14 @@ def _preflight(model_dir: Path, runtime: str = "pytorch") -> None:
             f"{weights}: checksum mismatch with {SPEC_FILE} (truncated or modified file)"
         )
 
+
+#: Inference requests one server works on at once; the next one is answered 503 with
+#: Retry-After at once instead of queueing without bound. 64 keeps a batching window full
+#: (the default batch is 1024 instances, of any number of requests) while a CPU-bound
+#: digits server at 2 cores answers them within the default deadline.
+DEFAULT_MAX_CONCURRENCY = 64
+#: Seconds a refused client is told to wait (Retry-After).
+OVERLOAD_RETRY_AFTER_S = 1
 
 #: Shortest client deadline honoured, in ms; a shorter one is raised to it. Below this no
 #: model answers even on an idle server, so a tinier deadline is a way to mint 504s, not a

@@ -18,6 +18,7 @@ from typing import Any
 from kubeml.config import DEFAULT_REQUEST_TIMEOUT_S
 from kubeml.serving.server._limits import (
     DEFAULT_MAX_BODY_BYTES,
+    DEFAULT_MAX_CONCURRENCY,
     EXIT_LOAD_FAILED,
     RUNTIMES,
     _check_timeouts,
@@ -40,6 +41,7 @@ def serve_repository(
     preload: tuple[str, ...] = (),
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S,
+    max_concurrency: int = DEFAULT_MAX_CONCURRENCY,
 ) -> int:
     """Serve every bundle under ``models_dir/NAME`` on demand (V2 repository API), with
     least-recently-used eviction under ``max_memory_bytes``; returns the exit status."""
@@ -57,6 +59,7 @@ def serve_repository(
         grpc_port=grpc_port,
         max_body_bytes=max_body_bytes,
         request_timeout_s=request_timeout_s,
+        max_concurrency=max_concurrency,
     )
     server.start([])
     return 0
@@ -78,6 +81,7 @@ def serve(
     runtime: str = "pytorch",
     batching: Any = None,
     request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S,
+    max_concurrency: int = DEFAULT_MAX_CONCURRENCY,
 ) -> int:
     """Serve the bundle in ``model_dir`` until SIGTERM/SIGINT; returns the exit status.
 
@@ -121,6 +125,7 @@ def serve(
         payload_logger=payload_logger,
         fault=fault,
         request_timeout_s=request_timeout_s,
+        max_concurrency=max_concurrency,
     )
     failed = threading.Event()
 

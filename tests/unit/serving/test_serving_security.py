@@ -177,3 +177,30 @@ def test_a_tiny_client_deadline_is_raised_to_the_floor_and_never_counted_as_a_se
     assert not any('status="504"' in s for s in counted), counted  # no 5xx for the rollout analysis to judge
     # The server's own deadline still is a server error: a slow model is the server's problem.
     assert requests.post(slow.v2_url, json=body, timeout=30).status_code == 200
+
+
+def test_overload_is_answered_503_with_retry_after_never_queued_without_bound(
+        manager: ServingManager, digits_bundle: Path, digits_rows):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from kubeml.serving.telemetry import FaultInjection
+
+    busy = manager.deploy("busy", digits_bundle, version="1", fault=FaultInjection(latency_ms=800),
+                          max_concurrency=2)
+    body = {"inputs": [{"name": "input", "shape": list(digits_rows.shape), "datatype": "FP32",
+                        "data": digits_rows.ravel().tolist()}]}
+
+    def call(_: int) -> requests.Response:
+        return requests.post(busy.v2_url, json=body, timeout=30)
+
+    with ThreadPoolExecutor(12) as pool:
+        pending = [pool.submit(call, i) for i in range(12)]
+        # While the server is saturated, probes still answer: overloaded is not dead.
+        assert requests.get(f"{busy.url}/v2/health/live", timeout=5).status_code == 200
+        answers = [f.result() for f in pending]
+    statuses = [r.status_code for r in answers]
+    assert set(statuses) <= {200, 503}, statuses
+    assert 2 <= statuses.count(200) < 12 and statuses.count(503) >= 1, statuses
+    refused = next(r for r in answers if r.status_code == 503)
+    assert refused.headers.get("retry-after") == "1" and "overloaded" in refused.json()["error"]
+    assert call(0).status_code == 200  # capacity is back once the burst is over
