@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import queue
 import random
 import re
@@ -178,6 +179,7 @@ class PayloadLogger:
             # Connection failures arrive through error_cb (rate-limited warnings); the
             # client's own log would repeat them on every reconnect.
             "log_level": 0,
+            **kafka_security_config(os.environ),
         }
         return Producer(config), topic
 
@@ -221,6 +223,47 @@ class PayloadLogger:
 
 _KAFKA_TOPIC = re.compile(r"[A-Za-z0-9._-]{1,249}")
 _KAFKA_EXAMPLE = "kafka://localhost:9092/payloads"
+
+
+#: Environment variables that set the Kafka sink's TLS and SASL (MSK: SASL_SSL with SCRAM or
+#: IAM): a Kubernetes Secret mounted as environment keeps the password out of every URL,
+#: command line and log. Variable -> librdkafka setting.
+KAFKA_SECURITY_ENV = {
+    "KUBEML_KAFKA_SECURITY_PROTOCOL": "security.protocol",
+    "KUBEML_KAFKA_SASL_MECHANISM": "sasl.mechanism",
+    "KUBEML_KAFKA_SASL_USERNAME": "sasl.username",
+    "KUBEML_KAFKA_SASL_PASSWORD": "sasl.password",
+    "KUBEML_KAFKA_SSL_CA_LOCATION": "ssl.ca.location",
+}
+_KAFKA_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
+_KAFKA_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER")
+
+
+def kafka_security_config(env: Any) -> dict[str, str]:
+    """The producer's TLS/SASL settings from :data:`KAFKA_SECURITY_ENV`; ValueError says what to fix.
+
+    >>> kafka_security_config({"KUBEML_KAFKA_SECURITY_PROTOCOL": "SASL_SSL", "KUBEML_KAFKA_SASL_MECHANISM": "SCRAM-SHA-512",
+    ...                        "KUBEML_KAFKA_SASL_USERNAME": "u", "KUBEML_KAFKA_SASL_PASSWORD": "p"})["security.protocol"]
+    'SASL_SSL'
+    >>> kafka_security_config({})
+    {}
+    """
+    config = {setting: env[name] for name, setting in KAFKA_SECURITY_ENV.items() if env.get(name)}
+    protocol = config.get("security.protocol", "PLAINTEXT")
+    if protocol not in _KAFKA_PROTOCOLS:
+        raise ValueError(f"KUBEML_KAFKA_SECURITY_PROTOCOL {protocol!r} is not one of {', '.join(_KAFKA_PROTOCOLS)}")
+    mechanism = config.get("sasl.mechanism")
+    if protocol.startswith("SASL_"):
+        if mechanism not in _KAFKA_MECHANISMS:
+            raise ValueError(f"KUBEML_KAFKA_SASL_MECHANISM must be one of {', '.join(_KAFKA_MECHANISMS)} "
+                             f"with {protocol}, got {mechanism!r}")
+        if mechanism != "OAUTHBEARER" and not (config.get("sasl.username") and config.get("sasl.password")):
+            raise ValueError(f"{protocol} with {mechanism} needs KUBEML_KAFKA_SASL_USERNAME and "
+                             "KUBEML_KAFKA_SASL_PASSWORD")
+    elif mechanism or config.get("sasl.username") or config.get("sasl.password"):
+        raise ValueError(f"SASL settings are set but KUBEML_KAFKA_SECURITY_PROTOCOL is {protocol}; "
+                         "use SASL_SSL (or SASL_PLAINTEXT) to send them")
+    return config
 
 
 def _parse_kafka_url(url: str) -> tuple[list[str], str]:
