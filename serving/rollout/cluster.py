@@ -137,9 +137,12 @@ class PrometheusMetrics:
         def side(version: str) -> BackendMetrics:
             sel = selector(version)
             total = self.scalar(f"sum(increase(kubeml_requests_total{{{sel}}}[{w}]))", at=at)
-            errors = self.scalar(
-                f'sum(increase(kubeml_requests_total{{{sel},status=~"5.."}}[{w}]))', at=at
-            )
+            # 504s on a client's own deadline are not the version's errors (see the server's
+            # kubeml_client_deadline_expired_total); never below zero at a window's edge.
+            errors = max(0.0, self.scalar(
+                f'sum(increase(kubeml_requests_total{{{sel},status=~"5.."}}[{w}])) - '
+                f'(sum(increase(kubeml_client_deadline_expired_total{{{sel}}}[{w}])) or vector(0))', at=at
+            ))
             buckets = f"sum by (le) (rate(kubeml_request_latency_seconds_bucket{{{sel}}}[{w}]))"
             p50 = self.scalar(f"histogram_quantile(0.5, {buckets})", at=at) * 1000
             p99 = self.scalar(f"histogram_quantile(0.99, {buckets})", at=at) * 1000

@@ -18,6 +18,7 @@ from __future__ import annotations
 from kubeml.serving.telemetry.faults import ErrorSchedule, FaultInjection
 from kubeml.serving.telemetry.metrics import (
     BATCH_SIZE,
+    CLIENT_DEADLINE_EXPIRED,
     LATENCY,
     PAYLOAD_DROPPED,
     PREDICTIONS,
@@ -32,6 +33,7 @@ from kubeml.serving.telemetry.payload import PayloadLogger
 
 __all__ = [
     "BATCH_SIZE",
+    "CLIENT_DEADLINE_EXPIRED",
     "LATENCY",
     "PAYLOAD_DROPPED",
     "PREDICTIONS",

@@ -13,6 +13,12 @@ Metrics (on the server's ``/metrics``, next to kserve's own)::
     kubeml_batch_size{model,version}                           histogram
     kubeml_predictions_total{model,version,class}              counter
     kubeml_payload_records_dropped_total{sink}                 counter
+    kubeml_client_deadline_expired_total{model,version,protocol}  counter
+
+A 504 on the client's own deadline (``x-request-timeout-ms``) is counted in
+``kubeml_requests_total`` like any 504, and also in ``kubeml_client_deadline_expired_total``:
+the rollout analysis subtracts it from the errors, so a client cannot fail a canary by
+asking for impossible deadlines.
 
 ``protocol`` is ``v1``, ``v2`` or ``grpc`` (OIP ``ModelInfer``, counted by the model
 server's gRPC interceptor); for gRPC, ``status`` is the HTTP status the gRPC code stands
@@ -29,6 +35,7 @@ from prometheus_client import Counter, Histogram
 
 __all__ = [
     "BATCH_SIZE",
+    "CLIENT_DEADLINE_EXPIRED",
     "LATENCY",
     "PAYLOAD_DROPPED",
     "PREDICTIONS",
@@ -70,6 +77,12 @@ PREDICTIONS = Counter(
     "kubeml_predictions",
     "Predicted class per instance (the prediction distribution, for drift alerts)",
     ["model", "version", "class"],
+)
+
+CLIENT_DEADLINE_EXPIRED = Counter(
+    "kubeml_client_deadline_expired",
+    "Inference requests answered 504 because the client's own deadline passed (not server errors)",
+    ["model", "version", "protocol"],
 )
 
 PAYLOAD_DROPPED = Counter(

@@ -18,10 +18,7 @@ from kubeml.serving.telemetry.faults import ErrorSchedule, FaultInjection
 #: Response header (lower-case bytes, as ASGI carries it) marking a 504 whose deadline the
 #: client set; see ``kubeml.serving.server._limits.CLIENT_DEADLINE_HEADER``.
 CLIENT_DEADLINE = b"x-kubeml-deadline"
-#: The status such a request is counted under: nginx's "client closed request", outside the
-#: 5xx that the rollout analysis counts as errors.
-CLIENT_DEADLINE_STATUS = 499
-from kubeml.serving.telemetry.metrics import LATENCY, REQUESTS, infer_route, series_labels
+from kubeml.serving.telemetry.metrics import CLIENT_DEADLINE_EXPIRED, LATENCY, REQUESTS, infer_route, series_labels
 from kubeml.serving.telemetry.payload import PayloadLogger, body_for_record
 
 __all__ = ["TelemetryMiddleware"]
@@ -73,7 +70,8 @@ class TelemetryMiddleware:
             if message["type"] == "http.response.start":
                 status = message["status"]
                 if status == 504 and (CLIENT_DEADLINE, b"client") in message.get("headers", []):
-                    status = CLIENT_DEADLINE_STATUS  # the client's own deadline: not a server error
+                    # The client's own deadline: counted apart, so the analysis can leave it out.
+                    CLIENT_DEADLINE_EXPIRED.labels(model, version, protocol).inc()
                 message = {
                     **message,
                     "headers": [*message.get("headers", []), (b"x-request-id", request_id.encode())],
