@@ -413,12 +413,23 @@ def test_stable_that_is_down_answers_unavailable_naming_the_backend(router, pb, 
     assert _infer_with_backend(stub, pb, rows[:1])[1]["x-kubeml-backend"] == "stable"
 
 
-def test_spent_deadline_is_answered_at_once(pb, stub, rows):
+def test_spent_deadline_is_answered_at_once(router, pb, stub, rows, echo_backend):
+    """A deadline spent while the backend works is answered then, not when the backend ends.
+
+    Deterministic: the backend takes 10 s for model "slow" and the client allows 0.2 s. (A
+    1 ms deadline against a fast backend races the client's own deadline timer against the
+    answer, and a loaded machine can let the answer win.)
+    """
     import grpc
 
-    started = time.monotonic()
-    with pytest.raises(grpc.RpcError) as err:
-        stub.ModelInfer(_request(pb, rows[:1]), timeout=0.001)
+    routes = router.routes()
+    router.set_routes(Routes(stable=routes.stable, stable_version="1", stable_grpc=echo_backend))
+    try:
+        started = time.monotonic()
+        with pytest.raises(grpc.RpcError) as err:
+            stub.ModelInfer(_request(pb, rows[:1], model="slow"), timeout=0.2)
+    finally:
+        router.set_routes(routes)
     assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert time.monotonic() - started < 5
 
@@ -437,6 +448,8 @@ def echo_backend(pb) -> Iterator[str]:
             metadata = dict(context.invocation_metadata())
             if request.model_name == "busy":
                 context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "echo: too busy, retry later")
+            if request.model_name == "slow":
+                time.sleep(10.0)  # far past any deadline a test gives
             context.send_initial_metadata((("x-echo-initial", "yes"),))
             context.set_trailing_metadata((("x-echo-trailing", "yes"),))
             remaining = context.time_remaining()
