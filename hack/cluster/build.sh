@@ -6,6 +6,9 @@
 # Output (outside the repo, shared by every clone of the same versions):
 #   ${KUBEML_CACHE_DIR:-~/.cache/kubeml}/k8s-v<K8S_VERSION>/bin   etcd, kube-apiserver,
 #       kube-controller-manager, kube-scheduler, kubectl, kwok, helm, controller-gen
+#       kubelet, containerd, containerd-shim-runc-v2, ctr, cni/{bridge,host-local,loopback,portmap},
+#       pause, probe                                              the real node
+#   .../k8s-v<K8S_VERSION>/images                                 the node's own OCI archives
 #   .../k8s-v<K8S_VERSION>/crds                                   third-party CRDs (YAML)
 #
 # Idempotent: each binary carries a stamp (version + hash of the wrapper module's go.sum) and
@@ -17,7 +20,8 @@
 #   KUBEML_BUILD_JOBS  parallel Go compile jobs (default: number of CPUs); lower it to keep a
 #                      small machine responsive while the build runs
 #   BUILD_ONLY         space-separated subset of: etcd kube-apiserver kube-controller-manager
-#                      kube-scheduler kubectl kwok helm controller-gen crds
+#                      kube-scheduler kubectl kubelet kwok helm controller-gen crds containerd
+#                      cni node-images host-packages
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -55,7 +59,9 @@ strip_flags="-s -w"
 record_time() { printf '%s\t%s\t%s\n' "$1" "$2" "$(date -u +%FT%TZ)" >>"$dest/build-times.tsv"; }
 
 want() { [[ -z "${BUILD_ONLY:-}" || " $BUILD_ONLY " == *" $1 "* ]]; }
-fresh() { [[ -x "$bin/$1" && "$(cat "$bin/.$1.stamp" 2>/dev/null)" == "$2" ]]; }
+# Stamp of a binary: bin/.NAME.stamp, with a '/' in NAME (cni/bridge) written as '-'.
+stamp_file() { echo "$bin/.${1//\//-}.stamp"; }
+fresh() { [[ -x "$bin/$1" && "$(cat "$(stamp_file "$1")" 2>/dev/null)" == "$2" ]]; }
 
 # go_build NAME STAMP MODULE_DIR PACKAGE LDFLAGS: builds into a temp name, then renames, so
 # an interrupted build never leaves a truncated binary behind.
@@ -66,7 +72,7 @@ go_build() {
     start=$SECONDS
     (cd "$dir" && go build -p "$jobs" -ldflags "$ldflags" -o "$bin/.$name.tmp" "$pkg")
     mv -f "$bin/.$name.tmp" "$bin/$name"
-    echo "$stamp" >"$bin/.$name.stamp"
+    echo "$stamp" >"$(stamp_file "$name")"
     record_time "$name" $((SECONDS - start))
     log "$name: built in $((SECONDS - start)) s"
 }
@@ -80,9 +86,9 @@ go_install() {
     start=$SECONDS
     tmp=$(mktemp -d "$dest/.gobin.XXXXXX")
     (cd "$tmp" && GOFLAGS=-trimpath GOBIN="$tmp" go install -p "$jobs" -ldflags "$ldflags" "$pkg")
-    mv -f "$tmp/$name" "$bin/$name"
+    mv -f "$tmp/${name##*/}" "$bin/$name"
     rm -rf "$tmp"
-    echo "$version" >"$bin/.$name.stamp"
+    echo "$version" >"$(stamp_file "$name")"
     record_time "$name" $((SECONDS - start))
     log "$name: built in $((SECONDS - start)) s"
 }
@@ -111,7 +117,7 @@ for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
     k8s_ld+=" -X $pkg.gitTreeState=archive -X $pkg.buildDate=$k8s_time -X $pkg.gitCommit="
 done
 k8s_stamp=$(module_stamp "v$K8S_VERSION" "$k8s_dir")
-for cmd in kube-apiserver kubectl kube-controller-manager kube-scheduler; do
+for cmd in kube-apiserver kubectl kube-controller-manager kube-scheduler kubelet; do
     want "$cmd" && go_build "$cmd" "$k8s_stamp" "$k8s_dir" "k8s.io/kubernetes/cmd/$cmd" "$k8s_ld"
 done
 
@@ -130,6 +136,49 @@ want helm && go_install helm "v$HELM_VERSION" "helm.sh/helm/v3/cmd/helm@v$HELM_V
     "$strip_flags -X helm.sh/helm/v3/internal/version.version=v$HELM_VERSION"
 want controller-gen && go_install controller-gen "v$CONTROLLER_TOOLS_VERSION" \
     "sigs.k8s.io/controller-tools/cmd/controller-gen@v$CONTROLLER_TOOLS_VERSION" "$strip_flags"
+
+# --- The real node: containerd, CNI plugins, runc, and its own small images ---------------
+# containerd 2.x (the 1.37 kubelet needs the 2.x CRI; Debian's 1.6 is too old) and the CNI
+# plugins install straight from the module proxy: neither has replace directives.
+for cmd in containerd containerd-shim-runc-v2 ctr; do
+    want containerd && go_install "$cmd" "v$CONTAINERD_VERSION" \
+        "github.com/containerd/containerd/v2/cmd/$cmd@v$CONTAINERD_VERSION" "$strip_flags"
+done
+if want cni; then
+    mkdir -p "$bin/cni"
+    for plugin in main/bridge ipam/host-local main/loopback meta/portmap; do
+        name=${plugin#*/}
+        go_install "cni/$name" "v$CNI_PLUGINS_VERSION" \
+            "github.com/containernetworking/plugins/plugins/$plugin@v$CNI_PLUGINS_VERSION" "$strip_flags"
+    done
+fi
+# The pause process of every pod sandbox and the probe the real-node tests run: our own
+# static programs (hack/cluster/node), packed into single-layer OCI archives that the node
+# imports into containerd at start; no registry is needed.
+node_dir="$here/node"
+if want node-images; then
+    node_stamp="$(cd "$node_dir" && cat go.mod ./*/*.go mkimage.py | sha256sum | cut -c1-16)"
+    for prog in pause probe; do
+        go_build "$prog" "$node_stamp" "$node_dir" "./$prog" "$strip_flags"
+    done
+    mkdir -p "$dest/images"
+    for prog in pause probe; do
+        image_stamp="$node_stamp $(cat "$bin/.$prog.stamp")"
+        if [[ -f "$dest/images/$prog.tar" && "$(cat "$dest/images/.$prog.stamp" 2>/dev/null)" == "$image_stamp" ]]; then
+            log "image $prog: up to date"; continue
+        fi
+        user=65535:65535
+        python3 "$node_dir/mkimage.py" -o "$dest/images/$prog.tar" --name "kubeml.local/$prog:1" \
+            --file "$bin/$prog:/$prog" --entrypoint "/$prog" --user "$user" \
+            --label "org.opencontainers.image.source=hack/cluster/node/$prog" >/dev/null
+        echo "$image_stamp" >"$dest/images/.$prog.stamp"
+        log "image $prog: written"
+    done
+fi
+# runc, iptables and conntrack come from the distribution (Debian: runc 1.1).
+if want host-packages; then
+    bash "$here/host-packages.sh"
+fi
 
 # kwok ships its stage definitions (how fake nodes become Ready, how pods reach Running) as
 # YAML inside its module; kwokctl embeds them, the bare kwok binary needs them as --config.

@@ -21,7 +21,8 @@ from kubeml.testing.cluster import Cluster, ClusterStatus
 
 __all__ = ["app"]
 
-app = typer.Typer(help="Local Kubernetes control plane (etcd, apiserver, kwok nodes).", no_args_is_help=True)
+app = typer.Typer(help="Local Kubernetes cluster (etcd, apiserver, kwok nodes, a real node).",
+                  no_args_is_help=True)
 
 NameOpt = Annotated[str, typer.Option("--name", "-n", help="Cluster name (one state directory each).")]
 StateDirOpt = Annotated[
@@ -63,12 +64,17 @@ def up(
     state_dir: StateDirOpt = None,
     build: Annotated[bool, typer.Option(help="Build missing control-plane assets first (slow when cold).")] = True,
     timeout: Annotated[float, typer.Option(help="Start-up budget in seconds.")] = 120.0,
+    real_node: Annotated[bool, typer.Option(
+        "--real-node/--no-real-node",
+        help="Also start a real node (kubelet + containerd + runc) whose pods run real containers; "
+             "needs root, one per machine.")] = True,
 ) -> None:
-    """Start etcd, kube-apiserver, controller-manager, scheduler and kwok with EKS-like fake nodes."""
+    """Start etcd, kube-apiserver, controller-manager, scheduler, kwok with EKS-like fake nodes,
+    and a real node that runs pods in containers (taint kubeml.io/node=real:NoSchedule)."""
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     started = time.monotonic()
     with failures_exit():
-        cluster = Cluster(name, state_dir=state_dir, apiserver_port=port)
+        cluster = Cluster(name, state_dir=state_dir, apiserver_port=port, real_node=real_node)
         cluster.up(build_assets=build, timeout_s=timeout)
     console.print(f"started in {time.monotonic() - started:.1f} s")
     _print_status(cluster.status())

@@ -5,6 +5,9 @@ Go modules (``hack/cluster/build.sh``); kwok provides fake nodes shaped like EKS
 (CPU, and p4d.24xlarge with ``nvidia.com/gpu: 8``), and the KServe, KubeRay, ACK SageMaker,
 prometheus-operator and Kubeflow CRDs are installed. Start one with ``Cluster("name").up()``
 or ``kubeml cluster up``; in tests use :func:`kubeml.testing.cluster.fixtures.cluster_fixture`.
+
+With ``real_node=True`` a real node joins the kwok ones: a kubelet built from the same module,
+containerd 2.x, runc and the CNI bridge, so pods that select it run in real containers.
 """
 
 from kubeml.testing.cluster._assets import Assets, find_assets
@@ -17,6 +20,14 @@ from kubeml.errors import (
     PortInUse,
 )
 from kubeml.testing.cluster._existing import ExistingCluster
+from kubeml.testing.cluster._node import (
+    NODE_IMAGES,
+    POD_CIDR,
+    REAL_NODE_LABEL,
+    REAL_NODE_TAINT,
+    preflight,
+    real_node_pod_spec,
+)
 from kubeml.testing.cluster._nodes import DEFAULT_NODE_GROUPS, GPU_TAINT, NodeGroup, Taint
 
 __all__ = [
@@ -31,8 +42,14 @@ __all__ = [
     "DEFAULT_NODE_GROUPS",
     "ExistingCluster",
     "GPU_TAINT",
+    "NODE_IMAGES",
     "NodeGroup",
+    "POD_CIDR",
     "PortInUse",
+    "REAL_NODE_LABEL",
+    "REAL_NODE_TAINT",
     "Taint",
     "find_assets",
+    "preflight",
+    "real_node_pod_spec",
 ]

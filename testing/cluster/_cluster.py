@@ -31,6 +31,7 @@ from kubeml.testing.cluster._assets import Assets, cache_root, find_assets
 from kubeml._proc import pid_alive
 from kubeml.errors import ClusterAlreadyRunning, ClusterError, ComponentFailed
 from kubeml.testing.cluster._kubeconfig import write_kubeconfig
+from kubeml.testing.cluster._node import RealNode
 from kubeml.testing.cluster._nodes import DEFAULT_NODE_GROUPS, KWOK_ANNOTATION, NodeGroup
 from kubeml.testing.cluster._pki import CertificateAuthority, KeyPair, write_service_account_keys
 from kubeml.testing.cluster._process import (
@@ -52,8 +53,10 @@ __all__ = ["Cluster", "ClusterStatus", "ComponentStatus"]
 
 log = logging.getLogger("kubeml.testing.cluster")
 
-#: Components in start order; `down` stops them in reverse.
-COMPONENTS = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok")
+#: Components in start order; `down` stops them in reverse. containerd and the kubelet are
+#: the real node's, started only with ``real_node=True``.
+COMPONENTS = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok",
+              "containerd", "kubelet")
 
 # Admission plugins beyond the apiserver's defaults are listed explicitly so the set the
 # tests rely on (PodSecurity, ResourceQuota, NodeRestriction, LimitRanger) cannot silently
@@ -142,6 +145,7 @@ class Cluster:
         apiserver_port: int = 0,
         node_groups: tuple[NodeGroup, ...] = DEFAULT_NODE_GROUPS,
         assets: Assets | None = None,
+        real_node: bool = False,
     ):
         """
         Args:
@@ -151,6 +155,8 @@ class Cluster:
             apiserver_port: port for kube-apiserver on 127.0.0.1; 0 picks a free one.
             node_groups: the fake nodes to create (default: EKS-like CPU + p4d GPU groups).
             assets: the binaries; default: found via ``KUBEBUILDER_ASSETS`` or the cache.
+            real_node: also start a real node (kubelet + containerd) whose pods run real
+                containers; needs root, and one per machine (see ``_node.py``).
         """
         if not re.fullmatch(r"[a-z0-9]([a-z0-9-]{0,40}[a-z0-9])?", name):
             raise ClusterError(
@@ -164,6 +170,7 @@ class Cluster:
         self.apiserver_port = apiserver_port
         self.node_groups = node_groups
         self._assets = assets
+        self.real_node = real_node
         self._handles: dict[int, subprocess.Popen[bytes]] = {}
 
     # --- paths -----------------------------------------------------------------------------
@@ -190,6 +197,14 @@ class Cluster:
         if not state:
             raise ClusterError(f"cluster {self.name!r} is not running; start it with `kubeml cluster up`")
         return str(state["server"])
+
+    @property
+    def node(self) -> RealNode | None:
+        """The running real node (its containerd, for ``ctr``), or ``None`` without one."""
+        state = self._read_state() or {}
+        if not state.get("node"):
+            return None
+        return RealNode(self.name, self.state_dir, self._assets or Assets(Path(str(state.get("assets")))))
 
     # --- state file --------------------------------------------------------------------------
     def _read_state(self) -> dict[str, Any] | None:
@@ -321,6 +336,10 @@ class Cluster:
             f"--service-account-key-file={pki['sa.pub']}",
             f"--service-account-signing-key-file={pki['sa.key']}",
             f"--cert-dir={self.state_dir / 'certs'}",
+            f"--kubelet-client-certificate={pki['kubelet-client.crt']}",
+            f"--kubelet-client-key={pki['kubelet-client.key']}",
+            f"--kubelet-certificate-authority={pki['ca.crt']}",
+            "--kubelet-preferred-address-types=InternalIP,Hostname",
             "--profiling=false",
             "--v=1",
         ], f"{server}/readyz")
@@ -392,6 +411,16 @@ class Cluster:
         phase("controller-manager, scheduler and kwok healthy")
         self._wait_ready(deadline)
         phase("nodes Ready, CRDs Established, default ServiceAccount present")
+        if self.real_node:
+            node = RealNode(self.name, self.state_dir, assets)
+            ca = CertificateAuthority.load(self._pki_dir / "ca.crt", self._pki_dir / "ca.key")
+            node.start(state, ca=ca, server=server, deadline=deadline, launch=launch,
+                       save=lambda: self._write_state(state))
+            with self.api_client() as client:
+                from kubernetes.client import CoreV1Api
+
+                node.wait_ready(CoreV1Api(client), deadline)
+            phase("real node Ready")
         log.info("cluster %s up at %s", self.name, server)
 
     def down(self, *, keep_state: bool = False) -> None:
@@ -404,6 +433,12 @@ class Cluster:
 
     def _stop(self, state: dict[str, Any]) -> None:
         records = self._records(state)
+        if state.get("node"):
+            # The node first, while the apiserver still answers its last status updates.
+            node_dir = Path(state["node"]["dir"])
+            assets = self._assets or Assets(Path(state.get("assets", "")))
+            RealNode(self.name, node_dir.parent, assets).stop(state, records, self._handles)
+            records = [r for r in records if r.name not in ("kubelet", "containerd")]
         # Clients first, store last: stopping etcd under a live apiserver makes it log
         # connection errors for its whole shutdown.
         order = {name: i for i, name in enumerate(COMPONENTS)}
@@ -459,6 +494,8 @@ class Cluster:
                     context = admin_ctx if record.name == "kube-apiserver" else (
                         insecure if url.startswith("https") else None)
                     healthy, detail = probe(url, context)
+                elif running:
+                    healthy, detail = True, "running (no health endpoint)"
                 else:
                     healthy, detail = False, "not running"
                 components.append(ComponentStatus(record.name, record.pid, running, healthy,
@@ -531,6 +568,10 @@ class Cluster:
             # a cluster admin, as kwokctl does.
             "kwok": ca.issue("kwok", organizations=("system:masters",)),
         }
+        # The apiserver's identity towards kubelets (logs, exec, port-forward); the kubelet
+        # authorizes it with a SubjectAccessReview like any other caller.
+        kubelet_client = ca.issue("kube-apiserver-kubelet-client", organizations=("system:masters",))
+        paths["kubelet-client.crt"], paths["kubelet-client.key"] = kubelet_client.write(pki, "kube-apiserver-kubelet-client")
         for name, pair in clients.items():
             pair.write(pki, name)
             user = {"admin": _ADMIN_USER, "kwok": "kwok"}.get(name, f"system:{name}")

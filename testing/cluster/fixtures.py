@@ -32,7 +32,13 @@ from kubeml.testing.cluster._nodes import DEFAULT_NODE_GROUPS, NodeGroup
 if TYPE_CHECKING:
     from kubernetes.client import ApiClient
 
-__all__ = ["build_assets_if_needed", "cluster_fixture", "temporary_namespace", "wait_until"]
+__all__ = [
+    "build_assets_if_needed",
+    "cluster_fixture",
+    "real_node_cluster_fixture",
+    "temporary_namespace",
+    "wait_until",
+]
 
 T = TypeVar("T")
 
@@ -85,6 +91,36 @@ def cluster_fixture(
             cluster.down()
 
     return _cluster
+
+
+def real_node_cluster_fixture(name: str = "pytest-node", *, scope: str = "module",
+                              timeout_s: float = 180.0) -> Any:
+    """Make a fixture yielding a local ``Cluster`` with a real node (kubelet + containerd).
+
+    The real node needs root; without it the tests that use this fixture are skipped with
+    that reason (the kwok-only cluster still covers the API side). On root, every other
+    obstacle (a missing binary, a kernel feature, a real node of another cluster) fails the
+    test with what to install or stop.
+    """
+
+    @pytest.fixture(scope=scope)  # type: ignore[misc]
+    def _real_cluster() -> Iterator[Cluster]:
+        if os.environ.get("KUBEML_TEST_CLUSTER") == "existing":
+            pytest.skip("the real node is part of the local cluster; an existing cluster has its own nodes")
+        if os.geteuid() != 0:
+            pytest.skip("a real node needs root (kubelet and containerd manage mounts, cgroups, netns)")
+        _reap_crashed_sessions(name)
+        cluster = Cluster(f"{name}-{os.getpid()}", node_groups=(), real_node=True)
+        try:
+            cluster.up(build_assets=True, timeout_s=timeout_s, owner_pid=os.getpid())
+        except ClusterError as exc:
+            pytest.fail(f"could not start the real-node cluster: {exc}", pytrace=False)
+        try:
+            yield cluster
+        finally:
+            cluster.down()
+
+    return _real_cluster
 
 
 def _reap_crashed_sessions(prefix: str) -> None:

@@ -1,0 +1,506 @@
+"""A real node beside the kwok ones: a kubelet with containerd, runc and the CNI bridge.
+
+Pods bound to it run in real containers. Everything the node owns lives in the cluster's
+state directory under ``node/`` (containerd's root and state, the kubelet's root, CNI
+configuration and IPAM data, logs); what it must change on the host is recorded first
+(:mod:`._host`) and put back by :meth:`RealNode.stop`.
+
+Layout of the pod network: the ``kubeml0`` bridge, pod addresses from
+:data:`POD_CIDR`, the bridge's own address as the pods' gateway. The ``KUBEML-NODE``
+iptables chain, jumped to from INPUT and FORWARD for packets coming in on the bridge, lets pod
+traffic reach other pods and Services and rejects everything else, so no pod packet
+leaves the machine or reaches the host's own services unless a later rule lets it.
+
+The node is tainted :data:`REAL_NODE_TAINT` and labelled :data:`REAL_NODE_LABEL`: pods
+meant to run select it and tolerate the taint, and nothing meant for a fake node lands on
+it by accident. Only one real node can run per machine (the kubelet and containerd use a
+few fixed host paths); a claim file in ``/run/kubeml`` says whose it is.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import platform
+import re
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from kubeml._proc import free_ports
+from kubeml.errors import ClusterError, ComponentFailed
+from kubeml.testing.cluster import _host
+from kubeml.testing.cluster._kubeconfig import write_kubeconfig
+from kubeml.testing.cluster._nodes import Taint
+from kubeml.testing.cluster._process import (
+    ProcessRecord,
+    is_alive,
+    log_tail,
+    stop_processes,
+    wait_healthy,
+)
+
+if TYPE_CHECKING:
+    import subprocess as _sp
+
+    from kubeml.testing.cluster._assets import Assets
+    from kubeml.testing.cluster._pki import CertificateAuthority
+
+__all__ = [
+    "NODE_IMAGES",
+    "POD_CIDR",
+    "REAL_NODE_LABEL",
+    "REAL_NODE_TAINT",
+    "RealNode",
+    "node_binaries",
+    "preflight",
+    "real_node_pod_spec",
+]
+
+log = logging.getLogger("kubeml.testing.cluster")
+
+POD_CIDR = "10.88.0.0/24"
+GATEWAY = "10.88.0.1"
+BRIDGE = "kubeml0"
+CHAIN = "KUBEML-NODE"
+CGROUP_ROOT = "kubeml"
+NODE_NAME = "real-0"
+REAL_NODE_LABEL = ("kubeml.io/node", "real")
+REAL_NODE_TAINT = Taint("kubeml.io/node", "real", "NoSchedule")
+#: Images every real node has from the start, built by hack/cluster/build.sh from the
+#: programs in hack/cluster/node/ (no registry is needed for them).
+NODE_IMAGES = {"pause": "kubeml.local/pause:1", "probe": "kubeml.local/probe:1"}
+#: Binaries of a real node, relative to the assets' ``bin`` directory.
+NODE_BINARIES = (
+    "kubelet",
+    "containerd",
+    "containerd-shim-runc-v2",
+    "ctr",
+    "cni/bridge",
+    "cni/host-local",
+    "cni/loopback",
+    "cni/portmap",
+)
+_CLAIM = Path("/run/kubeml/real-node.json")
+_SOCKET_DIR = Path("/run/kubeml/node")
+_REQUIRED_CGROUPS = ("cpu", "cpuacct", "memory", "pids", "cpuset")
+
+
+def node_binaries(assets: Assets) -> list[Path]:
+    return [assets.bin_dir / name for name in NODE_BINARIES]
+
+
+def real_node_pod_spec(containers: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
+    """A pod spec that runs on the real node: its selector and toleration, no restarts."""
+    spec: dict[str, Any] = {
+        "nodeSelector": {REAL_NODE_LABEL[0]: REAL_NODE_LABEL[1]},
+        "tolerations": [{"key": REAL_NODE_TAINT.key, "operator": "Equal",
+                         "value": REAL_NODE_TAINT.value, "effect": REAL_NODE_TAINT.effect}],
+        "restartPolicy": "Never",
+        "terminationGracePeriodSeconds": 2,
+        "containers": containers,
+    }
+    spec.update(extra)
+    return spec
+
+
+def preflight(assets: Assets) -> list[str]:
+    """Why a real node cannot start on this machine; empty when it can."""
+    problems: list[str] = []
+    if platform.system() != "Linux":
+        return [f"a real node needs Linux, this is {platform.system()}"]
+    if os.geteuid() != 0:
+        problems.append("a real node needs root (the kubelet and containerd manage mounts, "
+                        "cgroups and network namespaces); run as root or start the cluster "
+                        "with --no-real-node")
+    for tool, package in (("runc", "runc"), ("iptables", "iptables"), ("iptables-save", "iptables"),
+                          ("ip", "iproute2")):
+        if shutil.which(tool) is None:
+            problems.append(f"{tool} is not on PATH: install the {package} package "
+                            "(`make cluster-assets` does it as root)")
+    missing = [str(p) for p in node_binaries(assets) if not os.access(p, os.X_OK)]
+    missing += [str(assets.root / "images" / f"{name}.tar") for name in NODE_IMAGES
+                if not (assets.root / "images" / f"{name}.tar").is_file()]
+    if missing:
+        problems.append(f"real-node assets missing: {', '.join(missing)}; run `make cluster-assets`")
+    try:
+        filesystems = Path("/proc/filesystems").read_text()
+    except OSError:
+        filesystems = ""
+    if "overlay" not in filesystems:
+        problems.append("the kernel has no overlay filesystem (containerd's snapshotter needs it): "
+                        "`modprobe overlay` or use a kernel with CONFIG_OVERLAY_FS")
+    mounted = {p.name for p in _host.cgroup_mounts()} | {
+        c for p in _host.cgroup_mounts() for c in p.name.split(",")}
+    unified = Path("/sys/fs/cgroup/cgroup.controllers")
+    if not unified.exists():
+        absent = [c for c in _REQUIRED_CGROUPS if c not in mounted]
+        if absent:
+            problems.append(f"cgroup controllers not mounted: {', '.join(absent)} "
+                            "(the kubelet enforces pod limits with them)")
+    if not Path("/proc/sys/net/ipv4/ip_forward").exists():
+        problems.append("no IPv4 forwarding control in /proc/sys: the kernel lacks networking the pods need")
+    return problems
+
+
+class RealNode:
+    """Starts and stops the real node of one cluster."""
+
+    def __init__(self, cluster_name: str, state_dir: Path, assets: Assets):
+        self.cluster_name = cluster_name
+        self.dir = state_dir / "node"
+        self.assets = assets
+
+    # --- paths ---------------------------------------------------------------------------
+    @property
+    def containerd_socket(self) -> Path:
+        # A unix socket path has at most 107 bytes, less than a state directory under a
+        # test's tmp_path can take; there is one real node per machine, so a fixed place.
+        return _SOCKET_DIR / "containerd.sock"
+
+    def _claim(self) -> None:
+        _CLAIM.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            current = json.loads(_CLAIM.read_text())
+        except FileNotFoundError:
+            current = None
+        except (OSError, ValueError):
+            current = None
+        if current and current.get("node_dir") != str(self.dir):
+            other = Path(current.get("state_dir", ""))
+            if (other / "state.json").exists() and _state_alive(other / "state.json"):
+                raise ClusterError(
+                    f"a real node already runs on this machine for cluster {current.get('cluster')!r} "
+                    f"({other}); stop it with `kubeml cluster down --name {current.get('cluster')}` "
+                    "or start this cluster with --no-real-node")
+            log.warning("taking over the real-node claim of stale cluster %s", current.get("cluster"))
+            stale = Path(current.get("node_dir", ""))
+            snapshot = current.get("snapshot")
+            if snapshot and stale.name == "node":
+                _host.restore_host(_host.HostSnapshot.from_dict(snapshot), node_dir=stale,
+                                   cgroup_root=CGROUP_ROOT, own_chains=(CHAIN,), bridge=BRIDGE)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        _SOCKET_DIR.mkdir(parents=True, exist_ok=True)
+
+    # --- start ---------------------------------------------------------------------------
+    def start(self, state: dict[str, Any], *, ca: CertificateAuthority, server: str, deadline: float,
+              launch: Any, save: Any) -> None:
+        """Bring the node up; ``launch(name, argv, health)`` starts and records a process.
+
+        The host snapshot is written to ``state`` before anything changes, so a crash at any
+        point leaves a record :meth:`stop` can restore from.
+        """
+        problems = preflight(self.assets)
+        if problems:
+            raise ClusterError("cannot start the real node:\n  - " + "\n  - ".join(problems))
+        self._claim()
+        snapshot = _host.HostSnapshot.take()
+        state["node"] = {"dir": str(self.dir), "snapshot": snapshot.to_dict(), "name": NODE_NAME}
+        save()
+        _CLAIM.write_text(json.dumps({"cluster": self.cluster_name, "state_dir": str(self.dir.parent),
+                                      "node_dir": str(self.dir), "snapshot": snapshot.to_dict()}))
+        t0 = time.monotonic()
+        self._network()
+        self._start_containerd(launch, deadline)
+        self._import_images(deadline)
+        log.info("real node: containerd up, images imported after %.1f s", time.monotonic() - t0)
+        self._start_kubelet(launch, ca=ca, server=server, deadline=deadline)
+
+    def _network(self) -> None:
+        cni = self.dir / "cni"
+        (cni / "net.d").mkdir(parents=True, exist_ok=True)
+        (cni / "ipam").mkdir(parents=True, exist_ok=True)
+        conflist = {
+            "cniVersion": "1.0.0",
+            "name": "kubeml",
+            "plugins": [
+                {
+                    "type": "bridge",
+                    "bridge": BRIDGE,
+                    "isGateway": True,
+                    "isDefaultGateway": True,
+                    "ipMasq": False,
+                    "hairpinMode": True,
+                    "ipam": {
+                        "type": "host-local",
+                        "ranges": [[{"subnet": POD_CIDR, "gateway": GATEWAY}]],
+                        "dataDir": str(cni / "ipam"),
+                    },
+                },
+                {"type": "portmap", "capabilities": {"portMappings": True}},
+            ],
+        }
+        (cni / "net.d" / "10-kubeml.conflist").write_text(json.dumps(conflist, indent=2))
+        # The bridge exists before the first pod: its address is the node's InternalIP,
+        # where the apiserver reaches the kubelet (a kubelet refuses a loopback node IP).
+        if BRIDGE not in _host.network_links():
+            _run(["ip", "link", "add", BRIDGE, "type", "bridge"], "creating the pod bridge")
+        _run(["ip", "addr", "replace", f"{GATEWAY}/{POD_CIDR.split('/')[1]}", "dev", BRIDGE], "addressing the pod bridge")
+        _run(["ip", "link", "set", BRIDGE, "up"], "starting the pod bridge")
+        # The guard chain: pod traffic may go to pods and Services; anything else from a pod
+        # (other hosts, the host's own addresses) is rejected before it is routed.
+        _host.remove_chain("filter", CHAIN)
+        for args in (
+            ("-N", CHAIN),
+            ("-A", CHAIN, "-m", "conntrack", "--ctstate", "ESTABLISHED,RELATED", "-j", "RETURN"),
+            # The node's own address on the bridge (the kubelet listens there) is not a pod.
+            ("-A", CHAIN, "-d", GATEWAY, "-j", "REJECT", "--reject-with", "icmp-admin-prohibited"),
+            ("-A", CHAIN, "-d", POD_CIDR, "-j", "RETURN"),
+            ("-A", CHAIN, "-j", "REJECT", "--reject-with", "icmp-admin-prohibited"),
+            # By input interface, not source address: the host's own connections to the
+            # kubelet on the bridge address come from that address too, but over lo.
+            ("-I", "INPUT", "1", "-i", BRIDGE, "-j", CHAIN),
+            ("-I", "FORWARD", "1", "-i", BRIDGE, "-j", CHAIN),
+        ):
+            _run(["iptables", "-w", "5", *args], "iptables")
+
+    def _containerd_config(self) -> Path:
+        root = self.dir / "containerd"
+        for sub in ("root", "state", "opt", "tmp"):
+            (root / sub).mkdir(parents=True, exist_ok=True)
+        cni = self.dir / "cni"
+        runc = shutil.which("runc") or "runc"
+        config = f"""\
+version = 4
+root = '{root / "root"}'
+state = '{root / "state"}'
+temp = '{root / "tmp"}'
+imports = []
+disabled_plugins = [
+  'io.containerd.snapshotter.v1.btrfs', 'io.containerd.snapshotter.v1.zfs',
+  'io.containerd.snapshotter.v1.devmapper', 'io.containerd.snapshotter.v1.blockfile',
+  'io.containerd.snapshotter.v1.erofs', 'io.containerd.differ.v1.erofs',
+  'io.containerd.nri.v1.nri', 'io.containerd.tracing.processor.v1.otlp',
+  'io.containerd.internal.v1.tracing', 'io.containerd.grpc.v1.cri-tcp',
+]
+
+[debug]
+  level = 'info'
+
+[plugins]
+  [plugins.'io.containerd.server.v1.grpc']
+    address = '{self.containerd_socket}'
+  [plugins.'io.containerd.server.v1.ttrpc']
+    address = '{self.containerd_socket}.ttrpc'
+  [plugins.'io.containerd.internal.v1.opt']
+    path = '{root / "opt"}'
+  [plugins.'io.containerd.cri.v1.images']
+    snapshotter = 'overlayfs'
+    [plugins.'io.containerd.cri.v1.images'.pinned_images]
+      sandbox = '{NODE_IMAGES["pause"]}'
+  [plugins.'io.containerd.cri.v1.runtime']
+    # Root without CAP_SYS_RESOURCE cannot lower oom_score_adj; every sandbox fails to
+    # start unless containerd keeps the scores at or above its own.
+    restrict_oom_score_adj = true
+    netns_mounts_under_state_dir = true
+    [plugins.'io.containerd.cri.v1.runtime'.containerd]
+      default_runtime_name = 'runc'
+      [plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.runc]
+        runtime_type = 'io.containerd.runc.v2'
+        [plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.runc.options]
+          BinaryName = '{runc}'
+          SystemdCgroup = false
+    [plugins.'io.containerd.cri.v1.runtime'.cni]
+      bin_dirs = ['{self.assets.bin_dir / "cni"}']
+      conf_dir = '{cni / "net.d"}'
+      max_conf_num = 1
+  [plugins.'io.containerd.grpc.v1.cri']
+    stream_server_address = '127.0.0.1'
+    stream_server_port = '0'
+"""
+        path = root / "config.toml"
+        path.write_text(config)
+        return path
+
+    def _start_containerd(self, launch: Any, deadline: float) -> None:
+        config = self._containerd_config()
+        proc, record = launch("containerd", [str(self.assets.binary("containerd")), f"--config={config}"], "")
+        while not self.containerd_socket.exists() or not self._ctr_ok():
+            if proc.poll() is not None:
+                raise ComponentFailed("containerd", f"exited during startup (status {proc.returncode})",
+                                      log_tail(record.log), record.log)
+            if time.monotonic() > deadline:
+                raise ComponentFailed("containerd", "its socket did not answer in time",
+                                      log_tail(record.log), record.log)
+            time.sleep(0.1)
+
+    def ctr(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([str(self.assets.binary("ctr")), "--address", str(self.containerd_socket),
+                               "--namespace", "k8s.io", *args], capture_output=True, text=True, timeout=timeout)
+
+    def _ctr_ok(self) -> bool:
+        try:
+            return self.ctr("version", timeout=5).returncode == 0
+        except subprocess.TimeoutExpired:
+            return False
+
+    def _import_images(self, deadline: float) -> None:
+        for name in NODE_IMAGES:
+            tar = self.assets.root / "images" / f"{name}.tar"
+            result = self.ctr("images", "import", "--no-unpack=false", str(tar),
+                              timeout=max(5.0, deadline - time.monotonic()))
+            if result.returncode != 0:
+                raise ClusterError(f"importing {tar} into the node's containerd failed: "
+                                   f"{(result.stderr or result.stdout).strip()[-500:]}")
+
+    def _start_kubelet(self, launch: Any, *, ca: CertificateAuthority, server: str, deadline: float) -> None:
+        kubelet_dir = self.dir / "kubelet"
+        pki = self.dir / "pki"
+        for directory in (kubelet_dir, pki, self.dir / "pod-logs"):
+            directory.mkdir(parents=True, exist_ok=True)
+        client = ca.issue(f"system:node:{NODE_NAME}", organizations=("system:nodes",))
+        client.write(pki, "kubelet-client")
+        serving = ca.issue(NODE_NAME, dns_names=(NODE_NAME, "localhost"), ip_addresses=(GATEWAY, "127.0.0.1"),
+                           server=True, client=False)
+        cert, key = serving.write(pki, "kubelet-serving")
+        ca_file = pki / "ca.crt"
+        ca_file.write_bytes(ca.keypair.cert_pem)
+        kubeconfig = write_kubeconfig(self.dir / "kubelet.kubeconfig", cluster_name=self.cluster_name,
+                                      server=server, ca_pem=ca.keypair.cert_pem,
+                                      user=f"system:node:{NODE_NAME}", cert_pem=client.cert_pem,
+                                      key_pem=client.key_pem)
+        _host.create_cgroup_root(CGROUP_ROOT)
+        port, healthz = free_ports(2)
+        config = {
+            "apiVersion": "kubelet.config.k8s.io/v1beta1",
+            "kind": "KubeletConfiguration",
+            "address": GATEWAY,
+            "port": port,
+            "readOnlyPort": 0,
+            "healthzBindAddress": "127.0.0.1",
+            "healthzPort": healthz,
+            "tlsCertFile": str(cert),
+            "tlsPrivateKeyFile": str(key),
+            "authentication": {"anonymous": {"enabled": False}, "webhook": {"enabled": True},
+                               "x509": {"clientCAFile": str(ca_file)}},
+            "authorization": {"mode": "Webhook"},
+            "containerRuntimeEndpoint": f"unix://{self.containerd_socket}",
+            "cgroupDriver": "cgroupfs",
+            "cgroupRoot": f"/{CGROUP_ROOT}",
+            # This machine has the cgroup v1 hierarchies (cgroup2 only at
+            # /sys/fs/cgroup/unified); without this the kubelet refuses to start.
+            "failCgroupV1": False,
+            "failSwapOn": False,
+            "makeIPTablesUtilChains": False,
+            "protectKernelDefaults": False,
+            "resolvConf": "",
+            "clusterDomain": "cluster.local",
+            "podLogsDir": str(self.dir / "pod-logs"),
+            "maxPods": 32,
+            "registerNode": True,
+            "registerWithTaints": [REAL_NODE_TAINT.to_dict()],
+            "serializeImagePulls": False,
+            "imageGCHighThresholdPercent": 100,
+            "imageGCLowThresholdPercent": 99,
+            # The host disk is shared with everything else on the machine: evict only when
+            # it is really full, not at the 10-15 % a dedicated node would keep free.
+            "evictionHard": {"memory.available": "100Mi", "nodefs.available": "1%",
+                             "imagefs.available": "1%", "nodefs.inodesFree": "1%"},
+            "nodeStatusReportFrequency": "10s",
+            "nodeStatusUpdateFrequency": "5s",
+            "syncFrequency": "10s",
+            "fileCheckFrequency": "20s",
+            "volumeStatsAggPeriod": "0s",
+            "enableServer": True,
+            "localStorageCapacityIsolation": True,
+            "staticPodPath": "",
+            "cpuCFSQuota": True,
+        }
+        config_path = self.dir / "kubelet.yaml"
+        config_path.write_text(json.dumps(config, indent=2))
+        labels = ",".join([f"{REAL_NODE_LABEL[0]}={REAL_NODE_LABEL[1]}", "type=real",
+                           "node.kubernetes.io/instance-type=local"])
+        health = f"http://127.0.0.1:{healthz}/healthz"
+        proc, record = launch("kubelet", [
+            str(self.assets.binary("kubelet")),
+            f"--config={config_path}",
+            f"--kubeconfig={kubeconfig}",
+            f"--root-dir={kubelet_dir}",
+            f"--cert-dir={pki}",
+            f"--hostname-override={NODE_NAME}",
+            f"--node-ip={GATEWAY}",
+            f"--node-labels={labels}",
+            "--v=1",
+        ], health)
+        wait_healthy(record, health, deadline=deadline, proc=proc)
+
+    def wait_ready(self, core: Any, deadline: float) -> None:
+        """Wait for the node object to be Ready (CNI configured, runtime up)."""
+        why = "not registered yet"
+        while time.monotonic() < deadline:
+            try:
+                node = core.read_node(NODE_NAME)
+            except Exception as exc:  # 404 until the kubelet registers
+                why = f"not registered yet ({getattr(exc, 'status', exc)})"
+            else:
+                for condition in node.status.conditions or []:
+                    if condition.type == "Ready":
+                        if condition.status == "True":
+                            return
+                        why = f"Ready={condition.status}: {condition.reason}: {condition.message}"
+            time.sleep(0.2)
+        kubelet_log = str(self.dir.parent / "logs" / "kubelet.log")
+        raise ComponentFailed("kubelet", f"node {NODE_NAME} not Ready in time: {why}",
+                              log_tail(kubelet_log), kubelet_log)
+
+    # --- stop ----------------------------------------------------------------------------
+    def stop(self, state: dict[str, Any], records: list[ProcessRecord],
+             handles: dict[int, _sp.Popen[bytes]]) -> None:
+        """Stop the kubelet, every container and containerd, then restore the host."""
+        node = state.get("node") or {}
+        kubelet = [r for r in records if r.name == "kubelet"]
+        containerd = [r for r in records if r.name == "containerd"]
+        stop_processes(kubelet, handles, grace_s=10.0)
+        if any(is_alive(r) for r in containerd):
+            self._stop_containers()
+        # Shims outlive containerd by design; the ones of this node are found by its socket.
+        shim = re.compile(r"containerd-shim-runc-v2 .*-address " + re.escape(str(self.containerd_socket)))
+        _host.kill_cgroup_tree(CGROUP_ROOT)
+        stop_processes(containerd, handles, grace_s=10.0)
+        for pid in _host.processes_matching(shim):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        snapshot = node.get("snapshot")
+        if snapshot is not None:
+            _host.restore_host(_host.HostSnapshot.from_dict(snapshot), node_dir=self.dir,
+                               cgroup_root=CGROUP_ROOT, own_chains=(CHAIN,), bridge=BRIDGE)
+        with contextlib.suppress(OSError, ValueError):
+            if json.loads(_CLAIM.read_text()).get("node_dir") == str(self.dir):
+                _CLAIM.unlink()
+        shutil.rmtree(_SOCKET_DIR, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            _CLAIM.parent.rmdir()  # only when empty
+
+    def _stop_containers(self) -> None:
+        try:
+            tasks = self.ctr("tasks", "list", "--quiet", timeout=10)
+            for task in tasks.stdout.split():
+                self.ctr("tasks", "kill", "--signal", "SIGKILL", task, timeout=10)
+            time.sleep(0.2)
+            for task in tasks.stdout.split():
+                self.ctr("tasks", "delete", "--force", task, timeout=10)
+        except subprocess.TimeoutExpired:
+            log.warning("containerd did not answer while stopping containers; killing them by cgroup")
+
+
+def _state_alive(path: Path) -> bool:
+    try:
+        state = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    for component in state.get("components", []):
+        if is_alive(ProcessRecord.from_dict(component)):
+            return True
+    return False
+
+
+def _run(argv: list[str], what: str) -> None:
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    if result.returncode != 0:
+        raise ClusterError(f"{what} failed: {' '.join(argv)}: {(result.stderr or result.stdout).strip()}")
+

@@ -1,0 +1,197 @@
+"""The real node runs real containers: logs through the apiserver, enforced memory limits,
+a pod network between pods, and a guard that keeps pod traffic off the host and the outside.
+
+Every pod here runs the probe image (``hack/cluster/node/probe``) under Pod Security
+``restricted``, in a namespace that enforces it.
+"""
+
+from __future__ import annotations
+
+import http.server
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+from kubernetes.client import CoreV1Api
+from kubernetes.client.exceptions import ApiException
+
+from kubeml.testing.cluster import NODE_IMAGES, POD_CIDR, real_node_pod_spec
+from kubeml.testing.cluster.fixtures import real_node_cluster_fixture, temporary_namespace, wait_until
+
+pytestmark = pytest.mark.integration
+
+real_cluster = real_node_cluster_fixture()
+
+_RESTRICTED = {
+    "runAsNonRoot": True,
+    "allowPrivilegeEscalation": False,
+    "capabilities": {"drop": ["ALL"]},
+    "seccompProfile": {"type": "RuntimeDefault"},
+}
+
+
+@pytest.fixture(scope="module")
+def core(real_cluster) -> Iterator[CoreV1Api]:
+    with real_cluster.api_client() as client:
+        yield CoreV1Api(client)
+
+
+@pytest.fixture
+def ns(real_cluster) -> Iterator[str]:
+    with real_cluster.api_client() as client, temporary_namespace(
+        client, prefix="node", labels={"pod-security.kubernetes.io/enforce": "restricted"}
+    ) as name:
+        yield name
+
+
+def _probe(name: str, args: list[str], **container: object) -> dict:
+    return {
+        "metadata": {"name": name, "labels": {"app": name}},
+        "spec": real_node_pod_spec([{
+            "name": "probe",
+            "image": NODE_IMAGES["probe"],
+            "imagePullPolicy": "Never",
+            "args": args,
+            "securityContext": _RESTRICTED,
+            **container,
+        }]),
+    }
+
+
+def _phase(core: CoreV1Api, ns: str, name: str, phases: tuple[str, ...], timeout_s: float = 60) -> object:
+    def check() -> object:
+        pod = core.read_namespaced_pod(name, ns)
+        return pod if pod.status.phase in phases else None
+
+    return wait_until(check, timeout_s=timeout_s, what=f"pod {ns}/{name} in {'/'.join(phases)}")
+
+
+def _run_to_end(core: CoreV1Api, ns: str, name: str, args: list[str]) -> tuple[str, str]:
+    core.create_namespaced_pod(ns, _probe(name, args))
+    pod = _phase(core, ns, name, ("Succeeded", "Failed"))
+    return pod.status.phase, core.read_namespaced_pod_log(name, ns)
+
+
+def test_container_runs_and_its_log_reaches_the_api(core: CoreV1Api, ns: str) -> None:
+    phase, log = _run_to_end(core, ns, "hello", ["echo", "hello", "from", "a", "container"])
+    assert phase == "Succeeded"
+    assert log == "hello from a container\n"
+    pod = core.read_namespaced_pod("hello", ns)
+    assert pod.spec.node_name == "real-0"
+    status = pod.status.container_statuses[0]
+    assert status.state.terminated.exit_code == 0
+    assert status.container_id.startswith("containerd://")
+
+
+def test_failing_container_reports_its_exit_code(core: CoreV1Api, ns: str) -> None:
+    phase, log = _run_to_end(core, ns, "no-such", ["no-such-command"])
+    assert phase == "Failed"
+    assert 'unknown command "no-such-command"' in log
+    status = core.read_namespaced_pod("no-such", ns).status.container_statuses[0]
+    assert status.state.terminated.exit_code == 2
+
+
+def test_memory_limit_is_enforced(core: CoreV1Api, ns: str) -> None:
+    limits = {"memory": "32Mi", "cpu": "500m"}
+    core.create_namespaced_pod(ns, _probe("hog", ["alloc", "-mib", "256"],
+                                          resources={"limits": limits, "requests": limits}))
+    pod = _phase(core, ns, "hog", ("Failed",))
+    terminated = pod.status.container_statuses[0].state.terminated
+    assert terminated.reason == "OOMKilled"
+    assert terminated.exit_code == 137
+
+
+def test_pods_reach_each_other_over_the_pod_network(core: CoreV1Api, ns: str) -> None:
+    core.create_namespaced_pod(ns, _probe("server", ["serve", "-addr", ":8080"]))
+    server = _phase(core, ns, "server", ("Running",))
+    ip = server.status.pod_ip
+    assert ip.startswith(POD_CIDR.rsplit(".", 2)[0] + ".")
+    # Running is reported when the process starts; the listener follows within milliseconds.
+    wait_until(lambda: "serving on" in core.read_namespaced_pod_log("server", ns), what="the server listening")
+    phase, log = _run_to_end(core, ns, "client", ["fetch", f"http://{ip}:8080/"])
+    assert phase == "Succeeded", log
+    client_ip = core.read_namespaced_pod("client", ns).status.pod_ip
+    assert log.startswith(f"200 server {client_ip}:")
+
+
+def _reject_count() -> int:
+    out = subprocess.run(["iptables", "-w", "5", "-L", "KUBEML-NODE", "-v", "-x", "-n"],
+                         capture_output=True, text=True, check=True).stdout
+    return sum(int(line.split()[0]) for line in out.splitlines()[2:] if "REJECT" in line)
+
+
+class _Ok(http.server.BaseHTTPRequestHandler):
+    def do_GET(self) -> None:  # noqa: N802 (the http.server protocol)
+        self.send_response(200)
+        self.send_header("Content-Length", "3")
+        self.end_headers()
+        self.wfile.write(b"ok\n")
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def host_listener() -> Iterator[str]:
+    """An HTTP server on an address of this host that is not the node's.
+
+    It stands for "anything outside the pod network": the host's own services and, past
+    the host, every other machine. The address is from 198.18.0.0/15 (benchmark testing),
+    added to the host's loopback interface for the test, so no packet to it can leave the
+    machine whatever the guard does.
+    """
+    address = "198.18.0.1"
+    subprocess.run(["ip", "addr", "add", f"{address}/32", "dev", "lo"], check=True)
+    try:
+        server = http.server.ThreadingHTTPServer((address, 0), _Ok)
+        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        thread.start()
+        try:
+            yield f"http://{address}:{server.server_address[1]}/"
+        finally:
+            server.shutdown()
+            server.server_close()
+    finally:
+        subprocess.run(["ip", "addr", "del", f"{address}/32", "dev", "lo"], check=False)
+
+
+def test_pod_traffic_to_the_host_and_beyond_is_rejected(core: CoreV1Api, ns: str, host_listener: str) -> None:
+    import urllib.request
+
+    # The listener answers the host itself: what stops the pod is the node's guard.
+    with urllib.request.urlopen(host_listener, timeout=5) as response:
+        assert response.status == 200
+    node = core.read_node("real-0")
+    kubelet = f"http://{node.status.addresses[0].address}:{node.status.daemon_endpoints.kubelet_endpoint.port}/"
+    before = _reject_count()
+    targets = {"host": host_listener, "kubelet": kubelet, "metadata": "http://169.254.169.254/latest/meta-data/"}
+    for name, url in targets.items():
+        phase, log = _run_to_end(core, ns, f"to-{name}", ["fetch", "-timeout", "3s", url])
+        assert phase == "Failed", f"{name}: {log}"
+        # Rejected at once with ICMP admin-prohibited ("no route to host"), not timed out.
+        assert "no route to host" in log, f"{name}: {log}"
+    assert _reject_count() >= before + len(targets)
+
+
+def test_deleting_a_running_pod_stops_its_container(core: CoreV1Api, ns: str, real_cluster) -> None:
+    core.create_namespaced_pod(ns, _probe("sleeper", ["sleep"]))
+    pod = _phase(core, ns, "sleeper", ("Running",))
+    container_id = pod.status.container_statuses[0].container_id.removeprefix("containerd://")
+    core.delete_namespaced_pod("sleeper", ns)
+
+    def gone() -> bool:
+        try:
+            core.read_namespaced_pod("sleeper", ns)
+        except ApiException as exc:
+            return exc.status == 404
+        return False
+
+    wait_until(gone, timeout_s=30, what="the pod deleted")
+    node = real_cluster.node
+    assert node is not None
+    deadline = time.monotonic() + 30
+    while container_id in node.ctr("tasks", "list", "--quiet").stdout.split():
+        assert time.monotonic() < deadline, "the container still runs after its pod was deleted"
+        time.sleep(0.2)
