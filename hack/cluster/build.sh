@@ -6,7 +6,7 @@
 # Output (outside the repo, shared by every clone of the same versions):
 #   ${KUBEML_CACHE_DIR:-~/.cache/kubeml}/k8s-v<K8S_VERSION>/bin   etcd, kube-apiserver,
 #       kube-controller-manager, kube-scheduler, kubectl, kwok, helm, controller-gen
-#       kubelet, containerd, containerd-shim-runc-v2, ctr, cni/{bridge,host-local,loopback,portmap},
+#       kubelet, kube-proxy, containerd, containerd-shim-runc-v2, ctr, cni/{bridge,host-local,loopback,portmap},
 #       pause, probe                                              the real node
 #   .../k8s-v<K8S_VERSION>/images                                 the node's own OCI archives
 #   .../k8s-v<K8S_VERSION>/crds                                   third-party CRDs (YAML)
@@ -20,7 +20,7 @@
 #   KUBEML_BUILD_JOBS  parallel Go compile jobs (default: number of CPUs); lower it to keep a
 #                      small machine responsive while the build runs
 #   BUILD_ONLY         space-separated subset of: etcd kube-apiserver kube-controller-manager
-#                      kube-scheduler kubectl kubelet kwok helm controller-gen crds containerd
+#                      kube-scheduler kubectl kubelet kube-proxy kwok helm controller-gen crds containerd
 #                      cni node-images host-packages
 set -euo pipefail
 
@@ -117,7 +117,7 @@ for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
     k8s_ld+=" -X $pkg.gitTreeState=archive -X $pkg.buildDate=$k8s_time -X $pkg.gitCommit="
 done
 k8s_stamp=$(module_stamp "v$K8S_VERSION" "$k8s_dir")
-for cmd in kube-apiserver kubectl kube-controller-manager kube-scheduler kubelet; do
+for cmd in kube-apiserver kubectl kube-controller-manager kube-scheduler kubelet kube-proxy; do
     want "$cmd" && go_build "$cmd" "$k8s_stamp" "$k8s_dir" "k8s.io/kubernetes/cmd/$cmd" "$k8s_ld"
 done
 

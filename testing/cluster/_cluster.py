@@ -56,7 +56,7 @@ log = logging.getLogger("kubeml.testing.cluster")
 #: Components in start order; `down` stops them in reverse. containerd and the kubelet are
 #: the real node's, started only with ``real_node=True``.
 COMPONENTS = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok",
-              "containerd", "kubelet")
+              "containerd", "kubelet", "kube-proxy")
 
 # Admission plugins beyond the apiserver's defaults are listed explicitly so the set the
 # tests rely on (PodSecurity, ResourceQuota, NodeRestriction, LimitRanger) cannot silently
@@ -438,7 +438,7 @@ class Cluster:
             node_dir = Path(state["node"]["dir"])
             assets = self._assets or Assets(Path(state.get("assets", "")))
             RealNode(self.name, node_dir.parent, assets).stop(state, records, self._handles)
-            records = [r for r in records if r.name not in ("kubelet", "containerd")]
+            records = [r for r in records if r.name not in ("kubelet", "containerd", "kube-proxy")]
         # Clients first, store last: stopping etcd under a live apiserver makes it log
         # connection errors for its whole shutdown.
         order = {name: i for i, name in enumerate(COMPONENTS)}

@@ -36,8 +36,9 @@ __all__ = [
 
 log = logging.getLogger("kubeml.testing.cluster")
 
-#: Kernel tunables the kubelet sets at start (``protectKernelDefaults: false``) and the
-#: bridge plugin turns on (``ip_forward``); each is put back to its recorded value.
+#: Kernel tunables the kubelet sets at start (``protectKernelDefaults: false``), the bridge
+#: plugin turns on (``ip_forward``) and kube-proxy may set; each is put back to its
+#: recorded value.
 TUNABLES = (
     "vm.overcommit_memory",
     "vm.panic_on_oom",
@@ -46,6 +47,10 @@ TUNABLES = (
     "kernel.keys.root_maxkeys",
     "kernel.keys.root_maxbytes",
     "net.ipv4.ip_forward",
+    # kube-proxy's, should a configuration ever let it touch them.
+    "net.ipv4.conf.all.route_localnet",
+    "net.bridge.bridge-nf-call-iptables",
+    "net.netfilter.nf_conntrack_max",
 )
 
 #: Paths the kubelet, containerd and the CNI plugins use whatever they are configured with.

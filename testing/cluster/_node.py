@@ -78,6 +78,7 @@ NODE_IMAGES = {"pause": "kubeml.local/pause:1", "probe": "kubeml.local/probe:1"}
 #: Binaries of a real node, relative to the assets' ``bin`` directory.
 NODE_BINARIES = (
     "kubelet",
+    "kube-proxy",
     "containerd",
     "containerd-shim-runc-v2",
     "ctr",
@@ -210,6 +211,7 @@ class RealNode:
         self._import_images(deadline)
         log.info("real node: containerd up, images imported after %.1f s", time.monotonic() - t0)
         self._start_kubelet(launch, ca=ca, server=server, deadline=deadline)
+        self._start_kube_proxy(launch, ca=ca, server=server, deadline=deadline)
 
     def _network(self) -> None:
         cni = self.dir / "cni"
@@ -429,6 +431,45 @@ disabled_plugins = [
         ], health)
         wait_healthy(record, health, deadline=deadline, proc=proc)
 
+    def _start_kube_proxy(self, launch: Any, *, ca: CertificateAuthority, server: str, deadline: float) -> None:
+        """kube-proxy in iptables mode: ClusterIP Services for the pods of this node.
+
+        Its identity is ``system:kube-proxy``, which the bootstrap ClusterRoleBinding
+        ``system:node-proxier`` already grants what it needs. Conntrack sizing and timeouts
+        are left as the host has them (zeros), NodePorts answer on the bridge address only,
+        never on the host's loopback (``localhostNodePorts: false``, so no
+        ``route_localnet``).
+        """
+        pki = self.dir / "pki"
+        client = ca.issue("system:kube-proxy")
+        kubeconfig = write_kubeconfig(self.dir / "kube-proxy.kubeconfig", cluster_name=self.cluster_name,
+                                      server=server, ca_pem=ca.keypair.cert_pem, user="system:kube-proxy",
+                                      cert_pem=client.cert_pem, key_pem=client.key_pem)
+        client.write(pki, "kube-proxy")
+        healthz, metrics = free_ports(2)
+        config = {
+            "apiVersion": "kubeproxy.config.k8s.io/v1alpha1",
+            "kind": "KubeProxyConfiguration",
+            "clientConnection": {"kubeconfig": str(kubeconfig)},
+            "hostnameOverride": NODE_NAME,
+            "mode": "iptables",
+            "clusterCIDR": POD_CIDR,
+            "detectLocalMode": "ClusterCIDR",
+            "healthzBindAddress": f"127.0.0.1:{healthz}",
+            "metricsBindAddress": f"127.0.0.1:{metrics}",
+            "nodePortAddresses": [f"{GATEWAY}/32"],
+            "conntrack": {"maxPerCore": 0, "min": 0, "tcpEstablishedTimeout": "0s",
+                          "tcpCloseWaitTimeout": "0s"},
+            "iptables": {"localhostNodePorts": False, "masqueradeAll": False,
+                         "syncPeriod": "30s", "minSyncPeriod": "1s"},
+        }
+        config_path = self.dir / "kube-proxy.yaml"
+        config_path.write_text(json.dumps(config, indent=2))
+        health = f"http://127.0.0.1:{healthz}/livez"
+        proc, record = launch("kube-proxy", [str(self.assets.binary("kube-proxy")), f"--config={config_path}",
+                                             "--v=1"], health)
+        wait_healthy(record, health, deadline=deadline, proc=proc)
+
     def wait_ready(self, core: Any, deadline: float) -> None:
         """Wait for the node object to be Ready (CNI configured, runtime up)."""
         why = "not registered yet"
@@ -453,7 +494,7 @@ disabled_plugins = [
              handles: dict[int, _sp.Popen[bytes]]) -> None:
         """Stop the kubelet, every container and containerd, then restore the host."""
         node = state.get("node") or {}
-        kubelet = [r for r in records if r.name == "kubelet"]
+        kubelet = [r for r in records if r.name in ("kubelet", "kube-proxy")]
         containerd = [r for r in records if r.name == "containerd"]
         stop_processes(kubelet, handles, grace_s=10.0)
         if any(is_alive(r) for r in containerd):

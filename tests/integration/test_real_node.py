@@ -116,6 +116,23 @@ def test_pods_reach_each_other_over_the_pod_network(core: CoreV1Api, ns: str) ->
     assert log.startswith(f"200 server {client_ip}:")
 
 
+def test_a_service_reaches_its_pods_through_kube_proxy(core: CoreV1Api, ns: str) -> None:
+    core.create_namespaced_pod(ns, _probe("backend", ["serve", "-addr", ":8080"]))
+    _phase(core, ns, "backend", ("Running",))
+    service = core.create_namespaced_service(ns, {
+        "metadata": {"name": "backend"},
+        "spec": {"selector": {"app": "backend"}, "ports": [{"port": 80, "targetPort": 8080}]},
+    })
+    cluster_ip = service.spec.cluster_ip
+    wait_until(lambda: "serving on" in core.read_namespaced_pod_log("backend", ns), what="the backend listening")
+    # kube-proxy programs the Service within its minimum sync period (1 s) of the
+    # EndpointSlice; a client retries for a few seconds rather than racing it.
+    phase, log = _run_to_end(core, ns, "svc-client", [
+        "fetch", "-timeout", "2s", "-retry", "10s", f"http://{cluster_ip}/"])
+    assert phase == "Succeeded", log
+    assert log.splitlines()[-1].startswith("200 backend ")
+
+
 def _reject_count() -> int:
     out = subprocess.run(["iptables", "-w", "5", "-L", "KUBEML-NODE", "-v", "-x", "-n"],
                          capture_output=True, text=True, check=True).stdout

@@ -1,7 +1,7 @@
 // Command probe is what the real-node tests run in containers:
 //
 //	probe serve [-addr :8080]        HTTP server; GET / answers "<hostname> <remote addr>"
-//	probe fetch [-timeout 2s] URL    GET URL; prints the body, exits 1 when it fails
+//	probe fetch [-timeout 2s] [-retry 0s] URL  GET URL; prints the body, exits 1 when it fails
 //	probe alloc -mib N               allocates and touches N MiB, then sleeps (OOM tests)
 //	probe sleep                      sleeps until SIGTERM
 //	probe echo WORDS...              prints its arguments and exits
@@ -85,14 +85,26 @@ func serve(args []string) {
 
 func fetch(args []string) int {
 	fs := flag.NewFlagSet("fetch", flag.ExitOnError)
-	timeout := fs.Duration("timeout", 2*time.Second, "overall timeout")
+	timeout := fs.Duration("timeout", 2*time.Second, "timeout of one attempt")
+	retry := fs.Duration("retry", 0, "keep retrying failed attempts for this long")
 	_ = fs.Parse(args)
 	if fs.NArg() != 1 {
-		fmt.Fprintln(os.Stderr, "usage: probe fetch [-timeout D] URL")
+		fmt.Fprintln(os.Stderr, "usage: probe fetch [-timeout D] [-retry D] URL")
 		return 2
 	}
 	client := &http.Client{Timeout: *timeout}
-	resp, err := client.Get(fs.Arg(0))
+	deadline := time.Now().Add(*retry)
+	for {
+		code := fetchOnce(client, fs.Arg(0))
+		if code == 0 || time.Now().After(deadline) {
+			return code
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+}
+
+func fetchOnce(client *http.Client, url string) int {
+	resp, err := client.Get(url)
 	if err != nil {
 		fmt.Printf("fetch failed: %v\n", err)
 		return 1
