@@ -12,12 +12,13 @@ UV_VERSION := 0.13.9
 UV := $(KUBEML_CACHE)/tools/bin/uv
 PYTEST_ARGS ?=
 
-.PHONY: demo test install lock layers cluster-assets kafka-assets prometheus-assets test-unit test-integration test-e2e clean help
+.PHONY: demo test install lock layers cluster-assets images kafka-assets prometheus-assets test-unit test-integration test-e2e clean help
 
 help:
 	@echo "make demo            install, then run the whole pipeline locally (kubeml run)"
 	@echo "make test            install, build test assets, run every test tier"
 	@echo "make cluster-assets  build the control-plane binaries and CRDs into $(KUBEML_CACHE)"
+	@echo "make images          build the operator, server and runtime images (buildah) into $(KUBEML_CACHE)/images"
 	@echo "make kafka-assets    fetch the Kafka broker jars (test broker) into $(KUBEML_CACHE)"
 	@echo "make prometheus-assets  install the prometheus binary the rollout tests start"
 	@echo "make layers          check the import layering (.importlinter); make test checks it too"
@@ -50,6 +51,11 @@ demo: install
 cluster-assets:
 	bash hack/cluster/build.sh
 
+# images/*.Containerfile on a Debian base, with buildah; cached by content, loaded into the
+# real node when one runs. Needs root (make test skips it without).
+images: install
+	bash hack/images/build.sh
+
 # The rollout-analysis tests start their own Prometheus; this only installs the binary.
 prometheus-assets:
 	bash hack/prometheus/install.sh
@@ -59,6 +65,7 @@ kafka-assets:
 	bash hack/kafka/fetch.sh >/dev/null
 
 test: install cluster-assets prometheus-assets kafka-assets
+	bash hack/images/build.sh --if-root
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # The import-layering contracts of .importlinter, on the package laid out as installed.
@@ -69,6 +76,7 @@ test-unit: install
 	$(PY) -m pytest -m "not integration and not e2e" $(PYTEST_ARGS)
 
 test-integration: install cluster-assets prometheus-assets kafka-assets
+	bash hack/images/build.sh --if-root
 	$(PY) -m pytest -m integration $(PYTEST_ARGS)
 
 test-e2e: install

@@ -6,8 +6,11 @@ On a cluster the components run in the kubeml image (``IMAGE``), which has kubem
 installed; under ``kfp.local`` they run in the current Python environment.
 """
 
-#: Container image of every component on a cluster. The name keeps "python" in it because
-#: it is a Python image (kfp.local's subprocess runner checks for that).
-IMAGE = "kubeml/kubeml-python:0.1.0"
+from kubeml.images import image_ref
+
+#: Container image of every component on a cluster: the runtime image
+#: (``images/runtime.Containerfile``); ``kubeml pipeline compile --image`` replaces it in the
+#: compiled pipeline.
+IMAGE = image_ref("runtime")
 
 __all__ = ["IMAGE"]

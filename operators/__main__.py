@@ -10,6 +10,7 @@ import argparse
 import logging
 import sys
 
+from kubeml.errors import KubemlError
 from kubeml.operators._desired import OperatorConfig
 from kubeml.operators._metrics import Metrics
 from kubeml.operators.tenant import TenantOperator, load_api_client
@@ -50,7 +51,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     metrics = Metrics()
-    operator = TenantOperator(config, load_api_client(args.kubeconfig), on_outcome=metrics.observe)
+    try:
+        api = load_api_client(args.kubeconfig)
+    except KubemlError as exc:  # no kubeconfig, no in-cluster credentials: say so, exit
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    operator = TenantOperator(config, api, on_outcome=metrics.observe)
     if args.metrics_port:
         metrics.serve(args.metrics_port, operator.api)
     operator.run_forever(liveness_endpoint=f"http://0.0.0.0:{args.health_port}/healthz")

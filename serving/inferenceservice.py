@@ -14,7 +14,8 @@ Two deployment modes, both with a canary:
 * ``standard`` (KServe >= 0.20, plain Deployments): ``spec.predictor`` stays the stable
   version and ``spec.canary`` lists ``{predictor, trafficPercent}`` for the new one.
 
->>> p = PredictorConfig(image="ghcr.io/kubeml/server:0.1", storage_uri="s3://m/digits/3",
+>>> from kubeml.images import image_ref
+>>> p = PredictorConfig(image=image_ref("server"), storage_uri="s3://m/digits/3",
 ...                     model_name="digits", version="3")
 >>> isvc = inference_service("digits", p, mode="standard")
 >>> isvc["metadata"]["annotations"]["serving.kserve.io/deploymentMode"]
@@ -95,7 +96,7 @@ class PredictorConfig:
     """One model version as a KServe predictor running the kubeml server."""
 
     image: str
-    """Container image with kubeml installed, e.g. ``<account>.dkr.ecr.../kubeml-server:0.1``."""
+    """The server image, ``kubeml.images.image_ref("server")`` (``images/server.Containerfile``)."""
     storage_uri: str
     """Bundle location (``s3://bucket/models/digits/3``), fetched by KServe's initializer."""
     model_name: str

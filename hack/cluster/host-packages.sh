@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs the distribution packages a real node needs: runc (the OCI runtime containerd
 # drives), iptables (the pod-network guard chain and, later, kube-proxy), conntrack and
-# iproute2. Debian 12 ships runc 1.1, which containerd 2.x drives fine.
+# iproute2. Debian 12 ships runc 1.1, which containerd 2.x drives fine. Packages named as
+# arguments are installed the same way.
 #
 # Idempotent and quiet: tools already on PATH are used as they are; apt-get runs only as
 # root, and `apt-get update` only when an install fails without it. Without root it says
@@ -15,6 +16,11 @@ declare -A package_of=([runc]=runc [iptables]=iptables [iptables-save]=iptables 
 missing=()
 for tool in "${!package_of[@]}"; do
     command -v "$tool" >/dev/null 2>&1 || missing+=("${package_of[$tool]}")
+done
+# Extra packages named on the command line (their command has the package's name):
+# hack/images/build.sh asks for buildah and mmdebstrap this way.
+for package in "$@"; do
+    command -v "$package" >/dev/null 2>&1 || missing+=("$package")
 done
 [[ ${#missing[@]} -eq 0 ]] && exit 0
 mapfile -t packages < <(printf '%s\n' "${missing[@]}" | sort -u)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import secrets
 import subprocess
 import sys
@@ -14,6 +15,7 @@ import typer
 from rich.live import Live
 from rich.table import Table
 
+from kubeml._files import atomic_write_text
 from kubeml.cli._common import (
     EXIT_CONFIG,
     EXIT_FAILED,
@@ -137,20 +139,47 @@ def _summary(by, run_id: str) -> None:
     print_table(t)
 
 
+_IMAGE_REF = re.compile(r"^[a-z0-9][a-z0-9._/:-]*[a-z0-9](:[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}|@sha256:[0-9a-f]{64})$")
+
+
 @pipeline_app.command("compile")
 def pipeline_compile(
     output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the KFP IR YAML.")] = Path("pipeline.yaml"),
+    image: Annotated[str | None, typer.Option(
+        help="Image every step runs in (default: the runtime image, "
+             "$KUBEML_IMAGE_REGISTRY/kubeml-python:<version>).")] = None,
 ) -> None:
     """Compile the training pipeline to KFP v2 IR YAML (for kfp.Client or the Kubeflow UI)."""
+    import tempfile
+
+    import yaml
     from kfp import compiler
 
+    from kubeml.components import IMAGE
     from kubeml.pipelines.training import training_pipeline
 
     if output.exists() and output.is_dir():
         raise fail(f"{output} is a directory; give a file path", EXIT_CONFIG)
+    if image is not None and not _IMAGE_REF.fullmatch(image):
+        raise fail(f"--image {image!r} is not an image reference (registry/name:tag or name@sha256:...)",
+                   EXIT_CONFIG)
     output.parent.mkdir(parents=True, exist_ok=True)
-    compiler.Compiler().compile(training_pipeline, str(output))
-    console.print(f"wrote {output}")
+    with tempfile.TemporaryDirectory() as tmp:
+        compiled = Path(tmp) / "pipeline.yaml"
+        compiler.Compiler().compile(training_pipeline, str(compiled))
+        docs = list(yaml.safe_load_all(compiled.read_text()))
+    replaced = 0
+    for doc in docs:
+        executors = ((doc or {}).get("deploymentSpec") or {}).get("executors") or {}
+        for executor in executors.values():
+            container = executor.get("container") or {}
+            if image is not None and container.get("image") == IMAGE:
+                container["image"] = image
+                replaced += 1
+    if image is not None and not replaced:
+        raise fail(f"no step of the compiled pipeline runs in {IMAGE}; nothing to replace", EXIT_CONFIG)
+    atomic_write_text(output, yaml.safe_dump_all(docs, sort_keys=False))
+    console.print(f"wrote {output}" + (f" (steps run in {image})" if image else ""))
 
 
 def register(app: typer.Typer) -> None:

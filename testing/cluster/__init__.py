@@ -10,7 +10,7 @@ With ``real_node=True`` a real node joins the kwok ones: a kubelet built from th
 containerd 2.x, runc and the CNI bridge, so pods that select it run in real containers.
 """
 
-from kubeml.testing.cluster._assets import Assets, find_assets
+from kubeml.testing.cluster._assets import Assets, find_assets, image_archive
 from kubeml.testing.cluster._cluster import Cluster, ClusterStatus, ComponentStatus
 from kubeml.errors import (
     AssetsMissing,
@@ -50,6 +50,7 @@ __all__ = [
     "REAL_NODE_TAINT",
     "Taint",
     "find_assets",
+    "image_archive",
     "preflight",
     "real_node_pod_spec",
 ]

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from kubeml.errors import AssetsMissing
 
-__all__ = ["Assets", "cache_root", "find_assets"]
+__all__ = ["Assets", "cache_root", "find_assets", "image_archive"]
 
 #: Binaries of a complete asset set: the control plane in start order, then the clients
 #: (kubectl installs the CRDs; helm is what the chart tests drive).
@@ -135,3 +135,13 @@ def find_assets(*, build: bool = False) -> Assets:
         f"control-plane assets missing from {bin_dir} ({where}): {', '.join(missing)}; "
         f"{_BUILD_HINT}"
     )
+
+
+def image_archive(kind: str) -> Path:
+    """The OCI archive of kubeml image ``kind`` (``operator``, ``server``, ``runtime``) that
+    ``make images`` (``hack/images/build.sh``) built last."""
+    path = cache_root() / "images" / f"{kind}.tar"
+    if not path.is_file():
+        raise AssetsMissing(f"the {kind} image is not built ({path} is missing); run `make images` "
+                            f"(or `bash hack/images/build.sh {kind}`) as root")
+    return path

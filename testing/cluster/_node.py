@@ -335,6 +335,18 @@ disabled_plugins = [
         return subprocess.run([str(self.assets.binary("ctr")), "--address", str(self.containerd_socket),
                                "--namespace", "k8s.io", *args], capture_output=True, text=True, timeout=timeout)
 
+    def import_image(self, archive: Path, timeout_s: float = 600.0) -> None:
+        """Load an OCI archive (``make images`` writes them) into the node's containerd."""
+        result = self.ctr("images", "import", str(archive), timeout=timeout_s)
+        if result.returncode != 0:
+            raise ClusterError(f"importing {archive} into the node's containerd failed: "
+                               f"{(result.stderr or result.stdout).strip()[-500:]}")
+
+    def images(self) -> list[str]:
+        """References of the images the node has."""
+        result = self.ctr("images", "list", "--quiet", timeout=30)
+        return [line for line in result.stdout.split() if not line.startswith("sha256:")]
+
     def _ctr_ok(self) -> bool:
         try:
             return self.ctr("version", timeout=5).returncode == 0
@@ -344,11 +356,7 @@ disabled_plugins = [
     def _import_images(self, deadline: float) -> None:
         for name in NODE_IMAGES:
             tar = self.assets.root / "images" / f"{name}.tar"
-            result = self.ctr("images", "import", "--no-unpack=false", str(tar),
-                              timeout=max(5.0, deadline - time.monotonic()))
-            if result.returncode != 0:
-                raise ClusterError(f"importing {tar} into the node's containerd failed: "
-                                   f"{(result.stderr or result.stdout).strip()[-500:]}")
+            self.import_image(tar, timeout_s=max(5.0, deadline - time.monotonic()))
 
     def _start_kubelet(self, launch: Any, *, ca: CertificateAuthority, server: str, deadline: float) -> None:
         kubelet_dir = self.dir / "kubelet"

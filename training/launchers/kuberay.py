@@ -27,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from kubeml._kube import restricted_container_security, restricted_pod_security
 from kubeml.config import EnvironmentConfig, TrainingConfig
 from kubeml.errors import ConfigError
+from kubeml.images import image_ref
 from kubeml.training.launchers._cluster import ClusterLauncher
 
 __all__ = ["KubeRayLauncher", "KubeRayOptions", "rayjob_manifest", "rayjob_name"]
@@ -46,8 +47,9 @@ class KubeRayOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     namespace: str = "kubeml"
-    image: str = "kubeml/train:0.1.0"
-    """Image with kubeml and its Ray/PyTorch installed (Ray version equal to ``ray_version``)."""
+    image: str = Field(default_factory=lambda: image_ref("runtime"))
+    """Image with kubeml and its Ray/PyTorch installed (Ray version equal to ``ray_version``):
+    the runtime image, ``images/runtime.Containerfile``."""
     ray_version: str = "2.60.0"
     service_account: str = "kubeml-train"
     """Service account with IRSA access to the artifact bucket."""
