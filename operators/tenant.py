@@ -43,9 +43,15 @@ def load_api_client(kubeconfig: str | Path | None = None) -> Any:
 
 def _connection_info(api_client: Any) -> kopf.ConnectionInfo:
     c = api_client.configuration
+    # In a pod the client holds the ServiceAccount token, which the kubelet rotates; its
+    # refresh hook re-reads the projected file (kopf logs in again after a 401).
+    if getattr(c, "refresh_api_key_hook", None) is not None:
+        c.refresh_api_key_hook(c)
     token = None
     if c.api_key.get("authorization"):
-        token = c.api_key["authorization"].removeprefix("Bearer ").strip()
+        # In-cluster config writes "bearer <token>", a kubeconfig "Bearer <token>".
+        scheme, _, value = c.api_key["authorization"].strip().partition(" ")
+        token = (value if scheme.lower() == "bearer" else scheme).strip()
     return kopf.ConnectionInfo(
         server=c.host,
         ca_path=c.ssl_ca_cert,

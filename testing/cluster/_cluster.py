@@ -56,7 +56,7 @@ log = logging.getLogger("kubeml.testing.cluster")
 #: Components in start order; `down` stops them in reverse. containerd and the kubelet are
 #: the real node's, started only with ``real_node=True``.
 COMPONENTS = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok",
-              "containerd", "kubelet", "kube-proxy")
+              "containerd", "kubelet", "kube-proxy", "apiserver-proxy")
 
 # Admission plugins beyond the apiserver's defaults are listed explicitly so the set the
 # tests rely on (PodSecurity, ResourceQuota, NodeRestriction, LimitRanger) cannot silently
@@ -70,6 +70,7 @@ _ADMISSION_PLUGINS = (
     "ValidatingAdmissionWebhook"
 )
 _SERVICE_CIDR = "10.96.0.0/16"
+_NODE_COMPONENTS = ("containerd", "kubelet", "kube-proxy", "apiserver-proxy")
 _POD_CIDR = "10.244.0.1/16"
 _ADMIN_USER = "kubeml-admin"
 _USER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@:-]{0,120}$")
@@ -319,8 +320,9 @@ class Cluster:
             f"--etcd-servers={etcd_url}",
             "--bind-address=127.0.0.1",
             "--advertise-address=127.0.0.1",
-            # The endpoint reconciler refuses a loopback advertise address, and nothing
-            # in-cluster dials the `kubernetes` Service here (no real pods run).
+            # The endpoint reconciler refuses a loopback advertise address; with a real
+            # node, the `kubernetes` Service's EndpointSlice names the relay on the pod
+            # bridge instead (_node.py), written by the node's start.
             "--endpoint-reconciler-type=none",
             f"--secure-port={api_port}",
             f"--tls-cert-file={pki['apiserver.crt']}",
@@ -415,7 +417,7 @@ class Cluster:
             node = RealNode(self.name, self.state_dir, assets)
             ca = CertificateAuthority.load(self._pki_dir / "ca.crt", self._pki_dir / "ca.key")
             node.start(state, ca=ca, server=server, deadline=deadline, launch=launch,
-                       save=lambda: self._write_state(state))
+                       save=lambda: self._write_state(state), api_client=self.api_client)
             with self.api_client() as client:
                 from kubernetes.client import CoreV1Api
 
@@ -438,7 +440,7 @@ class Cluster:
             node_dir = Path(state["node"]["dir"])
             assets = self._assets or Assets(Path(state.get("assets", "")))
             RealNode(self.name, node_dir.parent, assets).stop(state, records, self._handles)
-            records = [r for r in records if r.name not in ("kubelet", "containerd", "kube-proxy")]
+            records = [r for r in records if r.name not in _NODE_COMPONENTS]
         # Clients first, store last: stopping etcd under a live apiserver makes it log
         # connection errors for its whole shutdown.
         order = {name: i for i, name in enumerate(COMPONENTS)}

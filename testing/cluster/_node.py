@@ -69,6 +69,9 @@ GATEWAY = "10.88.0.1"
 BRIDGE = "kubeml0"
 CHAIN = "KUBEML-NODE"
 CGROUP_ROOT = "kubeml"
+#: Where pods reach the apiserver: the ``kubernetes`` Service's endpoint, relayed to the
+#: apiserver on loopback by the ``apiserver-proxy`` component (``_forward.py``).
+APISERVER_PROXY_PORT = 6443
 NODE_NAME = "real-0"
 REAL_NODE_LABEL = ("kubeml.io/node", "real")
 REAL_NODE_TAINT = Taint("kubeml.io/node", "real", "NoSchedule")
@@ -190,7 +193,7 @@ class RealNode:
 
     # --- start ---------------------------------------------------------------------------
     def start(self, state: dict[str, Any], *, ca: CertificateAuthority, server: str, deadline: float,
-              launch: Any, save: Any) -> None:
+              launch: Any, save: Any, api_client: Any) -> None:
         """Bring the node up; ``launch(name, argv, health)`` starts and records a process.
 
         The host snapshot is written to ``state`` before anything changes, so a crash at any
@@ -212,6 +215,7 @@ class RealNode:
         log.info("real node: containerd up, images imported after %.1f s", time.monotonic() - t0)
         self._start_kubelet(launch, ca=ca, server=server, deadline=deadline)
         self._start_kube_proxy(launch, ca=ca, server=server, deadline=deadline)
+        self._expose_apiserver(launch, server=server, api_client=api_client, deadline=deadline)
 
     def _network(self) -> None:
         cni = self.dir / "cni"
@@ -250,6 +254,8 @@ class RealNode:
         for args in (
             ("-N", CHAIN),
             ("-A", CHAIN, "-m", "conntrack", "--ctstate", "ESTABLISHED,RELATED", "-j", "RETURN"),
+            # The apiserver, through the relay (the `kubernetes` Service's endpoint).
+            ("-A", CHAIN, "-d", GATEWAY, "-p", "tcp", "--dport", str(APISERVER_PROXY_PORT), "-j", "RETURN"),
             # The node's own address on the bridge (the kubelet listens there) is not a pod.
             ("-A", CHAIN, "-d", GATEWAY, "-j", "REJECT", "--reject-with", "icmp-admin-prohibited"),
             ("-A", CHAIN, "-d", POD_CIDR, "-j", "RETURN"),
@@ -478,6 +484,48 @@ disabled_plugins = [
                                              "--v=1"], health)
         wait_healthy(record, health, deadline=deadline, proc=proc)
 
+    def _expose_apiserver(self, launch: Any, *, server: str, api_client: Any, deadline: float) -> None:
+        """Give the ``kubernetes`` Service an endpoint pods can reach: the relay on the bridge.
+
+        The apiserver runs with ``--endpoint-reconciler-type=none`` (it listens on
+        loopback, which no endpoint may name), so the EndpointSlice is written here.
+        """
+        import sys
+
+        from kubernetes.client import DiscoveryV1Api
+        from kubernetes.client.exceptions import ApiException
+
+        target = server.removeprefix("https://")
+        listen = f"{GATEWAY}:{APISERVER_PROXY_PORT}"
+        if not _port_free(GATEWAY, APISERVER_PROXY_PORT):
+            raise ClusterError(f"port {listen} (the pods' way to the apiserver) is in use; free it")
+        proc, record = launch("apiserver-proxy", [sys.executable, "-m", "kubeml.testing.cluster._forward",
+                                                  listen, target], "")
+        while _port_free(GATEWAY, APISERVER_PROXY_PORT):
+            if proc.poll() is not None:
+                raise ComponentFailed("apiserver-proxy", f"exited during startup (status {proc.returncode})",
+                                      log_tail(record.log), record.log)
+            if time.monotonic() > deadline:
+                raise ComponentFailed("apiserver-proxy", f"not listening on {listen} in time",
+                                      log_tail(record.log), record.log)
+            time.sleep(0.05)
+        body = {
+            "metadata": {"name": "kubernetes", "namespace": "default",
+                         "labels": {"kubernetes.io/service-name": "kubernetes",
+                                    "endpointslice.kubernetes.io/managed-by": "kubeml.io-local-cluster"}},
+            "addressType": "IPv4",
+            "endpoints": [{"addresses": [GATEWAY], "conditions": {"ready": True}}],
+            "ports": [{"name": "https", "port": APISERVER_PROXY_PORT, "protocol": "TCP"}],
+        }
+        with api_client() as client:
+            discovery = DiscoveryV1Api(client)
+            try:
+                discovery.create_namespaced_endpoint_slice("default", body)
+            except ApiException as exc:
+                if exc.status != 409:
+                    raise
+                discovery.replace_namespaced_endpoint_slice("kubernetes", "default", body)
+
     def wait_ready(self, core: Any, deadline: float) -> None:
         """Wait for the node object to be Ready (CNI configured, runtime up)."""
         why = "not registered yet"
@@ -502,7 +550,7 @@ disabled_plugins = [
              handles: dict[int, _sp.Popen[bytes]]) -> None:
         """Stop the kubelet, every container and containerd, then restore the host."""
         node = state.get("node") or {}
-        kubelet = [r for r in records if r.name in ("kubelet", "kube-proxy")]
+        kubelet = [r for r in records if r.name in ("kubelet", "kube-proxy", "apiserver-proxy")]
         containerd = [r for r in records if r.name == "containerd"]
         stop_processes(kubelet, handles, grace_s=10.0)
         if any(is_alive(r) for r in containerd):
@@ -546,6 +594,14 @@ def _state_alive(path: Path) -> bool:
         if is_alive(ProcessRecord.from_dict(component)):
             return True
     return False
+
+
+def _port_free(host: str, port: int) -> bool:
+    import socket
+
+    with socket.socket() as sock:
+        sock.settimeout(0.2)
+        return sock.connect_ex((host, port)) != 0
 
 
 def _run(argv: list[str], what: str) -> None:

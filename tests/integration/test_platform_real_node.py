@@ -1,0 +1,107 @@
+"""The platform chart for real: `helm install` runs the operator pod from the operator image on
+the real node; it reaches the apiserver through the `kubernetes` Service, turns Ready, is
+scraped by Prometheus, and a Tenant applied with kubectl gets its namespace.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from kubernetes import client as k8s
+
+from kubeml.images import image_ref
+from kubeml.testing.cluster import REAL_NODE_LABEL, REAL_NODE_TAINT, image_archive
+from kubeml.testing.cluster.fixtures import real_node_cluster_fixture, wait_until
+from tests.integration.prometheus_fixtures import ScrapeTarget, running_prometheus
+
+pytestmark = pytest.mark.integration
+
+real_cluster = real_node_cluster_fixture("pytest-platform")
+
+ROOT = Path(__file__).resolve().parents[2]
+CHART = ROOT / "charts" / "kubeml-platform"
+NAMESPACE = "kubeml-system"
+
+
+def _tool(cluster, name: str, *args: str, timeout_s: float = 180):
+    import subprocess
+
+    result = subprocess.run([str(cluster.node.assets.binary(name)), f"--kubeconfig={cluster.admin_kubeconfig}",
+                             *args], capture_output=True, text=True, timeout=timeout_s)
+    assert result.returncode == 0, f"{name} {' '.join(args)}:\n{result.stdout}\n{result.stderr}"
+    return result.stdout
+
+
+@pytest.fixture(scope="module")
+def platform(real_cluster, tmp_path_factory) -> Iterator[k8s.ApiClient]:
+    real_cluster.node.import_image(image_archive("operator"))
+    repository, _, tag = image_ref("operator").rpartition(":")
+    values = tmp_path_factory.mktemp("values") / "real-node.yaml"
+    values.write_text(json.dumps({
+        "image": {"repository": repository, "tag": tag, "pullPolicy": "Never"},
+        "nodeSelector": {REAL_NODE_LABEL[0]: REAL_NODE_LABEL[1]},
+        "tolerations": [{"key": REAL_NODE_TAINT.key, "operator": "Equal", "value": REAL_NODE_TAINT.value,
+                         "effect": REAL_NODE_TAINT.effect}],
+        "operator": {"kubeflowProfiles": False},
+        "kubeflowDashboard": {"enabled": False},
+    }))
+    _tool(real_cluster, "helm", "install", "kubeml", str(CHART), "--namespace", NAMESPACE, "--create-namespace",
+          "--values", str(values), "--wait", "--timeout", "150s", timeout_s=200)
+    with real_cluster.api_client() as api:
+        yield api
+
+
+def test_the_operator_pod_runs_ready_on_the_real_node(platform) -> None:
+    pods = k8s.CoreV1Api(platform).list_namespaced_pod(NAMESPACE).items
+    assert len(pods) == 1
+    pod = pods[0]
+    assert pod.spec.node_name == "real-0"
+    status = pod.status.container_statuses[0]
+    assert status.ready and status.started
+    assert status.image_id and status.container_id.startswith("containerd://")
+    # Restricted Pod Security, as the chart's namespace would enforce it.
+    security = pod.spec.containers[0].security_context
+    assert security.run_as_non_root and security.allow_privilege_escalation is False
+
+
+def test_its_metrics_are_scraped(platform) -> None:
+    pod = k8s.CoreV1Api(platform).list_namespaced_pod(NAMESPACE).items[0]
+    port = next(p.container_port for p in pod.spec.containers[0].ports if p.name == "metrics")
+    target = ScrapeTarget(address=f"{pod.status.pod_ip}:{port}", namespace=NAMESPACE,
+                          service="kubeml-kubeml-platform-operator", pod=pod.metadata.name,
+                          container="operator", endpoint="metrics")
+    with running_prometheus([target]) as prometheus:
+        prometheus.wait_scraped_after(time.time())
+        names = {r["metric"]["__name__"] for r in prometheus.query('{job="kubeml-kubeml-platform-operator"}')}
+    assert "up" in names
+    assert any(name.startswith("kubeml_") for name in names), sorted(names)
+
+
+def test_a_tenant_applied_with_kubectl_gets_its_namespace(real_cluster, platform, tmp_path: Path) -> None:
+    manifest = tmp_path / "tenant.yaml"
+    manifest.write_text(json.dumps({
+        "apiVersion": "kubeml.io/v1alpha1",
+        "kind": "Tenant",
+        "metadata": {"name": "team-real"},
+        "spec": {"owners": ["alice"], "costCenter": "cc-42"},
+    }))
+    _tool(real_cluster, "kubectl", "apply", "-f", str(manifest))
+    custom = k8s.CustomObjectsApi(platform)
+
+    def ready() -> dict | None:
+        tenant = custom.get_cluster_custom_object("kubeml.io", "v1alpha1", "tenants", "team-real")
+        conditions = (tenant.get("status") or {}).get("conditions") or []
+        return tenant if any(c["type"] == "Ready" and c["status"] == "True" for c in conditions) else None
+
+    tenant = wait_until(ready, timeout_s=90, what="the Tenant Ready, reconciled by the operator pod")
+    namespace = k8s.CoreV1Api(platform).read_namespace(tenant["status"]["namespace"])
+    assert namespace.metadata.labels["pod-security.kubernetes.io/enforce"] == "restricted"
+    assert namespace.metadata.labels["kubeml.io/cost-center"] == "cc-42"
+    # The operator that did it is the pod: no operator process runs on the host here.
+    logs = k8s.CoreV1Api(platform).read_namespaced_pod_log(
+        k8s.CoreV1Api(platform).list_namespaced_pod(NAMESPACE).items[0].metadata.name, NAMESPACE)
+    assert "team-real" in logs
