@@ -2,7 +2,13 @@
 # Builds the kubeml images (images/*.Containerfile) without a Docker daemon or a registry,
 # caches them by content, and loads them into the local real node when one runs.
 #
-#   bash hack/images/build.sh [--if-root] [operator] [server] [runtime]   (default: all three)
+#   bash hack/images/build.sh [--if-root] [operator] [server] [runtime]   (default: operator)
+#
+# The default is the operator image, the one the local cluster runs (the platform chart).
+# The server and runtime images carry PyTorch's CUDA build (the package index has no other),
+# about 5 GB each unpacked; building one here takes about 25 GB of free disk on the way
+# (buildah's layers, the archive, containerd's content and snapshot), so they are built only
+# when asked for by name, after a check of the free space.
 #
 # --if-root: without root, say so and exit 0 instead of failing (`make test` uses it: the
 # tests that run images need the real node, which needs root as well).
@@ -42,7 +48,7 @@ for arg in "$@"; do
         *) kinds+=("$arg") ;;
     esac
 done
-[[ ${#kinds[@]} -gt 0 ]] || kinds=(operator server runtime)
+[[ ${#kinds[@]} -gt 0 ]] || kinds=(operator)
 for kind in "${kinds[@]}"; do
     [[ -f "$repo/images/$kind.Containerfile" ]] || die "no image '$kind' (images/$kind.Containerfile); kubeml has operator, server, runtime"
 done
@@ -57,6 +63,17 @@ for tool in buildah mmdebstrap; do
     command -v "$tool" >/dev/null 2>&1 || die "$tool is not installed: apt-get install -y --no-install-recommends buildah mmdebstrap"
 done
 python=${PYTHON:-python3}
+
+# Free space each build needs on the way, in GB (measured: see benchmarks/RESULTS.md).
+declare -A need_gb=([operator]=3 [server]=25 [runtime]=30)
+for kind in "${kinds[@]}"; do
+    for dir in /var/lib/containers "$out"; do
+        mkdir -p "$dir"
+        free_gb=$(( $(df --output=avail -k "$dir" | tail -1) / 1024 / 1024 ))
+        (( free_gb >= need_gb[$kind] )) ||
+            die "building the $kind image needs about ${need_gb[$kind]} GB free on $dir; $free_gb GB are: free some space first"
+    done
+done
 
 exec 9>"$out/.build.lock"
 flock 9

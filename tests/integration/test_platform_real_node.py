@@ -63,22 +63,10 @@ def test_the_operator_pod_runs_ready_on_the_real_node(platform) -> None:
     status = pod.status.container_statuses[0]
     assert status.ready and status.started
     assert status.image_id and status.container_id.startswith("containerd://")
-    # Restricted Pod Security, as the chart's namespace would enforce it.
-    security = pod.spec.containers[0].security_context
-    assert security.run_as_non_root and security.allow_privilege_escalation is False
-
-
-def test_its_metrics_are_scraped(platform) -> None:
-    pod = k8s.CoreV1Api(platform).list_namespaced_pod(NAMESPACE).items[0]
-    port = next(p.container_port for p in pod.spec.containers[0].ports if p.name == "metrics")
-    target = ScrapeTarget(address=f"{pod.status.pod_ip}:{port}", namespace=NAMESPACE,
-                          service="kubeml-kubeml-platform-operator", pod=pod.metadata.name,
-                          container="operator", endpoint="metrics")
-    with running_prometheus([target]) as prometheus:
-        prometheus.wait_scraped_after(time.time())
-        names = {r["metric"]["__name__"] for r in prometheus.query('{job="kubeml-kubeml-platform-operator"}')}
-    assert "up" in names
-    assert any(name.startswith("kubeml_") for name in names), sorted(names)
+    # What Pod Security `restricted` asks, as a tenant namespace enforces it.
+    pod_security, security = pod.spec.security_context, pod.spec.containers[0].security_context
+    assert pod_security.run_as_non_root and pod_security.seccomp_profile.type == "RuntimeDefault"
+    assert security.allow_privilege_escalation is False and security.capabilities.drop == ["ALL"]
 
 
 def test_a_tenant_applied_with_kubectl_gets_its_namespace(real_cluster, platform, tmp_path: Path) -> None:
@@ -105,3 +93,25 @@ def test_a_tenant_applied_with_kubectl_gets_its_namespace(real_cluster, platform
     logs = k8s.CoreV1Api(platform).read_namespaced_pod_log(
         k8s.CoreV1Api(platform).list_namespaced_pod(NAMESPACE).items[0].metadata.name, NAMESPACE)
     assert "team-real" in logs
+
+
+def test_its_metrics_are_scraped(platform, tmp_path: Path) -> None:
+    """After the Tenant test: an operator that has reconciled nothing exports no samples."""
+    pod = k8s.CoreV1Api(platform).list_namespaced_pod(NAMESPACE).items[0]
+    port = next(p.container_port for p in pod.spec.containers[0].ports if p.name == "metrics")
+    target = ScrapeTarget(address=f"{pod.status.pod_ip}:{port}", namespace=NAMESPACE,
+                          service="kubeml-kubeml-platform-operator", pod=pod.metadata.name,
+                          container="operator", endpoint="metrics")
+    import urllib.request
+
+    # The host reaches the pod network directly (its replies come back over the bridge).
+    with urllib.request.urlopen(f"http://{target.address}/metrics", timeout=10) as response:
+        body = response.read().decode()
+    with running_prometheus([target], tmp_path) as prometheus:
+        prometheus.wait_scraped_after(time.time())
+        names = {r["metric"]["__name__"] for r in prometheus.query('{job="kubeml-kubeml-platform-operator"}')}
+        ready = prometheus.query('kubeml_operator_tenant_ready{tenant="team-real"}')
+    assert "up" in names
+    assert "kubeml_operator_reconciles_total" in names, (sorted(names), body[:2000])
+    # The Tenant reconciled by the previous test, as the pod reports it.
+    assert [r["value"][1] for r in ready] == ["1"], body[:2000]
