@@ -131,7 +131,20 @@ def rayjob_manifest(
         )
     if tc.use_gpu and opts.gpus_per_worker == 0:
         raise ConfigError("training.use_gpu is true but training.launcher.gpus_per_worker is 0; request at least 1 GPU")
-    worker_cfg = cfg.model_copy(update={"training": tc.model_copy(update={"target": "local"})})
+    # Ray Train places one training worker per GPU. A pod with gpus_per_worker GPUs hosts that
+    # many Ray workers, so the job's Ray Train worker count is pods x GPUs per pod: 2 pods of 8
+    # GPUs train on 16 workers, not on 2 workers of one GPU each with 14 GPUs idle.
+    ray_workers = tc.workers * opts.gpus_per_worker if tc.use_gpu else tc.workers
+    if tc.use_gpu:
+        pod_cpus = _cpu_cores(opts.cpus_per_worker)
+        if tc.cpus_per_worker * opts.gpus_per_worker > pod_cpus:
+            raise ConfigError(
+                f"training.cpus_per_worker {tc.cpus_per_worker:g} x gpus_per_worker {opts.gpus_per_worker} "
+                f"needs {tc.cpus_per_worker * opts.gpus_per_worker:g} CPUs per pod, but "
+                f"training.launcher.cpus_per_worker is {opts.cpus_per_worker}: raise the pod's CPUs or "
+                "lower training.cpus_per_worker (CPUs per Ray worker, one per GPU)")
+    worker_cfg = cfg.model_copy(update={"training": tc.model_copy(
+        update={"target": "local", "workers": ray_workers})})
     env_vars = {
         "KUBEML_CONFIG": worker_cfg.model_dump_json(),
         "KUBEML_RUN_ID": run_id,
@@ -200,7 +213,8 @@ def rayjob_manifest(
                 "replicas": tc.workers,
                 "minReplicas": tc.workers,
                 "maxReplicas": tc.workers,
-                "rayStartParams": {},
+                # Every GPU of the pod is Ray's to place a training worker on.
+                "rayStartParams": {"num-gpus": str(opts.gpus_per_worker)} if opts.gpus_per_worker else {},
                 "template": {"metadata": {"labels": labels}, "spec": worker_spec},
             }],
         },
@@ -216,6 +230,16 @@ def rayjob_manifest(
                      "annotations": {"kubeml.io/run-id": run_id}},
         "spec": spec,
     }
+
+
+def _cpu_cores(quantity: str) -> float:
+    """A Kubernetes CPU quantity ("10", "500m", "2.5") in cores."""
+    text = str(quantity).strip()
+    try:
+        return float(text[:-1]) / 1000 if text.endswith("m") else float(text)
+    except ValueError:
+        raise ConfigError(f"training.launcher.cpus_per_worker {quantity!r} is not a CPU quantity "
+                          "(cores such as 10 or 2.5, or millicores such as 500m)") from None
 
 
 class KubeRayLauncher(ClusterLauncher):

@@ -186,3 +186,37 @@ def test_local_launcher_runs_fit_here_and_has_no_job(monkeypatch, tmp_path):
     assert calls == [("digits", "v-1", "r1")]
     assert out == TrainOutcome(bundle_key="models/r1/bundle", checkpoint_uri="file:///c", epochs=1,
                                history=({"loss": 0.1},), time_to_first_step_s=2.0, job=None)
+
+
+def test_rayjob_gives_every_gpu_of_a_pod_its_own_ray_worker():
+    cfg = _cfg(workers=2, use_gpu=True, cpus_per_worker=1.0,
+               launcher={"node_group": "gpu-p4d", "gpus_per_worker": 8, "cpus_per_worker": "10"})
+    job = rayjob_manifest(cfg, run_id="fan-out", dataset="digits", dataset_version="v-1")
+    group = job["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]
+    assert group["replicas"] == 2
+    assert group["rayStartParams"] == {"num-gpus": "8"}
+    assert group["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "8"
+    worker_training = json.loads(json.loads(job["spec"]["runtimeEnvYAML"])["env_vars"]["KUBEML_CONFIG"])["training"]
+    # 2 pods x 8 GPUs: 16 Ray Train workers of one GPU each.
+    assert worker_training["workers"] == 16 and worker_training["use_gpu"] is True
+    assert worker_training["target"] == "local"
+
+
+def test_rayjob_on_cpu_keeps_one_ray_worker_per_pod():
+    job = rayjob_manifest(_cfg(workers=3, launcher={"gpus_per_worker": 0}), run_id="cpu",
+                          dataset="digits", dataset_version="v-1")
+    group = job["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]
+    assert group["replicas"] == 3 and group["rayStartParams"] == {}
+    env = json.loads(job["spec"]["runtimeEnvYAML"])["env_vars"]
+    assert json.loads(env["KUBEML_CONFIG"])["training"]["workers"] == 3
+
+
+@pytest.mark.parametrize(("pod_cpus", "message"), [
+    ("4", "needs 16 CPUs per pod, but training.launcher.cpus_per_worker is 4"),
+    ("eight", "'eight' is not a CPU quantity"),
+])
+def test_rayjob_refuses_pods_too_small_for_their_ray_workers(pod_cpus, message):
+    cfg = _cfg(workers=1, use_gpu=True, cpus_per_worker=2.0,
+               launcher={"gpus_per_worker": 8, "cpus_per_worker": pod_cpus})
+    with pytest.raises(ConfigError, match=message):
+        rayjob_manifest(cfg, run_id="r", dataset="d", dataset_version="v")
