@@ -46,7 +46,8 @@ _EXPORTS: dict[str, str] = {
 _ERRORS = (
     "ApprovalError", "ArtifactError", "ArtifactNotFound", "AssetsMissing", "BundleError", "CheckpointCorrupt",
     "ClusterAlreadyRunning", "ClusterError", "ComponentFailed", "ConfigError", "DataValidationError",
-    "JobApiError", "JobCancelled", "JobConflict", "JobError", "JobFailed", "JobTimedOut", "KubemlError", "PortInUse",
+    "JobApiError", "JobCancelled", "JobConflict", "JobError", "JobFailed", "JobStalled", "JobTimedOut", "KubemlError",
+    "PortInUse",
     "RegistryError", "ServingError", "ServingRequestError", "StageFailed", "TrainingFailed",
 )
 _EXPORTS.update({name: "kubeml.errors" for name in _ERRORS})
@@ -71,6 +72,7 @@ __all__ = [
     "JobConflict",
     "JobError",
     "JobFailed",
+    "JobStalled",
     "JobTimedOut",
     "KubemlConfig",
     "KubemlError",

@@ -17,6 +17,7 @@
     │   ├── JobApiError            by status  the Kubernetes API refused (4xx: no) or failed (429/5xx/none: yes)
     │   ├── JobFailed              yes        it ended unsuccessfully (a retry replaces it)
     │   ├── JobTimedOut            yes        the wait ran out; the job keeps running (a retry adopts it)
+    │   ├── JobStalled             no         its Ray cluster never got ready (unschedulable, image, head)
     │   ├── JobCancelled           no         the wait was cancelled and the job deleted
     │   └── JobConflict            no         its name is taken by another run's or spec's object
     └── ClusterError               no         the local control plane could not start, be reached, stop
@@ -59,6 +60,7 @@ __all__ = [
     "DataValidationError",
     "JobApiError",
     "JobCancelled",
+    "JobStalled",
     "JobConflict",
     "JobError",
     "JobFailed",
@@ -234,6 +236,15 @@ class JobFailed(JobError):
 
 class JobTimedOut(JobError):
     """The job did not finish within the wait; it is left running (a retry adopts it)."""
+
+
+class JobStalled(JobError):
+    """The job made no progress and will not by itself: its Ray cluster never became ready
+    (a pod that cannot be scheduled, an image that cannot be pulled, a head that never turns
+    Ready). The message names the cause. Not retryable: a retry stalls the same way until
+    the cause is fixed. The job is left in place for inspection."""
+
+    retryable = False
 
 
 class JobCancelled(JobError):

@@ -7,7 +7,7 @@
 #   ${KUBEML_CACHE_DIR:-~/.cache/kubeml}/k8s-v<K8S_VERSION>/bin   etcd, kube-apiserver,
 #       kube-controller-manager, kube-scheduler, kubectl, kwok, helm, controller-gen
 #       kubelet, kube-proxy, containerd, containerd-shim-runc-v2, ctr, cni/{bridge,host-local,loopback,portmap},
-#       pause, probe                                              the real node
+#       pause, probe, ray-operator                                the real node, KubeRay
 #   .../k8s-v<K8S_VERSION>/images                                 the node's own OCI archives
 #   .../k8s-v<K8S_VERSION>/crds                                   third-party CRDs (YAML)
 #
@@ -21,7 +21,7 @@
 #                      small machine responsive while the build runs
 #   BUILD_ONLY         space-separated subset of: etcd kube-apiserver kube-controller-manager
 #                      kube-scheduler kubectl kubelet kube-proxy kwok helm controller-gen crds containerd
-#                      cni node-images host-packages
+#                      cni node-images host-packages kuberay
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -136,6 +136,11 @@ want helm && go_install helm "v$HELM_VERSION" "helm.sh/helm/v3/cmd/helm@v$HELM_V
     "$strip_flags -X helm.sh/helm/v3/internal/version.version=v$HELM_VERSION"
 want controller-gen && go_install controller-gen "v$CONTROLLER_TOOLS_VERSION" \
     "sigs.k8s.io/controller-tools/cmd/controller-gen@v$CONTROLLER_TOOLS_VERSION" "$strip_flags"
+
+# --- KubeRay: the operator that turns RayJobs into Ray clusters on the real node ----------
+# Same version as the CRDs (crds/kuberay); its go.mod has no replace directives.
+want kuberay && go_install ray-operator "v$KUBERAY_VERSION" \
+    "github.com/ray-project/kuberay/ray-operator@v$KUBERAY_VERSION" "$strip_flags"
 
 # --- The real node: containerd, CNI plugins, runc, and its own small images ---------------
 # containerd 2.x (the 1.37 kubelet needs the 2.x CRI; Debian's 1.6 is too old) and the CNI

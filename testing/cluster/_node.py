@@ -73,6 +73,7 @@ CGROUP_ROOT = "kubeml"
 #: apiserver on loopback by the ``apiserver-proxy`` component (``_forward.py``).
 APISERVER_PROXY_PORT = 6443
 NODE_NAME = "real-0"
+NODE_GROUP = "local"
 REAL_NODE_LABEL = ("kubeml.io/node", "real")
 REAL_NODE_TAINT = Taint("kubeml.io/node", "real", "NoSchedule")
 #: Images every real node has from the start, built by hack/cluster/build.sh from the
@@ -80,6 +81,7 @@ REAL_NODE_TAINT = Taint("kubeml.io/node", "real", "NoSchedule")
 NODE_IMAGES = {"pause": "kubeml.local/pause:1", "probe": "kubeml.local/probe:1"}
 #: Binaries of a real node, relative to the assets' ``bin`` directory.
 NODE_BINARIES = (
+    "ray-operator",
     "kubelet",
     "kube-proxy",
     "containerd",
@@ -91,6 +93,9 @@ NODE_BINARIES = (
     "cni/portmap",
 )
 _CLAIM = Path("/run/kubeml/real-node.json")
+#: Where the node's containerd "pulls" from: the discard port on loopback, closed, so a pull
+#: fails at once and nothing is sent off the machine.
+NO_REGISTRY = "http://127.0.0.1:9"
 _SOCKET_DIR = Path("/run/kubeml/node")
 _REQUIRED_CGROUPS = ("cpu", "cpuacct", "memory", "pids", "cpuset")
 
@@ -216,6 +221,7 @@ class RealNode:
         self._start_kubelet(launch, ca=ca, server=server, deadline=deadline)
         self._start_kube_proxy(launch, ca=ca, server=server, deadline=deadline)
         self._expose_apiserver(launch, server=server, api_client=api_client, deadline=deadline)
+        self._start_kuberay(launch, ca=ca, server=server, deadline=deadline)
 
     def _network(self) -> None:
         cni = self.dir / "cni"
@@ -301,6 +307,8 @@ disabled_plugins = [
     snapshotter = 'overlayfs'
     [plugins.'io.containerd.cri.v1.images'.pinned_images]
       sandbox = '{NODE_IMAGES["pause"]}'
+    [plugins.'io.containerd.cri.v1.images'.registry]
+      config_path = '{root / "certs.d"}'
   [plugins.'io.containerd.cri.v1.runtime']
     # Root without CAP_SYS_RESOURCE cannot lower oom_score_adj; every sandbox fails to
     # start unless containerd keeps the scores at or above its own.
@@ -321,6 +329,14 @@ disabled_plugins = [
     stream_server_address = '127.0.0.1'
     stream_server_port = '0'
 """
+        # Every registry resolves to a closed loopback port: images come from `make images`
+        # and the node's own archives, and a pod naming any other image fails with
+        # ErrImagePull at once instead of sending a request (or a DNS query) off the machine.
+        default_hosts = root / "certs.d" / "_default"
+        default_hosts.mkdir(parents=True, exist_ok=True)
+        (default_hosts / "hosts.toml").write_text(
+            f"# Written by kubeml: no registry is reachable from the local real node.\n"
+            f"server = '{NO_REGISTRY}'\n\n[host.'{NO_REGISTRY}']\n  capabilities = ['pull', 'resolve']\n")
         path = root / "config.toml"
         path.write_text(config)
         return path
@@ -369,17 +385,12 @@ disabled_plugins = [
         pki = self.dir / "pki"
         for directory in (kubelet_dir, pki, self.dir / "pod-logs"):
             directory.mkdir(parents=True, exist_ok=True)
-        client = ca.issue(f"system:node:{NODE_NAME}", organizations=("system:nodes",))
-        client.write(pki, "kubelet-client")
         serving = ca.issue(NODE_NAME, dns_names=(NODE_NAME, "localhost"), ip_addresses=(GATEWAY, "127.0.0.1"),
                            server=True, client=False)
         cert, key = serving.write(pki, "kubelet-serving")
         ca_file = pki / "ca.crt"
         ca_file.write_bytes(ca.keypair.cert_pem)
-        kubeconfig = write_kubeconfig(self.dir / "kubelet.kubeconfig", cluster_name=self.cluster_name,
-                                      server=server, ca_pem=ca.keypair.cert_pem,
-                                      user=f"system:node:{NODE_NAME}", cert_pem=client.cert_pem,
-                                      key_pem=client.key_pem)
+        kubeconfig = self._client_kubeconfig(ca, server, f"system:node:{NODE_NAME}", ("system:nodes",))
         _host.create_cgroup_root(CGROUP_ROOT)
         port, healthz = free_ports(2)
         config = {
@@ -429,8 +440,10 @@ disabled_plugins = [
         }
         config_path = self.dir / "kubelet.yaml"
         config_path.write_text(json.dumps(config, indent=2))
+        # An EKS-style node group label, so manifests that select node groups (the RayJob's
+        # head and workers) can name this node: training.launcher.node_group: local.
         labels = ",".join([f"{REAL_NODE_LABEL[0]}={REAL_NODE_LABEL[1]}", "type=real",
-                           "node.kubernetes.io/instance-type=local"])
+                           "node.kubernetes.io/instance-type=local", f"eks.amazonaws.com/nodegroup={NODE_GROUP}"])
         health = f"http://127.0.0.1:{healthz}/healthz"
         proc, record = launch("kubelet", [
             str(self.assets.binary("kubelet")),
@@ -445,6 +458,16 @@ disabled_plugins = [
         ], health)
         wait_healthy(record, health, deadline=deadline, proc=proc)
 
+    def _client_kubeconfig(self, ca: CertificateAuthority, server: str, user: str,
+                           groups: tuple[str, ...] = ()) -> Path:
+        """A kubeconfig for one of the node's components: a client certificate from the CA."""
+        stem = user.replace("system:", "").replace(":", "-")
+        client = ca.issue(user, organizations=groups)
+        client.write(self.dir / "pki", stem)
+        return write_kubeconfig(self.dir / f"{stem}.kubeconfig", cluster_name=self.cluster_name, server=server,
+                                ca_pem=ca.keypair.cert_pem, user=user, cert_pem=client.cert_pem,
+                                key_pem=client.key_pem)
+
     def _start_kube_proxy(self, launch: Any, *, ca: CertificateAuthority, server: str, deadline: float) -> None:
         """kube-proxy in iptables mode: ClusterIP Services for the pods of this node.
 
@@ -454,12 +477,7 @@ disabled_plugins = [
         never on the host's loopback (``localhostNodePorts: false``, so no
         ``route_localnet``).
         """
-        pki = self.dir / "pki"
-        client = ca.issue("system:kube-proxy")
-        kubeconfig = write_kubeconfig(self.dir / "kube-proxy.kubeconfig", cluster_name=self.cluster_name,
-                                      server=server, ca_pem=ca.keypair.cert_pem, user="system:kube-proxy",
-                                      cert_pem=client.cert_pem, key_pem=client.key_pem)
-        client.write(pki, "kube-proxy")
+        kubeconfig = self._client_kubeconfig(ca, server, "system:kube-proxy")
         healthz, metrics = free_ports(2)
         config = {
             "apiVersion": "kubeproxy.config.k8s.io/v1alpha1",
@@ -482,6 +500,25 @@ disabled_plugins = [
         health = f"http://127.0.0.1:{healthz}/livez"
         proc, record = launch("kube-proxy", [str(self.assets.binary("kube-proxy")), f"--config={config_path}",
                                              "--v=1"], health)
+        wait_healthy(record, health, deadline=deadline, proc=proc)
+
+    def _start_kuberay(self, launch: Any, *, ca: CertificateAuthority, server: str, deadline: float) -> None:
+        """The KubeRay operator (the CRDs' version): RayJobs become Ray clusters of real pods.
+
+        It runs as a cluster admin, as kwok does here; on EKS its chart gives it its own
+        ServiceAccount and ClusterRole.
+        """
+        kubeconfig = self._client_kubeconfig(ca, server, "kuberay-operator", ("system:masters",))
+        metrics, probes = free_ports(2)
+        health = f"http://127.0.0.1:{probes}/readyz"
+        proc, record = launch("kuberay-operator", [
+            str(self.assets.binary("ray-operator")),
+            f"-kubeconfig={kubeconfig}",
+            f"-metrics-addr=127.0.0.1:{metrics}",
+            f"-health-probe-bind-address=127.0.0.1:{probes}",
+            "-enable-leader-election=false",
+            "-zap-log-level=info",
+        ], health)
         wait_healthy(record, health, deadline=deadline, proc=proc)
 
     def _expose_apiserver(self, launch: Any, *, server: str, api_client: Any, deadline: float) -> None:
@@ -550,7 +587,7 @@ disabled_plugins = [
              handles: dict[int, _sp.Popen[bytes]]) -> None:
         """Stop the kubelet, every container and containerd, then restore the host."""
         node = state.get("node") or {}
-        kubelet = [r for r in records if r.name in ("kubelet", "kube-proxy", "apiserver-proxy")]
+        kubelet = [r for r in records if r.name in ("kuberay-operator", "kubelet", "kube-proxy", "apiserver-proxy")]
         containerd = [r for r in records if r.name == "containerd"]
         stop_processes(kubelet, handles, grace_s=10.0)
         if any(is_alive(r) for r in containerd):

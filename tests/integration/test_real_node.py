@@ -212,3 +212,52 @@ def test_deleting_a_running_pod_stops_its_container(core: CoreV1Api, ns: str, re
     while container_id in node.ctr("tasks", "list", "--quiet").stdout.split():
         assert time.monotonic() < deadline, "the container still runs after its pod was deleted"
         time.sleep(0.2)
+
+
+def test_an_image_the_node_lacks_is_never_pulled_from_outside(core: CoreV1Api, ns: str) -> None:
+    body = _probe("remote", ["echo", "hi"], image="registry.example.com/team/app:1", imagePullPolicy="IfNotPresent")
+    core.create_namespaced_pod(ns, body)
+
+    def waiting() -> object:
+        statuses = core.read_namespaced_pod("remote", ns).status.container_statuses or []
+        state = statuses[0].state.waiting if statuses and statuses[0].state else None
+        return state if state and state.reason in ("ErrImagePull", "ImagePullBackOff") else None
+
+    state = wait_until(waiting, timeout_s=60, what="the pull to fail")
+    # containerd was sent to the closed loopback port, not to registry.example.com.
+    assert "127.0.0.1:9" in (state.message or ""), state.message
+
+
+def test_a_rayjob_whose_image_cannot_start_is_reported_stalled(real_cluster, core: CoreV1Api, ns: str) -> None:
+    """The KubeRay operator (a real one) makes the Ray cluster's pods; their image is not on
+    the node, and the wait reports that instead of waiting out its day. Deleting the job
+    removes its pods."""
+    from kubernetes.client import CustomObjectsApi
+
+    from kubeml.config import KubemlConfig
+    from kubeml.errors import JobStalled
+    from kubeml.training.launchers import run_job
+    from kubeml.training.launchers.kuberay import KubeRayOptions, rayjob_manifest
+
+    toleration = {"key": "kubeml.io/node", "operator": "Equal", "value": "real", "effect": "NoSchedule"}
+    cfg = KubemlConfig(environments={"dev": {"artifact_store": {"uri": "s3://kubeml-test/artifacts"}, "training": {
+        "workers": 1, "launcher": {"namespace": ns, "node_group": "local", "head_node_group": "local",
+                                   "gpus_per_worker": 0, "cpus_per_worker": "1", "memory_per_worker": "1Gi",
+                                   "head_cpu": "500m", "head_memory": "1Gi", "shm_size": "64Mi",
+                                   "service_account": "default", "tolerations": [toleration],
+                                   "head_tolerations": [toleration]}}}}).environment("dev")
+    opts = KubeRayOptions.from_training(cfg.training)
+    manifest = rayjob_manifest(cfg, run_id="stall-1", dataset="digits", dataset_version="v1", options=opts)
+    with real_cluster.api_client() as client:
+        with pytest.raises(JobStalled) as info:
+            run_job(manifest, namespace=ns, poll_s=1, stall_s=180, image_grace_s=5, api_client=client)
+        message = str(info.value)
+        # The head, or a worker's KubeRay init container (wait-gcs-ready, same image), whichever first.
+        assert "is stalled: pod kubeml-stall-1-" in message and "cannot start container " in message
+        assert "ErrImagePull" in message or "ImagePullBackOff" in message
+        assert opts.image in message
+        pods = core.list_namespaced_pod(ns, label_selector="ray.io/is-ray-node=yes").items
+        assert pods and all(p.spec.node_name == "real-0" for p in pods)
+        CustomObjectsApi(client).delete_namespaced_custom_object("ray.io", "v1", ns, "rayjobs", manifest["metadata"]["name"])
+    wait_until(lambda: not core.list_namespaced_pod(ns, label_selector="ray.io/is-ray-node=yes").items,
+               timeout_s=60, what="the Ray pods removed with their RayJob")

@@ -112,8 +112,10 @@ def train_on_cluster(
         )
     manifest, opts = build_manifest(cfg, target, run_id=run_id, dataset=dataset, dataset_version=dataset_version,
                                     resume=resume)
+    stall = {"stall_s": opts.stall_timeout_s, "image_grace_s": opts.image_grace_s} if hasattr(
+        opts, "stall_timeout_s") else {}
     outcome = run_job(manifest, namespace=opts.namespace, timeout_s=timeout_s or opts.effective_wait_timeout_s,
-                      poll_s=poll_s or opts.poll_s, on_status=on_status, stop=stop, api_client=api_client)
+                      poll_s=poll_s or opts.poll_s, on_status=on_status, stop=stop, api_client=api_client, **stall)
     record = read_result(store, run_id)
     bundle_key = record["bundle_key"]
     if not store.list(bundle_key):

@@ -33,6 +33,16 @@ Life of a job (:func:`run_job`)
    and raises :class:`JobCancelled`.
 6. Timeout: :class:`JobTimedOut` names the last status. The job is left running, so a
    retried step adopts it instead of starting over.
+7. Stall (RayJob): a job whose Ray cluster is not running after ``stall_s`` (its
+   ``jobDeploymentStatus`` still empty, ``New``, ``Initializing`` or ``Waiting``) raises
+   :class:`JobStalled` with the cause, instead of waiting out the day. Where the waiter may
+   also list pods in the job's namespace (not in :data:`RBAC_RULES`; grant it for better
+   messages and earlier detection), the cause is read from the Ray pods: a container that
+   cannot start its image (``ErrImagePull``, ``ImagePullBackOff``, ``ErrImageNeverPull``,
+   ``InvalidImageName``, ``CreateContainerConfigError``) stalls the job after
+   ``image_grace_s``, whatever ``stall_s`` says; a pod the scheduler cannot place is quoted
+   with the scheduler's message. Without that permission the cause comes from the RayJob's
+   own status (the Ray cluster's conditions).
 
 An API answer that is not a transient one raises :class:`JobApiError`, whose ``retryable``
 follows the HTTP status: a refusal (401/403/404/422, any other 4xx) comes back the same on a
@@ -53,7 +63,16 @@ from dataclasses import dataclass
 from typing import Any
 
 from kubeml._kube import custom_objects_api
-from kubeml.errors import ConfigError, JobApiError, JobCancelled, JobConflict, JobError, JobFailed, JobTimedOut
+from kubeml.errors import (
+    ConfigError,
+    JobApiError,
+    JobCancelled,
+    JobConflict,
+    JobError,
+    JobFailed,
+    JobStalled,
+    JobTimedOut,
+)
 from kubeml.training.launchers._contract import JobOutcome
 
 __all__ = [
@@ -88,6 +107,17 @@ RAY_DONE_JOB = frozenset({"SUCCEEDED", "FAILED", "STOPPED"})
 SAGEMAKER_DONE = frozenset({"Completed", "Failed", "Stopped"})
 #: HTTP statuses worth retrying while waiting: the apiserver restarting or throttling.
 _TRANSIENT_HTTP = frozenset({429, 500, 502, 503, 504})
+#: RayJob deployment states in which the Ray cluster is still being brought up.
+RAY_STARTING = frozenset({"", "New", "Initializing", "Waiting"})
+#: Seconds a RayJob may stay in :data:`RAY_STARTING` before it is reported stalled: long enough
+#: for an autoscaler (Karpenter, cluster-autoscaler) to add GPU nodes and pull a large image.
+DEFAULT_STALL_S = 1800.0
+#: Seconds a container may fail to get its image before the job is reported stalled (a
+#: registry blip recovers within the kubelet's first back-offs).
+DEFAULT_IMAGE_GRACE_S = 120.0
+#: Container waiting reasons that mean "this image will not start" rather than "starting".
+IMAGE_ERRORS = frozenset({"ErrImagePull", "ImagePullBackOff", "ErrImageNeverPull", "InvalidImageName",
+                          "CreateContainerConfigError", "CreateContainerError"})
 #: Longest a status message is quoted in a log line (a Ray traceback can be many KB).
 MESSAGE_MAX_CHARS = 2000
 
@@ -293,6 +323,8 @@ def run_job(
     replace_failed: bool = True,
     delete_on_cancel: bool = True,
     api_client: Any | None = None,
+    stall_s: float = DEFAULT_STALL_S,
+    image_grace_s: float = DEFAULT_IMAGE_GRACE_S,
 ) -> JobOutcome:
     """Create (or adopt) the RayJob / TrainingJob ``manifest`` and wait until it has finished.
 
@@ -306,11 +338,15 @@ def run_job(
             :class:`JobCancelled` raised.
         replace_failed: an existing job of this run that failed is deleted and created again
             (False: follow it, i.e. report its failure).
+        stall_s: seconds a RayJob's Ray cluster may take to come up before
+            :class:`JobStalled` (see the module docstring, step 7).
+        image_grace_s: seconds a Ray pod's container may fail to get its image.
     Returns the :class:`JobOutcome`; raises :class:`JobFailed`, :class:`JobTimedOut`,
     :class:`JobCancelled`, :class:`JobConflict` or :class:`JobError` (API errors).
     """
-    if timeout_s <= 0 or poll_s <= 0:
-        raise ConfigError(f"timeout_s and poll_s must be > 0 (got {timeout_s}, {poll_s})")
+    if timeout_s <= 0 or poll_s <= 0 or stall_s <= 0 or image_grace_s <= 0:
+        raise ConfigError(f"timeout_s, poll_s, stall_s and image_grace_s must be > 0 "
+                          f"(got {timeout_s}, {poll_s}, {stall_s}, {image_grace_s})")
     t0 = time.monotonic()
     deadline = t0 + timeout_s
     ref = _Ref.of(manifest, namespace)
@@ -321,6 +357,7 @@ def run_job(
     if not adopted:
         log.info("created %s", ref)
     transitions: list[str] = []
+    watch = _StallWatch(ref, api_client, stall_s=stall_s, image_grace_s=image_grace_s) if ref.kind == "RayJob" else None
     while True:
         state = job_state(obj) if obj is not None else None
         if state is not None:
@@ -337,6 +374,8 @@ def run_job(
                 artifacts = ((obj.get("status") or {}).get("modelArtifacts") or {}).get("s3ModelArtifacts", "")
                 return JobOutcome(ref.kind, ref.name, ref.namespace, state.text, tuple(transitions), adopted, replaced,
                                   artifacts, time.monotonic() - t0)
+            if watch is not None:
+                watch.check(obj)
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             last = transitions[-1] if transitions else "unknown (status unreadable)"
@@ -349,6 +388,105 @@ def run_job(
             raise JobCancelled(f"waiting for {ref} was cancelled; " + ("the job was deleted" if delete_on_cancel
                                                                         else "the job keeps running"))
         obj = _read(api, ref)
+
+
+class _StallWatch:
+    """Tells a RayJob that is coming up from one that never will (module docstring, step 7)."""
+
+    def __init__(self, ref: _Ref, api_client: Any | None, *, stall_s: float, image_grace_s: float):
+        self.ref, self.api_client = ref, api_client
+        self.stall_s, self.image_grace_s = stall_s, image_grace_s
+        self.starting_since: float | None = None
+        self.image_errors: dict[tuple[str, str], float] = {}
+        """(pod, container) -> when its image error was first seen."""
+        self.can_list_pods = True
+
+    def check(self, obj: dict[str, Any]) -> None:
+        st = obj.get("status") or {}
+        now = time.monotonic()
+        if (st.get("jobDeploymentStatus") or "") not in RAY_STARTING:
+            self.starting_since = None
+            self.image_errors.clear()
+            return
+        if self.starting_since is None:
+            self.starting_since = now
+        pods = self._pods(st)
+        for cause, pod, container in _image_problems(pods):
+            first = self.image_errors.setdefault((pod, container), now)
+            if now - first >= self.image_grace_s:
+                raise JobStalled(f"{self.ref} is stalled: pod {pod} cannot start container {container}: {cause}; "
+                                 f"fix the image (training.launcher.image) and run again; details: "
+                                 f"kubectl -n {self.ref.namespace} describe pod {pod}")
+        if now - self.starting_since < self.stall_s:
+            return
+        cause = _scheduling_problem(pods) or _head_problem(pods) or _cluster_conditions(st)
+        raise JobStalled(f"{self.ref} is stalled: its Ray cluster is not running after {self.stall_s:.0f} s "
+                         f"({st.get('jobDeploymentStatus') or 'no status yet'}): "
+                         f"{cause or 'no cause reported (is the KubeRay operator running?)'}; "
+                         f"details: {self.ref.kubectl('describe')}")
+
+    def _pods(self, st: dict[str, Any]) -> list[Any]:
+        cluster = st.get("rayClusterName")
+        if not cluster or not self.can_list_pods:
+            return []
+        from kubernetes.client import CoreV1Api
+        from kubernetes.client.exceptions import ApiException
+
+        from kubeml._kube import api_client as load_client
+
+        try:
+            core = CoreV1Api(self.api_client or load_client())
+            return core.list_namespaced_pod(self.ref.namespace, label_selector=f"ray.io/cluster={cluster}").items
+        except ApiException as exc:
+            if exc.status in (401, 403):
+                log.info("may not list pods in %s (%s): stall causes come from the RayJob status only",
+                         self.ref.namespace, exc.status)
+                self.can_list_pods = False
+            return []
+        except Exception as exc:  # noqa: BLE001 - a failed diagnosis must not fail the wait
+            log.debug("listing the Ray pods of %s failed: %s", self.ref, exc)
+            return []
+
+
+def _image_problems(pods: list[Any]) -> list[tuple[str, str, str]]:
+    problems = []
+    for pod in pods:
+        statuses = [*(pod.status.init_container_statuses or []), *(pod.status.container_statuses or [])]
+        for status in statuses:
+            waiting = status.state.waiting if status.state else None
+            if waiting and waiting.reason in IMAGE_ERRORS:
+                problems.append((f"{waiting.reason}: {waiting.message or status.image}", pod.metadata.name,
+                                 status.name))
+    return problems
+
+
+def _scheduling_problem(pods: list[Any]) -> str:
+    for pod in pods:
+        for condition in pod.status.conditions or []:
+            if condition.type == "PodScheduled" and condition.status == "False":
+                return f"pod {pod.metadata.name} cannot be scheduled ({condition.reason}): {condition.message}"
+    return ""
+
+
+def _head_problem(pods: list[Any]) -> str:
+    for pod in pods:
+        if (pod.metadata.labels or {}).get("ray.io/node-type") != "head":
+            continue
+        for status in pod.status.container_statuses or []:
+            waiting = status.state.waiting if status.state else None
+            if waiting and waiting.reason:
+                return (f"head pod {pod.metadata.name}: {waiting.reason}: {waiting.message or ''} "
+                        f"(restarts: {status.restart_count})").strip()
+            if not status.ready:
+                return f"head pod {pod.metadata.name} is {pod.status.phase} but never Ready"
+    return ""
+
+
+def _cluster_conditions(st: dict[str, Any]) -> str:
+    conditions = (st.get("rayClusterStatus") or {}).get("conditions") or []
+    failing = [f"{c.get('type')}={c.get('status')} ({c.get('reason')}): {c.get('message', '')}".strip()
+               for c in conditions if c.get("status") != "True"]
+    return "; ".join(failing)
 
 
 def _read(api, ref: _Ref) -> dict[str, Any] | None:

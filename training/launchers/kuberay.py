@@ -68,6 +68,8 @@ class KubeRayOptions(BaseModel):
     spot: bool = False
     """Run workers on spot capacity (``eks.amazonaws.com/capacityType: SPOT``)."""
     tolerations: tuple[dict[str, str], ...] = ({"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"},)
+    head_tolerations: tuple[dict[str, str], ...] = ()
+    """Tolerations of the head pod (its node group is usually untainted)."""
     head_cpu: str = "2"
     head_memory: str = "8Gi"
     ttl_seconds_after_finished: int = Field(3600, ge=0)
@@ -80,6 +82,11 @@ class KubeRayOptions(BaseModel):
     for scheduling, else 24 hours."""
     poll_s: float = Field(10.0, gt=0)
     """Seconds between two status reads of the RayJob while waiting."""
+    stall_timeout_s: float = Field(1800.0, gt=0)
+    """Seconds the Ray cluster may take to come up (GPU nodes added, images pulled) before the
+    job is reported stalled with its cause (an unschedulable pod, a head never Ready)."""
+    image_grace_s: float = Field(120.0, gt=0)
+    """Seconds a Ray pod may fail to get its image before the job is reported stalled."""
 
     @property
     def effective_wait_timeout_s(self) -> float:
@@ -185,6 +192,8 @@ def rayjob_manifest(
     }
     if opts.head_node_group:
         head_spec["nodeSelector"] = {NODEGROUP_LABEL: opts.head_node_group}
+    if opts.head_tolerations:
+        head_spec["tolerations"] = [dict(t) for t in opts.head_tolerations]
     worker_spec = {
         "serviceAccountName": opts.service_account,
         "securityContext": restricted_pod_security(),
