@@ -133,13 +133,13 @@ def main() -> None:
         "",
     ]
     if node_builds:
-        lines += ["Cold compile of the node's binaries (2 cores, `build-times.tsv`, last build of each):", ""]
+        lines += ["Compile times of the node's binaries, as last built (`build-times.tsv`; the Go build "
+                  "cache was warm unless the machine was fresh):", ""]
         last = dict(node_builds)
         lines += [f"- {name}: {seconds} s" for name, seconds in last.items()]
         lines.append("")
     if image_builds or sizes:
-        lines += ["Images (`hack/images/build.sh`; the last build of each, from an empty buildah store "
-                  "only where noted):", ""]
+        lines += ["Images (`hack/images/build.sh`, the last build of each):", ""]
         for kind, meta in sizes.items():
             lines.append(f"- {kind}: {meta['image']}, {meta['size_bytes'] / 1e6:.0f} MB unpacked, "
                          f"built in {meta['seconds']} s")
