@@ -25,6 +25,7 @@ from kubeml.testing.cluster._node import (
     POD_CIDR,
     REAL_NODE_LABEL,
     REAL_NODE_TAINT,
+    RESTRICTED_CONTAINER,
     preflight,
     real_node_pod_spec,
 )
@@ -48,6 +49,7 @@ __all__ = [
     "PortInUse",
     "REAL_NODE_LABEL",
     "REAL_NODE_TAINT",
+    "RESTRICTED_CONTAINER",
     "Taint",
     "find_assets",
     "image_archive",

@@ -32,7 +32,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from kubeml._proc import free_ports
+from kubeml._kube import restricted_container_security
+from kubeml._proc import free_ports, port_free
 from kubeml.errors import ClusterError, ComponentFailed
 from kubeml.testing.cluster import _host
 from kubeml.testing.cluster._kubeconfig import write_kubeconfig
@@ -56,6 +57,7 @@ __all__ = [
     "POD_CIDR",
     "REAL_NODE_LABEL",
     "REAL_NODE_TAINT",
+    "RESTRICTED_CONTAINER",
     "RealNode",
     "node_binaries",
     "preflight",
@@ -98,6 +100,12 @@ _CLAIM = Path("/run/kubeml/real-node.json")
 NO_REGISTRY = "http://127.0.0.1:9"
 _SOCKET_DIR = Path("/run/kubeml/node")
 _REQUIRED_CGROUPS = ("cpu", "cpuacct", "memory", "pids", "cpuset")
+
+
+#: A container ``securityContext`` that passes Pod Security ``restricted`` on its own (the
+#: platform's container context plus the seccomp profile, which it otherwise takes from the pod).
+RESTRICTED_CONTAINER: dict[str, Any] = {**restricted_container_security(),
+                                        "seccompProfile": {"type": "RuntimeDefault"}}
 
 
 def node_binaries(assets: Assets) -> list[Path]:
@@ -534,11 +542,11 @@ disabled_plugins = [
 
         target = server.removeprefix("https://")
         listen = f"{GATEWAY}:{APISERVER_PROXY_PORT}"
-        if not _port_free(GATEWAY, APISERVER_PROXY_PORT):
+        if not port_free(GATEWAY, APISERVER_PROXY_PORT):
             raise ClusterError(f"port {listen} (the pods' way to the apiserver) is in use; free it")
         proc, record = launch("apiserver-proxy", [sys.executable, "-m", "kubeml.testing.cluster._forward",
                                                   listen, target], "")
-        while _port_free(GATEWAY, APISERVER_PROXY_PORT):
+        while port_free(GATEWAY, APISERVER_PROXY_PORT):
             if proc.poll() is not None:
                 raise ComponentFailed("apiserver-proxy", f"exited during startup (status {proc.returncode})",
                                       log_tail(record.log), record.log)
@@ -631,14 +639,6 @@ def _state_alive(path: Path) -> bool:
         if is_alive(ProcessRecord.from_dict(component)):
             return True
     return False
-
-
-def _port_free(host: str, port: int) -> bool:
-    import socket
-
-    with socket.socket() as sock:
-        sock.settimeout(0.2)
-        return sock.connect_ex((host, port)) != 0
 
 
 def _run(argv: list[str], what: str) -> None:

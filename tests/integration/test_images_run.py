@@ -14,19 +14,14 @@ import pytest
 from kubernetes.client import CoreV1Api
 
 from kubeml.images import image_ref
-from kubeml.testing.cluster import image_archive, real_node_pod_spec
+from kubeml.testing.cluster import RESTRICTED_CONTAINER, image_archive, real_node_pod_spec
 from kubeml.testing.cluster.fixtures import real_node_cluster_fixture, temporary_namespace, wait_until
 
 pytestmark = pytest.mark.integration
 
 real_cluster = real_node_cluster_fixture("pytest-images")
 
-_RESTRICTED = {
-    "runAsNonRoot": True,
-    "allowPrivilegeEscalation": False,
-    "capabilities": {"drop": ["ALL"]},
-    "seccompProfile": {"type": "RuntimeDefault"},
-}
+_RESTRICTED = RESTRICTED_CONTAINER
 
 
 @pytest.fixture(scope="module")

@@ -17,19 +17,14 @@ import pytest
 from kubernetes.client import CoreV1Api
 from kubernetes.client.exceptions import ApiException
 
-from kubeml.testing.cluster import NODE_IMAGES, POD_CIDR, real_node_pod_spec
+from kubeml.testing.cluster import NODE_IMAGES, POD_CIDR, RESTRICTED_CONTAINER, real_node_pod_spec
 from kubeml.testing.cluster.fixtures import real_node_cluster_fixture, temporary_namespace, wait_until
 
 pytestmark = pytest.mark.integration
 
 real_cluster = real_node_cluster_fixture()
 
-_RESTRICTED = {
-    "runAsNonRoot": True,
-    "allowPrivilegeEscalation": False,
-    "capabilities": {"drop": ["ALL"]},
-    "seccompProfile": {"type": "RuntimeDefault"},
-}
+_RESTRICTED = RESTRICTED_CONTAINER
 
 
 @pytest.fixture(scope="module")
