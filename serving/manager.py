@@ -121,6 +121,7 @@ class ServingManager:
         instance: str | None = None,
         payload_log: str | Path | None = None,
         payload_sample_rate: float = 1.0,
+        payload_spool_mb: float = 64.0,
         fault: Any = None,
         runtime: str = "pytorch",
         batch_max_size: int | None = None,
@@ -136,7 +137,9 @@ class ServingManager:
 
         ``instance`` records the server under another key than the model name, so several
         versions of one model can run side by side; ``payload_log`` (JSONL path or URL)
-        turns on sampled payload logging; ``fault`` (a
+        turns on sampled payload logging; a Kafka sink gets a spool of ``payload_spool_mb``
+        under the state dir (``payload-spool/INSTANCE``) that keeps what the broker cannot
+        take yet, across restarts (0: none, undelivered records are dropped); ``fault`` (a
         :class:`~kubeml.serving.telemetry.FaultInjection`) is the fault-injection hook;
         ``runtime="onnx"`` serves the bundle's ``model.onnx`` with ONNX Runtime;
         ``batch_max_size`` / ``batch_max_latency_ms`` turn on adaptive batching across
@@ -144,6 +147,8 @@ class ServingManager:
         when None; see ``kubeml.serving.server``).
         """
         _check_name(name)
+        if payload_spool_mb < 0:
+            raise ConfigError(f"payload_spool_mb must be 0 (no spool) or more, got {payload_spool_mb}")
         key = instance or name
         _check_name(key)
         bundle = Path(bundle_dir).resolve()
@@ -196,6 +201,9 @@ class ServingManager:
         if payload_log is not None:
             cmd += ["--payload-log", str(payload_log)]
             cmd += ["--payload-sample-rate", str(payload_sample_rate)]
+            if str(payload_log).startswith("kafka://") and payload_spool_mb > 0:
+                spool = self.state_dir / "payload-spool" / key
+                cmd += ["--payload-spool", str(spool), "--payload-spool-max-mb", str(payload_spool_mb)]
         if fault is not None and fault.active:
             cmd += ["--fault-error-rate", str(fault.error_rate)]
             cmd += ["--fault-latency-ms", str(fault.latency_ms)]

@@ -99,6 +99,19 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--payload-sample-rate", type=float, default=1.0, help="share of requests logged (0, 1]"
     )
+    p.add_argument(
+        "--payload-spool",
+        default=None,
+        metavar="DIR",
+        help="Kafka sinks: keep records the broker cannot take yet in DIR, and send them "
+        "once it answers (also after a restart)",
+    )
+    p.add_argument(
+        "--payload-spool-max-mb",
+        type=float,
+        default=64.0,
+        help="bound of the payload spool; records beyond it are dropped and counted (default 64)",
+    )
     faults = p.add_argument_group(
         "fault injection", "test hook: make this server behave like a bad model version"
     )
@@ -140,6 +153,12 @@ def main(argv: list[str] | None = None) -> int:
         _check_timeouts(args.request_timeout_s, batching)
     except ValueError as exc:
         parser.error(str(exc))
+
+    if args.payload_spool and not (args.payload_log or "").startswith("kafka://"):
+        parser.error("--payload-spool keeps records for a Kafka sink; it needs "
+                     "--payload-log kafka://HOST:PORT/TOPIC")  # fmt: skip
+    if not args.payload_spool_max_mb > 0:
+        parser.error(f"--payload-spool-max-mb must be positive, got {args.payload_spool_max_mb}")
 
     if args.models_dir is not None:
         if args.model_dir is not None:
@@ -185,6 +204,8 @@ def main(argv: list[str] | None = None) -> int:
             max_body_bytes=args.max_body_bytes,
             payload_log=args.payload_log,
             payload_sample_rate=args.payload_sample_rate,
+            payload_spool=args.payload_spool,
+            payload_spool_max_bytes=int(args.payload_spool_max_mb * 1024 * 1024),
             fault=FaultInjection(args.fault_error_rate, args.fault_latency_ms),
             runtime=args.runtime,
             batching=batching,

@@ -77,6 +77,8 @@ def serve(
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     payload_log: str | None = None,
     payload_sample_rate: float = 1.0,
+    payload_spool: str | None = None,
+    payload_spool_max_bytes: int | None = None,
     fault: Any = None,
     runtime: str = "pytorch",
     batching: Any = None,
@@ -88,8 +90,9 @@ def serve(
     ``max_batch_size`` caps the instances of one request; ``batching`` (a
     :class:`~kubeml.serving.batching.BatchingConfig`) turns on adaptive batching across
     requests; ``request_timeout_s`` (0: none) is the deadline of one inference.
-    ``payload_log`` (a JSONL path or an http(s) URL) turns on sampled payload logging;
-    ``fault`` (a :class:`~kubeml.serving.telemetry.FaultInjection`) is the fault-injection
+    ``payload_log`` (a JSONL path, an http(s) URL or a kafka:// URL) turns on sampled
+    payload logging; ``payload_spool`` (a directory, Kafka sinks only) keeps what the broker
+    cannot take yet, up to ``payload_spool_max_bytes``; ``fault`` (a :class:`~kubeml.serving.telemetry.FaultInjection`) is the fault-injection
     hook used by rollout tests.
     """
     model_dir = Path(model_dir)
@@ -99,8 +102,15 @@ def serve(
     _preflight(model_dir, runtime)
     from kubeml.serving.telemetry import PayloadLogger
 
+    spool: dict[str, Any] = {}
+    if payload_spool:
+        spool["spool_dir"] = payload_spool
+        if payload_spool_max_bytes is not None:
+            spool["spool_max_bytes"] = payload_spool_max_bytes
     payload_logger = (
-        PayloadLogger(payload_log, sample_rate=payload_sample_rate) if payload_log else None
+        PayloadLogger(payload_log, sample_rate=payload_sample_rate, **spool)
+        if payload_log
+        else None
     )
 
     from kubeml.serving.model import DEFAULT_MAX_BATCH_SIZE, BundleModel

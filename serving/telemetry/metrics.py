@@ -31,13 +31,14 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 __all__ = [
     "BATCH_SIZE",
     "CLIENT_DEADLINE_EXPIRED",
     "LATENCY",
     "PAYLOAD_DROPPED",
+    "PAYLOAD_SPOOLED",
     "PREDICTIONS",
     "REQUESTS",
     "UNKNOWN_MODEL",
@@ -88,6 +89,11 @@ CLIENT_DEADLINE_EXPIRED = Counter(
 PAYLOAD_DROPPED = Counter(
     "kubeml_payload_records_dropped",
     "Sampled payload records lost: queue full, sink unreachable or delivery failed",
+    ["sink"],
+)
+PAYLOAD_SPOOLED = Gauge(
+    "kubeml_payload_records_spooled",
+    "Sampled payload records kept on disk until the sink takes them",
     ["sink"],
 )
 

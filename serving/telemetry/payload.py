@@ -26,7 +26,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from kubeml.serving.telemetry.metrics import PAYLOAD_DROPPED
+from kubeml.serving.telemetry.metrics import PAYLOAD_DROPPED, PAYLOAD_SPOOLED
+from kubeml.serving.telemetry.spool import PayloadSpool
 
 __all__ = ["PayloadLogger", "body_for_record"]
 
@@ -51,6 +52,14 @@ class PayloadLogger:
     ``kubeml_payload_records_dropped_total`` metric) with a warning, rather than slowing
     down or failing inference. :meth:`close` flushes what is queued. A malformed sink
     raises ``ValueError`` here, at construction.
+
+    ``spool_dir`` (Kafka sinks only) keeps what the broker could not take: records whose
+    delivery timed out, that the client's buffer refused, or that were still undelivered at
+    :meth:`close` go to a :class:`~.spool.PayloadSpool` of at most ``spool_max_bytes`` and are
+    sent again once the broker answers, by this logger or by the next one started on the
+    same directory. Only records beyond the spool's bound (and those Kafka refuses for good,
+    e.g. over ``message.max.bytes``) are dropped and counted; the spool's size is the
+    ``kubeml_payload_records_spooled`` gauge.
     """
 
     #: Records waiting for the writer. ~1 KiB each for digits, so at most a few MiB.
@@ -65,8 +74,22 @@ class PayloadLogger:
     #: Seconds between two warnings about the same failing sink (one per failure is noise
     #: at hundreds of requests per second).
     WARN_INTERVAL_S = 30.0
+    #: Default bound of the spool: ~60,000 digits records, minutes of traffic at full rate.
+    SPOOL_MAX_BYTES = 64 * 1024 * 1024
+    #: Seconds between two attempts to send spooled records while the broker seems down
+    #: (each attempt first asks the broker for metadata, waiting at most PROBE_TIMEOUT_S).
+    REPLAY_INTERVAL_S = 2.0
+    PROBE_TIMEOUT_S = 0.5
 
-    def __init__(self, sink: str | Path, *, sample_rate: float = 1.0, seed: int | None = None):
+    def __init__(
+        self,
+        sink: str | Path,
+        *,
+        sample_rate: float = 1.0,
+        seed: int | None = None,
+        spool_dir: str | Path | None = None,
+        spool_max_bytes: int = SPOOL_MAX_BYTES,
+    ):
         if not 0.0 < sample_rate <= 1.0:
             raise ValueError(f"payload sample_rate must be in (0, 1], got {sample_rate}")
         self.sink = str(sink)
@@ -84,12 +107,36 @@ class PayloadLogger:
         )
         self._dropped_metric = PAYLOAD_DROPPED.labels(self._kind)
         self._producer: Any = None
+        self._spool: PayloadSpool | None = None
+        self._spooled_metric = PAYLOAD_SPOOLED.labels(self._kind)
+        self._replaying = False
+        self._next_replay = 0.0
+        self._last_delivered = -float("inf")
+        if spool_dir is not None and self._kind != "kafka":
+            raise ValueError(
+                f"a payload spool keeps records for a Kafka broker; sink {self.sink!r} is not "
+                "kafka://HOST:PORT/TOPIC (files and HTTP sinks take no spool)"
+            )
         if self._kind == "kafka":
             self._producer, self._topic = self._kafka_producer()
+            self._permanent = _kafka_permanent_errors()
+            if spool_dir is not None:
+                self._spool = PayloadSpool(spool_dir, max_bytes=spool_max_bytes)
+                if self._spool.torn:
+                    self._drop(self._spool.torn, f"torn record(s) at the end of spool {spool_dir}")
+                if self._spool.records:
+                    log.info("payload spool %s: %d record(s) from before the start, to send",
+                             spool_dir, self._spool.records)  # fmt: skip
+                self._spooled_metric.set(self._spool.records)
         elif self._kind == "file":
             Path(self.sink).parent.mkdir(parents=True, exist_ok=True)
         self._thread = threading.Thread(target=self._run, name="kubeml-payload-log", daemon=True)
         self._thread.start()
+
+    @property
+    def spooled(self) -> int:
+        """Records held in the spool, waiting for the broker (0 without a spool)."""
+        return self._spool.records if self._spool is not None else 0
 
     def sampled(self) -> bool:
         return self.sample_rate >= 1.0 or self._random.random() < self.sample_rate
@@ -104,11 +151,17 @@ class PayloadLogger:
     def close(self, timeout_s: float = 5.0) -> None:
         """Flush what is queued (waiting up to ``timeout_s``) and stop the writer.
 
-        Kafka records not delivered by then are dropped and counted.
+        Kafka records not delivered by then go to the spool (or, without one, are dropped
+        and counted).
         """
         self._close_deadline = time.monotonic() + timeout_s
         self._queue.put(None)
         self._thread.join(timeout_s + 1.0)
+        if self._spool is not None and self._spool.bytes:
+            log.warning(
+                "payload sink %s closed; %d record(s) kept in spool %s for the next start",
+                self.sink, self._spool.records, self._spool.directory,
+            )  # fmt: skip
         if self.dropped:
             # Per-drop warnings are rate-limited; the total is what an operator wants.
             log.warning(
@@ -192,8 +245,78 @@ class PayloadLogger:
         log.warning("payload sink %s: %s", self.sink, error.str())
 
     def _kafka_delivered(self, error: Any, message: Any) -> None:
-        if error is not None:
-            self._drop(1, f"delivery failed: {error.str()}")
+        if error is None:
+            self._last_delivered = time.monotonic()
+        elif error.code() in self._permanent:
+            self._drop(1, f"refused by Kafka: {error.str()}")
+        else:
+            self._keep(message.value(), f"delivery failed: {error.str()}")
+
+    def _keep(self, value: bytes, reason: str) -> None:
+        """Spool a record the broker did not take; drop (and count) it without a spool or
+        when the spool is full."""
+        if self._spool is None:
+            self._drop(1, reason)
+        elif not self._spool.append(value):
+            self._drop(1, f"{reason}; spool {self._spool.directory} is full "
+                          f"({self._spool.max_bytes} bytes)")  # fmt: skip
+
+    def _produce(self, value: bytes, on_delivery: Any) -> bool:
+        """Hand one record to the Kafka client; False when its buffer is full."""
+        try:
+            key = str(json.loads(value).get("request_id", "")).encode() or None
+        except (ValueError, AttributeError):
+            key = None
+        try:
+            self._producer.produce(self._topic, value, key, on_delivery=on_delivery)
+        except BufferError:
+            return False
+        except Exception as exc:  # KafkaException: e.g. record larger than message.max.bytes
+            self._drop(1, f"not accepted by the Kafka client: {exc}")
+        return True
+
+    def _broker_answers(self) -> bool:
+        if time.monotonic() - self._last_delivered < self.REPLAY_INTERVAL_S:
+            return True
+        try:
+            self._producer.list_topics(self._topic, timeout=self.PROBE_TIMEOUT_S)
+        except Exception:  # KafkaException: no broker answered in time
+            return False
+        return True
+
+    def _replay(self) -> None:
+        """Send the oldest spooled segment again, when the broker answers; its records'
+        delivery reports delete it once every one is delivered or spooled again."""
+        spool = self._spool
+        now = time.monotonic()
+        if spool is None or self._replaying or not spool.waiting or now < self._next_replay:
+            return
+        self._next_replay = now + self.REPLAY_INTERVAL_S
+        if not self._broker_answers() or (taken := spool.take()) is None:
+            return
+        segment, records = taken
+        pending = len(records)
+
+        def settled(n: int = 1) -> None:
+            nonlocal pending
+            pending -= n
+            if pending == 0:
+                spool.done(segment)
+                self._replaying = False
+
+        def delivered(error: Any, message: Any) -> None:
+            self._kafka_delivered(error, message)
+            settled()
+
+        self._replaying = True
+        for i, value in enumerate(records):
+            if not self._produce(value, delivered):
+                for rest in records[i:]:
+                    self._keep(rest, "Kafka client buffer full while sending the spool")
+                settled(len(records) - i)
+                break
+        if not records:
+            settled(0)
 
     def _run_kafka(self) -> None:
         producer = self._producer
@@ -202,23 +325,34 @@ class PayloadLogger:
                 # The timeout only bounds how long delivery reports wait to be served.
                 record = self._queue.get(timeout=0.1)
             except queue.Empty:
-                producer.poll(0)
-                continue
+                record = False
             if record is None:
                 break
-            key = str(record.get("request_id", "")).encode() or None
-            value = json.dumps(record, separators=(",", ":")).encode()
-            try:
-                producer.produce(self._topic, value, key, on_delivery=self._kafka_delivered)
-            except BufferError:
-                self._drop(1, "Kafka client buffer full (broker slow or unreachable)")
-            except Exception as exc:  # KafkaException: e.g. record larger than message.max.bytes
-                self._drop(1, f"not accepted by the Kafka client: {exc}")
+            if record:
+                value = json.dumps(record, separators=(",", ":")).encode()
+                if not self._produce(value, self._kafka_delivered):
+                    self._keep(value, "Kafka client buffer full (broker slow or unreachable)")
             producer.poll(0)
+            self._replay()
+            if self._spool is not None:
+                self._spool.flush()
+                self._spooled_metric.set(self._spool.records)
         left = producer.flush(max(0.0, self._close_deadline - time.monotonic()))
         if left:
             producer.purge()
-            producer.poll(0)  # serves the purged records' delivery reports: each is counted
+            producer.poll(0)  # serves the purged records' delivery reports: spooled or counted
+        if self._spool is not None:
+            self._spool.close()
+            self._spooled_metric.set(self._spool.records)
+
+
+def _kafka_permanent_errors() -> frozenset[int]:
+    """Delivery error codes that sending again cannot cure: the record itself is refused."""
+    from confluent_kafka import KafkaError
+
+    names = ("MSG_SIZE_TOO_LARGE", "_MSG_SIZE_TOO_LARGE", "INVALID_MSG", "INVALID_MSG_SIZE",
+             "INVALID_RECORD", "CORRUPT_MESSAGE")  # fmt: skip
+    return frozenset(getattr(KafkaError, n) for n in names if hasattr(KafkaError, n))
 
 
 _KAFKA_TOPIC = re.compile(r"[A-Za-z0-9._-]{1,249}")

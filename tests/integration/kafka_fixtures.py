@@ -8,6 +8,7 @@ for ``kafka_broker``; the broker starts only when one does.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -131,15 +132,17 @@ def _stop(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
-@pytest.fixture(scope="session")
-def kafka_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KafkaBroker]:
-    """One broker for the session; stopped (its whole process group) at the end."""
-    directory = tmp_path_factory.mktemp("kafka")
+@contextlib.contextmanager
+def running_broker(directory: Path, port: int | None = None) -> Iterator[KafkaBroker]:
+    """A broker on ``port`` (a free one when None) with its data in ``directory``; stopped
+    (its whole process group) on exit."""
     # Fetch first, with its own error: a Maven failure is not a broker that failed to start.
     subprocess.run(["bash", str(HACK / "fetch.sh")], check=True, stdout=subprocess.DEVNULL)
-    port, controller_port = free_port(), free_port()
+    port = port or free_port()
+    controller_port = free_port()
     while controller_port == port:
         controller_port = free_port()
+    directory.mkdir(parents=True, exist_ok=True)
     out = directory / "broker.out"
     with out.open("wb") as sink:
         proc = subprocess.Popen(
@@ -168,3 +171,10 @@ def kafka_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KafkaBrok
         yield KafkaBroker(bootstrap=bootstrap, directory=directory)
     finally:
         _stop(proc)
+
+
+@pytest.fixture(scope="session")
+def kafka_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KafkaBroker]:
+    """One broker for the session."""
+    with running_broker(tmp_path_factory.mktemp("kafka")) as broker:
+        yield broker

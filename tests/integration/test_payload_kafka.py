@@ -6,6 +6,7 @@ KRaft Kafka (``kafka_fixtures``); records are read back with a real consumer.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 import uuid
@@ -21,7 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from kubeml.serving import ServedModel, ServingManager
 from kubeml.serving.telemetry import PayloadLogger
 from tests.conftest import free_port
-from tests.integration.kafka_fixtures import KafkaBroker
+from tests.integration.kafka_fixtures import KafkaBroker, running_broker
 from tests.unit.serving.conftest import write_digits_bundle
 
 pytestmark = pytest.mark.integration
@@ -61,13 +62,29 @@ def _rows(n: int) -> np.ndarray:
 
 
 def _dropped_metric(served: ServedModel) -> float:
+    return _metric(served, "kubeml_payload_records_dropped", "_total")
+
+
+def _metric(served: ServedModel, family_name: str, suffix: str = "") -> float:
     text = requests.get(f"{served.url}/metrics", timeout=10).text
     for family in text_string_to_metric_families(text):
-        if family.name == "kubeml_payload_records_dropped":
+        if family.name == family_name:
             for sample in family.samples:
-                if sample.name.endswith("_total") and sample.labels == {"sink": "kafka"}:
+                if sample.name == family_name + suffix and sample.labels == {"sink": "kafka"}:
                     return sample.value
     return 0.0
+
+
+def _wait(condition, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"not within {timeout_s:.0f} s: {what}")
+        time.sleep(0.2)
+
+
+def _spool_lines(directory: Path) -> list[bytes]:
+    return [line for f in sorted(directory.glob("*.jsonl")) for line in f.read_bytes().splitlines()]
 
 
 @pytest.mark.slow  # starts a model server (10-40 s)
@@ -131,7 +148,8 @@ def test_unreachable_broker_fails_no_request_and_counts_every_record_dropped(
 ):
     # Nothing listens on this port: the broker is down for the server's whole life.
     sink = f"kafka://127.0.0.1:{free_port()}/payloads"
-    served = manager.deploy("digits", bundle, version=VERSION, payload_log=sink)
+    # No spool: undelivered records have nowhere to go.
+    served = manager.deploy("digits", bundle, version=VERSION, payload_log=sink, payload_spool_mb=0)
     n = 10
     for row in _rows(n):
         r = _infer(served, row)
@@ -184,3 +202,85 @@ def test_logger_with_unreachable_broker_drops_counts_and_warns(caplog: pytest.Lo
     assert after - before == 5
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert any("5 record(s) dropped in all" in w for w in warnings), warnings
+
+
+# -- the spool: nothing lost while the broker is down, within the spool's bound ---------------
+
+
+def test_records_kept_while_the_broker_is_down_reach_it_once_it_starts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    # Records wait 2 s in the client instead of 10 before they go to the spool.
+    monkeypatch.setattr(PayloadLogger, "KAFKA_DELIVERY_TIMEOUT_MS", 2000)
+    port, topic, n = free_port(), _topic(), 50
+    spool = tmp_path / "spool"
+    logger = PayloadLogger(f"kafka://127.0.0.1:{port}/{topic}", spool_dir=spool)
+    try:
+        for i in range(n):
+            logger.submit({"request_id": f"req-{i % 7}", "n": i})
+        # No broker listens yet: every record times out in the client and is spooled.
+        _wait(lambda: logger.spooled == n, 30, f"{n} records spooled (have {logger.spooled})")
+        assert logger.dropped == 0
+        # ... and on disk once the writer has flushed its batch.
+        _wait(lambda: len(_spool_lines(spool)) == n, 5, f"{n} records in {spool}")
+
+        # The broker starts on the sink's port: the spool is sent and emptied.
+        with running_broker(tmp_path / "broker", port) as broker:
+            messages = broker.consume(topic, expected=n, timeout_s=90)
+            _wait(lambda: not _spool_lines(spool), 30, "spool segments deleted once delivered")
+            logger.close()
+    finally:
+        logger.close()
+    # consume() reads on past ``expected``: a record sent twice would show here.
+    assert sorted(record["n"] for _, _, record in messages) == list(range(n))
+    assert all(key == record["request_id"] for key, _, record in messages)
+    assert logger.dropped == 0 and logger.spooled == 0
+
+
+def test_spool_bound_drops_and_counts_only_the_excess_and_the_next_start_sends_the_rest(
+    tmp_path: Path, kafka_broker: KafkaBroker
+):
+    spool, topic = tmp_path / "spool", _topic()
+    records = [{"request_id": f"req-{i:04d}", "n": i} for i in range(25)]
+    size = len(json.dumps(records[0], separators=(",", ":"))) + 1  # every record the same size
+    down = PayloadLogger(f"kafka://127.0.0.1:{free_port()}/{topic}", spool_dir=spool,
+                         spool_max_bytes=10 * size)  # fmt: skip
+    for record in records:
+        down.submit(record)
+    # Nothing is delivered within the close deadline: the client's records are purged into
+    # the spool, 10 fit and the other 15 are dropped and counted.
+    down.close(timeout_s=1.0)
+    assert (down.dropped, down.spooled) == (15, 10)
+    kept = [json.loads(line)["n"] for line in _spool_lines(spool)]
+    assert len(set(kept)) == 10 and set(kept) <= set(range(25))
+
+    # The next logger on the same spool (a restarted server) sends the 10 to its broker.
+    up = PayloadLogger(kafka_broker.url(topic), spool_dir=spool)
+    try:
+        assert up.spooled == 10
+        messages = kafka_broker.consume(topic, expected=10)
+        _wait(lambda: not _spool_lines(spool), 30, "spool segments deleted once delivered")
+    finally:
+        up.close()
+    assert sorted(record["n"] for _, _, record in messages) == sorted(kept)
+    assert up.dropped == 0 and up.spooled == 0
+
+
+@pytest.mark.slow  # starts a model server (10-40 s)
+def test_a_served_models_kafka_sink_spools_under_the_state_dir_while_the_broker_is_down(
+    manager: ServingManager, bundle: Path
+):
+    sink = f"kafka://127.0.0.1:{free_port()}/payloads"
+    served = manager.deploy("digits", bundle, version=VERSION, payload_log=sink)
+    n = 10
+    for row in _rows(n):
+        r = _infer(served, row)
+        assert r.status_code == 200, r.text
+    # After PayloadLogger.KAFKA_DELIVERY_TIMEOUT_MS in the client, the records are spooled.
+    spooled = lambda: _metric(served, "kubeml_payload_records_spooled")  # noqa: E731
+    _wait(lambda: spooled() == n, PayloadLogger.KAFKA_DELIVERY_TIMEOUT_MS / 1000 + 20,
+          f"{n} records spooled (gauge {spooled()})")  # fmt: skip
+    assert _dropped_metric(served) == 0
+    spool = manager.state_dir / "payload-spool" / "digits"
+    # The records reach the file as the writer handles them (flushed, not yet fsynced).
+    assert sorted(json.loads(line)["model"] for line in _spool_lines(spool)) == ["digits"] * n
