@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-__all__ = ["DIGITS_CLASSES", "served_bundle", "write_digits_bundle"]
+__all__ = ["DIGITS_CLASSES", "register_bundle", "served_bundle", "write_digits_bundle"]
 
 DIGITS_CLASSES = tuple(str(i) for i in range(10))
 
@@ -56,3 +56,23 @@ def served_bundle(bundle_dir: Path, *, name: str, state_dir: Path, **deploy_kwar
         yield manager.deploy(name, bundle_dir, **deploy_kwargs)
     finally:
         manager.stop(name)
+
+
+def register_bundle(cfg: Any, bundle_dir: Path, *, model: str | None = None, versions: int = 1,
+                    approve: bool = True) -> int:
+    """Register ``bundle_dir`` in ``cfg``'s registry (with its digest) ``versions`` times,
+    approved unless ``approve`` is False; returns the last version number.
+
+    What ``kubeml deploy --version N --bundle DIR`` needs: the registry entry that pins DIR.
+    """
+    from kubeml.bundle import bundle_digest
+    from kubeml.registry import BUNDLE_DIGEST_TAG, Registry
+
+    registry = Registry(cfg.registry.tracking_uri, artifact_root=cfg.artifact_store.uri)
+    digest = bundle_digest(bundle_dir)
+    version = 0
+    for _ in range(versions):
+        version = registry.register(model or cfg.registry.model_name, Path(bundle_dir).resolve().as_uri(),
+                                    metrics={"accuracy": 0.97}, auto_approve=approve,
+                                    tags={BUNDLE_DIGEST_TAG: digest}).version  # fmt: skip
+    return version

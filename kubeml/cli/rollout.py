@@ -56,8 +56,13 @@ def _load_rows(path: Path) -> Any:
     raise ConfigError(f"replay file {path} must be .npy, .csv or .parquet")
 
 
-def _resolve_registry_version(cfg: Any, model: str, version: str) -> tuple[Path, Any]:
-    """Bundle directory and held-out rows of an approved registry version."""
+def _resolve_registry_version(cfg: Any, model: str, version: str, bundle: Path | None = None) -> tuple[Path, Any]:
+    """Bundle directory and held-out rows of an approved registry version.
+
+    ``bundle`` (``--bundle``) serves a local copy instead of the store's: it must be the
+    bundle registered for that version, byte for byte (its digest), with the approval that
+    covers it, exactly as a downloaded one.
+    """
     from kubeml.registry import Registry, verified_bundle
 
     try:
@@ -72,6 +77,11 @@ def _resolve_registry_version(cfg: Any, model: str, version: str) -> tuple[Path,
             f"deploy it (approve it with: kubeml models approve {mv.version} --env {cfg.name})"
         )
     store = cfg.artifact_store.open()
+    if bundle is not None:
+        if not bundle.is_dir():
+            raise ConfigError(f"--bundle {bundle} is not a directory")
+        verified_bundle(mv, bundle, public_key=cfg.signing.public_key)
+        return bundle, _heldout_rows(store, mv)
     root = store.uri.rstrip("/") + "/"
     if not mv.source.startswith(root):
         raise ServingError(f"model source {mv.source} is outside the artifact store {store.uri}")
@@ -80,13 +90,17 @@ def _resolve_registry_version(cfg: Any, model: str, version: str) -> tuple[Path,
     if bundle is None:
         bundle = store.get_dir(key, Path(cfg.home) / "cache" / "bundles" / f"{model}-v{mv.version}")
     verified_bundle(mv, bundle, public_key=cfg.signing.public_key)  # what was approved is what is served
-    rows = None
-    dataset, dataset_version = mv.tags.get("dataset"), mv.tags.get("dataset_version")
-    if dataset and dataset_version:
-        from kubeml.data import load_dataset
+    return Path(bundle), _heldout_rows(store, mv)
 
-        rows, _ = load_dataset(store, dataset, dataset_version).test()
-    return Path(bundle), rows
+
+def _heldout_rows(store: Any, mv: Any) -> Any:
+    dataset, dataset_version = mv.tags.get("dataset"), mv.tags.get("dataset_version")
+    if not (dataset and dataset_version):
+        return None
+    from kubeml.data import load_dataset
+
+    rows, _ = load_dataset(store, dataset, dataset_version).test()
+    return rows
 
 
 def _print_decision(d: Any) -> None:
@@ -125,7 +139,7 @@ def deploy(
     max_divergence: Annotated[float, typer.Option("--max-divergence")] = 0.2,
     failure_limit: Annotated[int, typer.Option("--failure-limit")] = 2,
     min_requests: Annotated[int, typer.Option("--min-requests", help="Canary requests a window needs to be judged.")] = 20,
-    bundle: Annotated[Path | None, typer.Option("--bundle", help="Deploy this bundle directory instead of a registry version.")] = None,
+    bundle: Annotated[Path | None, typer.Option("--bundle", help="Serve this local copy of the version's bundle (verified against the registered digest and approval).")] = None,
     replay: Annotated[Path | None, typer.Option("--replay", help="Held-out rows (.npy/.csv/.parquet) replayed as traffic.")] = None,
     no_replay: Annotated[bool, typer.Option("--no-replay", help="Do not replay held-out data (live traffic only).")] = False,
     replay_rate: Annotated[float, typer.Option("--replay-rate", help="Replayed requests per second (0: unlimited).")] = 50.0,
@@ -140,7 +154,7 @@ def deploy(
     from kubeml.serving.rollout.local import deploy_local
 
     with failures_exit(ValueError):
-        cfg = load_env(config, env) if bundle is None or state_dir is None or port is None else None
+        cfg = load_env(config, env)  # the registry decides, with --bundle too
         if blue_green:
             step_list: tuple[int, ...] = (100,)
         elif steps is not None:
@@ -157,11 +171,7 @@ def deploy(
             shadow_analyses=shadow, strategy="bluegreen" if blue_green else "canary",
             min_requests=min_requests,
         )  # fmt: skip
-        rows = None
-        if bundle is None:
-            bundle_dir, rows = _resolve_registry_version(cfg, model, version)
-        else:
-            bundle_dir = bundle
+        bundle_dir, rows = _resolve_registry_version(cfg, model, version, bundle)
         if replay is not None:
             rows = _load_rows(replay)
         if no_replay:
@@ -169,13 +179,13 @@ def deploy(
         outcome = deploy_local(
             model, version, bundle_dir,
             state_dir=serving_state_dir(state_dir, config, env),
-            host=cfg.serving.host if cfg is not None else "127.0.0.1",
+            host=cfg.serving.host,
             router_port=port if port is not None else cfg.serving.http_port,
-            router_grpc_port=cfg.serving.grpc_port if cfg is not None else None,
+            router_grpc_port=cfg.serving.grpc_port,
             policy=policy, canary=not no_canary, replay_rows=rows,
             replay_rate_per_s=replay_rate or None,
             payload_sample_rate=payload_sample_rate, listener=_print_decision,
-            **(cfg.serving.server_options() if cfg is not None else {}),
+            **cfg.serving.server_options(),
         )  # fmt: skip
     colour = {"promoted": "green", "deployed": "green", "replaced": "green", "unchanged": "blue"}
     console.print(

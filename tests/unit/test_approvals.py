@@ -86,3 +86,92 @@ def test_keys_are_references_never_inline(project: Path):
     write_config(project, {"signing": {"private_key": "-----BEGIN PRIVATE KEY-----..."}})
     with pytest.raises(ConfigError, match="signing.private_key.*reference"):
         load_config("kubeml.yaml", "dev")
+
+
+# -- every deploy path refuses every bypass ----------------------------------------------------
+#
+# Each refusal below happens before any server starts (``kubeml deploy`` would otherwise
+# start a router and a model server); the approved, untouched bundle is shown to get past
+# the same checks, so the refusals are the checks' doing.
+
+
+def _deploy(version: str, *extra: str, model: str = "digits-cnn") -> object:
+    return runner.invoke(app, ["deploy", model, "--version", version, "--env", "staging", "--no-replay", *extra])
+
+
+def test_a_rejected_version_is_not_deployed_from_the_registry_nor_from_a_local_copy(staging, monkeypatch):
+    cfg, reg, bundle = staging
+    monkeypatch.setenv("KUBEML_USER", "bob")
+    assert runner.invoke(app, ["models", "reject", "1", "--env", "staging"]).exit_code == 0
+    for extra in ((), ("--bundle", str(bundle))):
+        r = _deploy("1", *extra)
+        assert r.exit_code == 1 and "is rejected, not approved" in r.output, (extra, r.output)
+
+
+def test_a_local_bundle_swapped_or_edited_after_approval_is_refused(staging, monkeypatch, project: Path):
+    import shutil
+
+    from kubeml.registry import verified_bundle
+
+    cfg, reg, bundle = staging
+    monkeypatch.setenv("KUBEML_USER", "bob")
+    assert runner.invoke(app, ["models", "approve", "1", "--env", "staging"]).exit_code == 0
+    # The approved bundle itself passes every check --bundle makes.
+    verified_bundle(reg.get(cfg.registry.model_name, 1), bundle, public_key=cfg.signing.public_key)
+
+    other = write_digits_bundle(project / "other", seed=1)  # another model, its own valid manifest
+    r = _deploy("1", "--bundle", str(other))
+    assert r.exit_code == 1 and "is not the registered" in r.output, r.output
+
+    edited = project / "edited"
+    shutil.copytree(bundle, edited)
+    weights = next(p for p in edited.iterdir() if p.suffix == ".safetensors")
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF  # one bit of the weights, manifest untouched
+    weights.write_bytes(bytes(data))
+    r = _deploy("1", "--bundle", str(edited))
+    assert r.exit_code == 1 and "manifest" in r.output.lower(), r.output
+
+    r = _deploy("1", "--bundle", str(project / "missing"))
+    assert r.exit_code == 2 and "is not a directory" in r.output, r.output
+
+
+def test_an_unregistered_bundle_is_not_deployed_under_any_version(project: Path):
+    bundle = write_digits_bundle(project / "bundle")
+    write_config(project, {})
+    r = runner.invoke(app, ["deploy", load_config("kubeml.yaml", "dev").registry.model_name, "--version", "1",
+                            "--bundle", str(bundle), "--no-replay"])
+    assert r.exit_code == 1 and "version 1 is not registered" in r.output, r.output
+
+
+def test_the_deploy_stage_verifies_before_any_target_serves(project: Path):
+    """Whatever ``serving.target`` says (here the cluster's, ``kserve``), the stage checks the
+    registered digest first: a bundle replaced in the artifact store after approval is refused
+    before the target is asked to serve it."""
+    import shutil
+
+    from kubeml.errors import KubemlError
+    from kubeml.pipelines.stages import deploy_stage, ingest_stage
+
+    write_config(project, {"serving": {"target": "kserve"}})
+    cfg = load_config("kubeml.yaml", "dev")
+    ingest_stage(cfg.model_dump_json(), "r1")  # the held-out rows a deploy replays
+    store = cfg.artifact_store.open()
+    approved = write_digits_bundle(project / "approved")
+    store.put_dir("models/r1/bundle", approved)
+    reg = Registry(cfg.registry.tracking_uri, artifact_root=cfg.artifact_store.uri)
+    reg.register(cfg.registry.model_name, store.url("models/r1/bundle"), metrics={"accuracy": 0.97},
+                 auto_approve=True, tags={BUNDLE_DIGEST_TAG: bundle_digest(approved)})  # fmt: skip
+
+    # Untouched, the stage gets past the checks to the target (which is not built yet).
+    with pytest.raises(ConfigError, match="serving.target 'kserve'"):
+        deploy_stage(cfg.model_dump_json(), "r1", 1)
+
+    swapped = write_digits_bundle(project / "swapped", seed=1)
+    local = store.local_path("models/r1/bundle")
+    shutil.rmtree(local)
+    shutil.copytree(swapped, local)
+    # (A new pipeline run: the ledger answers a retry of r1's deploy with its recorded failure.)
+    ingest_stage(cfg.model_dump_json(), "r2")
+    with pytest.raises(KubemlError, match="is not the registered"):
+        deploy_stage(cfg.model_dump_json(), "r2", 1)

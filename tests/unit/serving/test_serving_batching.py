@@ -537,12 +537,14 @@ def test_kubeml_deploy_starts_version_servers_with_the_configs_batching_and_time
     from kubeml.cli import app
     from kubeml.config import load_config
     from kubeml.serving.rollout import LocalBackend
+    from kubeml.testing.serving import register_bundle
     from tests.conftest import free_port, write_config
 
     serving = {"http_port": free_port(), "grpc_port": free_port(), "batch_max_size": 16,
                "batch_max_latency_ms": 150, "request_timeout_s": 7.5}  # fmt: skip
     write_config(project, {"serving": serving})
     cfg = load_config("kubeml.yaml", "dev")
+    register_bundle(cfg, digits_bundle, model="digits")  # --bundle serves a registered version's bundle
     state = Path(cfg.home) / "serving"
     try:
         result = CliRunner().invoke(app, ["deploy", "digits", "--version", "1", "--bundle", str(digits_bundle), "--no-replay"])
@@ -580,10 +582,13 @@ def test_kubeml_deploy_without_batching_keys_keeps_the_server_defaults(project: 
     from typer.testing import CliRunner
 
     from kubeml.cli import app
+    from kubeml.config import load_config
     from kubeml.serving.rollout import LocalBackend
+    from kubeml.testing.serving import register_bundle
     from tests.conftest import free_port, write_config
 
     write_config(project, {"serving": {"http_port": free_port(), "grpc_port": free_port()}})
+    register_bundle(load_config("kubeml.yaml", "dev"), digits_bundle, model="digits")
     state = project / ".kubeml" / "serving"
     try:
         result = CliRunner().invoke(app, ["deploy", "digits", "--version", "1", "--bundle", str(digits_bundle), "--no-replay"])

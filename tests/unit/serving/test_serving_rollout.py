@@ -19,6 +19,7 @@ import pytest
 import requests
 from typer.testing import CliRunner
 
+from kubeml.config import load_config
 from kubeml.serving.rollout import (
     DecisionLog,
     LocalBackend,
@@ -28,6 +29,7 @@ from kubeml.serving.rollout import (
 )
 from kubeml.serving.rollout.local import instance_name
 from kubeml.serving.telemetry import FaultInjection
+from kubeml.testing.serving import register_bundle
 
 from tests.unit.serving.conftest import write_digits_bundle
 
@@ -200,7 +202,10 @@ def _cli():
     return app
 
 
-def test_good_canary_is_promoted_step_by_step_through_the_cli(backend, digits_bundle, rows, state_dir, tmp_path):
+def test_good_canary_is_promoted_step_by_step_through_the_cli(backend, digits_bundle, rows, state_dir, tmp_path,
+                                                                project):
+    # --bundle serves the registered bundle of version 6 (the embedded dev registry, in project).
+    assert register_bundle(load_config(None, None), digits_bundle, model=MODEL, versions=6) == 6
     router = _router(backend)
     np.save(tmp_path / "heldout.npy", rows)
     result = CliRunner().invoke(
