@@ -36,9 +36,9 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from kubeml.testing.cluster._assets import cache_root
 
 from kubeml.errors import AssetsMissing
-from kubeml.testing.cluster._assets import cache_root
 
 __all__ = [
     "Finding",
@@ -219,7 +219,7 @@ def scan(sources: Mapping[str, list[dict[str, Any]]], scanner: Path | str, *,
         with tempfile.TemporaryDirectory(prefix="kubeml-policy-") as tmp:
             path = Path(tmp) / "manifests.yaml"
             path.write_text(yaml.safe_dump_all(scannable(docs), sort_keys=False))
-            result = subprocess.run([str(scanner), *argv_flags, str(path)], capture_output=True, text=True, timeout=120)
+            result = subprocess.run([str(scanner), *argv_flags, str(path)], capture_output=True, text=True, timeout=120, check=False)
         # kube-score exits 1 when it found something critical; anything else is a failure to run.
         if result.returncode not in (0, 1):
             raise PolicyError(f"kube-score failed on {source} (exit {result.returncode}): {result.stderr.strip()}")
@@ -251,10 +251,15 @@ def scan(sources: Mapping[str, list[dict[str, Any]]], scanner: Path | str, *,
 
 def generated_manifests() -> list[dict[str, Any]]:
     """What kubeml itself creates in a tenant namespace, from the real generators."""
-    from kubeml.config import KubemlConfig
     from kubeml.operators import OperatorConfig, desired_children, parse_tenant
-    from kubeml.serving.inferenceservice import PredictorConfig, inference_service, with_canary
+    from kubeml.serving.inferenceservice import (
+        PredictorConfig,
+        inference_service,
+        with_canary,
+    )
     from kubeml.training.launchers.kuberay import rayjob_manifest
+
+    from kubeml.config import KubemlConfig
 
     tenant = parse_tenant({"metadata": {"name": TENANT, "uid": "policy-scan"},
                            "spec": {"owners": ["alice"], "members": [{"name": "bob", "role": "editor"}]}})
@@ -278,7 +283,7 @@ def generated_manifests() -> list[dict[str, Any]]:
 def project_sources(helm: Path | str, kubectl: Path | str) -> dict[str, list[dict[str, Any]]]:
     """Every source the scan covers, rendered: the chart, the three overlays, the generated."""
     def run(argv: list[str]) -> list[dict[str, Any]]:
-        result = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+        result = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)
         if result.returncode != 0:
             raise PolicyError(f"{' '.join(argv[:2])} failed (exit {result.returncode}): {result.stderr.strip()}")
         return _docs(result.stdout)

@@ -7,9 +7,18 @@ it is not built: ``make policy-assets``); the waiver tests need nothing.
 from __future__ import annotations
 
 import pytest
+from kubeml.testing.policy import (
+    Finding,
+    PolicyError,
+    Waiver,
+    evaluate,
+    find_scanner,
+    load_waivers,
+    scan,
+    scannable,
+)
 
 from kubeml.errors import AssetsMissing
-from kubeml.testing.policy import Finding, PolicyError, Waiver, evaluate, find_scanner, load_waivers, scan, scannable
 
 
 def _pod(name="bad", **container):
@@ -95,8 +104,8 @@ def test_a_waiver_that_matches_no_high_finding_is_stale():
     ("waivers:\n  - {check: c, object: Pod/p, sources: [generated], reason: ok}\n", "reason must say why"),
     ("waivers:\n  - {check: c, object: Pod/p, sources: generated, reason: a b c d e f}\n", "non-empty list"),
     ("waivers:\n  - {check: c, object: Pod/p, sources: [g], reason: a b c d e f, until: x}\n", "unknown keys until"),
-    ("waivers:\n  - {check: c, object: Pod/p, sources: [g], reason: a b c d e f}\n"
-     "  - {check: c, object: Pod/p, sources: [g], reason: a b c d e f}\n", "a second time"),
+    (("waivers:\n  - {check: c, object: Pod/p, sources: [g], reason: a b c d e f}\n"
+      "  - {check: c, object: Pod/p, sources: [g], reason: a b c d e f}\n"), "a second time"),
     ("checks: []\n", "one key, `waivers`"),
 ])
 def test_malformed_waivers_are_refused_with_the_entry_named(tmp_path, body, message):
