@@ -12,7 +12,7 @@ UV_VERSION := 0.13.9
 UV := $(KUBEML_CACHE)/tools/bin/uv
 PYTEST_ARGS ?=
 
-.PHONY: demo test install lock layers cluster-assets images kafka-assets prometheus-assets test-unit test-integration test-e2e clean help
+.PHONY: demo test install lock layers policy policy-assets cluster-assets images kafka-assets prometheus-assets test-unit test-integration test-e2e clean help
 
 help:
 	@echo "make demo            install, then run the whole pipeline locally (kubeml run)"
@@ -22,6 +22,8 @@ help:
 	@echo "make kafka-assets    fetch the Kafka broker jars (test broker) into $(KUBEML_CACHE)"
 	@echo "make prometheus-assets  install the prometheus binary the rollout tests start"
 	@echo "make layers          check the import layering (.importlinter); make test checks it too"
+	@echo "make policy          scan the chart, overlays and generated manifests with kube-score (policy/waivers.yaml)"
+	@echo "make policy-assets   build the pinned kube-score into $(KUBEML_CACHE)"
 
 $(UV):
 	$(PYTHON) -m venv $(KUBEML_CACHE)/tools
@@ -64,7 +66,17 @@ prometheus-assets:
 kafka-assets:
 	bash hack/kafka/fetch.sh >/dev/null
 
-test: install cluster-assets prometheus-assets kafka-assets
+# The policy scanner (kube-score), built from its Go module into $(KUBEML_CACHE) once per version.
+policy-assets:
+	bash hack/policy/install.sh >/dev/null
+
+# The policy scan alone: the chart, the overlays and the manifests kubeml generates, scored by
+# kube-score; fails on a high finding not waived in policy/waivers.yaml, or a stale waiver.
+policy: install policy-assets
+	BUILD_ONLY="helm kubectl" bash hack/cluster/build.sh >/dev/null
+	$(PY) -m pytest tests/unit/test_policy_scan.py tests/unit/test_policy_checker.py $(PYTEST_ARGS)
+
+test: install cluster-assets prometheus-assets kafka-assets policy-assets
 	bash hack/images/build.sh --if-root
 	$(PY) -m pytest $(PYTEST_ARGS)
 
@@ -72,7 +84,7 @@ test: install cluster-assets prometheus-assets kafka-assets
 layers: install
 	$(PY) -m kubeml.testing.layers
 
-test-unit: install
+test-unit: install policy-assets
 	$(PY) -m pytest -m "not integration and not e2e" $(PYTEST_ARGS)
 
 test-integration: install cluster-assets prometheus-assets kafka-assets

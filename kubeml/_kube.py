@@ -15,25 +15,36 @@ from typing import Any
 
 from kubeml.errors import ConfigError
 
-__all__ = ["PLATFORM_UID", "api_client", "custom_objects_api", "restricted_container_security",
-           "restricted_pod_security"]
+__all__ = ["PLATFORM_POD_UID", "PLATFORM_UID", "api_client", "custom_objects_api", "read_only_root_scratch",
+           "restricted_container_security", "restricted_pod_security"]
 
 #: User and group id platform containers run as: any non-root id satisfies Pod Security
 #: ``restricted``; a numeric one lets the kubelet check ``runAsNonRoot`` even for an image
 #: whose USER is a name.
 PLATFORM_UID = 1000
+#: User and group id the pods kubeml generates run as (predictors, Ray head and workers), as
+#: the chart's operator pod does: above 10000, so no user of the node shares it (the policy
+#: scan's container-security-context-user-group-id). The images run under any uid (HOME=/tmp).
+PLATFORM_POD_UID = 65532
 
 
 def restricted_pod_security() -> dict[str, Any]:
     """Pod ``securityContext`` of every pod kubeml builds (predictors, Ray head and workers),
     so that tenant namespaces, which enforce Pod Security ``restricted``, admit them."""
-    return {"runAsNonRoot": True, "runAsUser": PLATFORM_UID, "runAsGroup": PLATFORM_UID,
-            "fsGroup": PLATFORM_UID, "seccompProfile": {"type": "RuntimeDefault"}}
+    return {"runAsNonRoot": True, "runAsUser": PLATFORM_POD_UID, "runAsGroup": PLATFORM_POD_UID,
+            "fsGroup": PLATFORM_POD_UID, "seccompProfile": {"type": "RuntimeDefault"}}
 
 
 def restricted_container_security() -> dict[str, Any]:
     """Container ``securityContext`` to go with :func:`restricted_pod_security`."""
     return {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}, "runAsNonRoot": True}
+
+
+def read_only_root_scratch() -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(volume, volumeMount)`` of the writable scratch that a container with a read-only root
+    filesystem needs: an emptyDir on /tmp (HOME is /tmp in the kubeml images, and Ray keeps its
+    session directory there). Fresh dicts on every call, so callers may change them."""
+    return {"name": "tmp", "emptyDir": {}}, {"name": "tmp", "mountPath": "/tmp"}
 
 #: HTTP connections per client. The library's default (cpu_count * 5) starves kopf's worker
 #: threads on a 2-core machine; 32 serves the operator's and a watcher's concurrency.

@@ -30,7 +30,7 @@ import copy
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from kubeml._kube import restricted_container_security, restricted_pod_security
+from kubeml._kube import read_only_root_scratch, restricted_container_security, restricted_pod_security
 
 __all__ = [
     "GPU_NODE_SELECTOR",
@@ -146,6 +146,8 @@ def predictor_spec(p: PredictorConfig) -> dict[str, Any]:
     if p.grpc:
         args += ["--grpc-port", "8081"]
         ports.append({"name": "h2c", "containerPort": 8081, "protocol": "TCP"})
+    # The root filesystem is read-only; temporary files go to an emptyDir on /tmp.
+    tmp_volume, tmp_mount = read_only_root_scratch()
     container = {
         "name": "kserve-container",
         "image": p.image,
@@ -157,7 +159,8 @@ def predictor_spec(p: PredictorConfig) -> dict[str, Any]:
         ],
         "ports": ports,
         "resources": p.resources.to_dict(),
-        "securityContext": restricted_container_security(),
+        "securityContext": {**restricted_container_security(), "readOnlyRootFilesystem": True},
+        "volumeMounts": [tmp_mount],
         "readinessProbe": {
             "httpGet": {"path": f"/v2/models/{p.model_name}/ready", "port": 8080},
             "periodSeconds": 5,
@@ -170,6 +173,7 @@ def predictor_spec(p: PredictorConfig) -> dict[str, Any]:
         "scaleTarget": p.scale_target,
         "timeout": p.timeout_s,
         "containers": [container],
+        "volumes": [tmp_volume],
         # Tenant namespaces enforce Pod Security "restricted"; the predictor pod must pass it.
         "securityContext": restricted_pod_security(),
         "labels": {"kubeml.io/model": p.model_name, "kubeml.io/version": p.version},

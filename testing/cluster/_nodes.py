@@ -49,6 +49,9 @@ class NodeGroup:
     memory: str = "32Gi"
     pods: int = 110
     """Max pods per node; 110 is the kubelet default (EKS computes it from ENIs)."""
+    ephemeral_storage: str = "20Gi"
+    """Node-local storage for pods (logs, emptyDirs, writable layers), as every kubelet reports
+    it; 20 GiB is the root volume of an EKS managed node group by default."""
     gpus: int = 0
     """``nvidia.com/gpu`` capacity, as the NVIDIA device plugin would advertise it."""
     capacity_type: Literal["on-demand", "spot"] = "on-demand"
@@ -68,7 +71,8 @@ class NodeGroup:
 
     def manifests(self) -> list[dict[str, Any]]:
         """Node objects for this group, ready to POST (status included; kwok keeps it)."""
-        resources = {"cpu": self.cpu, "memory": self.memory, "pods": str(self.pods)}
+        resources = {"cpu": self.cpu, "memory": self.memory, "ephemeral-storage": self.ephemeral_storage,
+                     "pods": str(self.pods)}
         if self.gpus:
             resources["nvidia.com/gpu"] = str(self.gpus)
         nodes = []

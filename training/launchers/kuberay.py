@@ -24,7 +24,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from kubeml._kube import restricted_container_security, restricted_pod_security
+from kubeml._kube import read_only_root_scratch, restricted_container_security, restricted_pod_security
 from kubeml.config import EnvironmentConfig, TrainingConfig
 from kubeml.errors import ConfigError
 from kubeml.images import image_ref
@@ -169,6 +169,9 @@ def rayjob_manifest(
     if opts.spot:
         worker_selector[CAPACITY_LABEL] = "SPOT"
     shm = {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": opts.shm_size}}
+    # The root filesystem is read-only; Ray writes its session directory (logs, spilled
+    # objects) under /tmp, an emptyDir.
+    tmp_volume, tmp_mount = read_only_root_scratch()
     name = rayjob_name(run_id)
     labels = {"app.kubernetes.io/name": "kubeml", "app.kubernetes.io/component": "training", "kubeml.io/run-id": name[7:]}
 
@@ -177,8 +180,8 @@ def rayjob_manifest(
             "name": name,
             "image": opts.image,
             "resources": {"requests": dict(resources), "limits": dict(resources)},
-            "volumeMounts": [{"name": "dshm", "mountPath": "/dev/shm"}],
-            "securityContext": restricted_container_security(),
+            "volumeMounts": [{"name": "dshm", "mountPath": "/dev/shm"}, dict(tmp_mount)],
+            "securityContext": {**restricted_container_security(), "readOnlyRootFilesystem": True},
             # Ray stops cleanly on SIGTERM; give in-flight checkpoint uploads time to finish.
             "lifecycle": {"preStop": {"exec": {"command": ["/bin/sh", "-c", "ray stop"]}}},
         }
@@ -188,7 +191,7 @@ def rayjob_manifest(
         "serviceAccountName": opts.service_account,
         "securityContext": restricted_pod_security(),
         "containers": [container("ray-head", {"cpu": opts.head_cpu, "memory": opts.head_memory})],
-        "volumes": [shm],
+        "volumes": [shm, tmp_volume],
     }
     if opts.head_node_group:
         head_spec["nodeSelector"] = {NODEGROUP_LABEL: opts.head_node_group}
@@ -200,7 +203,7 @@ def rayjob_manifest(
         "nodeSelector": worker_selector,
         "tolerations": [dict(t) for t in opts.tolerations],
         "containers": [container("ray-worker", limits)],
-        "volumes": [shm],
+        "volumes": [shm, tmp_volume],
         # A spot node gets a 2-minute warning; 120 s lets the worker finish its step and Ray report.
         "terminationGracePeriodSeconds": 120 if opts.spot else 30,
     }
