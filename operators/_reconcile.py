@@ -15,6 +15,7 @@ A converged Tenant costs one GET per child and no write.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import logging
 from dataclasses import dataclass
@@ -174,26 +175,41 @@ def _without_owner(obj: dict[str, Any], uid: str) -> list[dict[str, Any]] | None
     return kept or None  # None: a merge patch removes the field
 
 
-def _orphan(api: KubeApi, name: str, uid: str, config: OperatorConfig) -> None:
+def _orphan(api: KubeApi, tenant: dict[str, Any], config: OperatorConfig) -> None:
     """Keep the namespace and its data: release them from the Tenant, label them orphaned.
 
     The children first, the namespace last, so a crash in between is finished by the next
-    attempt (the namespace still names the Tenant as owner until then).
+    attempt (the namespace still names the Tenant as owner until then). A kept child that is
+    missing is created again, released: a foreground deletion lets the garbage collector
+    delete the Tenant's dependents before this runs, and the retained namespace must stay
+    confined all the same (the namespace itself is protected by the retention policy).
     """
+    meta = tenant["metadata"]
+    name, uid = meta["name"], meta.get("uid", "")
+    ref = ObjectRef("v1", "Namespace", name)
+    live_ns = api.get(ref)
+    if live_ns is None or not _owned_by(live_ns, uid):
+        return  # never ours (a rejected Tenant), or released already
+    try:
+        wanted = {(c["apiVersion"], c["kind"], c["metadata"]["name"]): c
+                  for c in desired_children(parse_tenant(tenant), config)}
+    except InvalidTenant:
+        wanted = {}  # the spec no longer validates: release what exists, recreate nothing
     for api_version, kind, child in namespaced_children(name, config):
         if kind in _RELEASED_KINDS:
             continue
         child_ref = ObjectRef(api_version, kind, child, name)
         item = api.get(child_ref)
-        if item is not None and _owned_by(item, uid):
+        if item is None and (api_version, kind, child) in wanted:
+            released = creatable(wanted[(api_version, kind, child)])
+            released["metadata"] = {k: v for k, v in released["metadata"].items() if k != "ownerReferences"}
+            with contextlib.suppress(Conflict):
+                api.create(released)
+        elif item is not None and _owned_by(item, uid):
             api.patch(child_ref, {"metadata": {"ownerReferences": _without_owner(item, uid)}})
-    ref = ObjectRef("v1", "Namespace", name)
-    live = api.get(ref)
-    if live is None or not _owned_by(live, uid):
-        return
     now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     api.patch(ref, {"metadata": {
-        "ownerReferences": _without_owner(live, uid),
+        "ownerReferences": _without_owner(live_ns, uid),
         "labels": {ORPHANED_LABEL: "true", DELETION_POLICY_LABEL: "Retain"},
         "annotations": {ORPHANED_AT_ANNOTATION: now, ORPHANED_FROM_ANNOTATION: f"Tenant {name} (uid {uid})"},
     }})
@@ -213,7 +229,7 @@ def cleanup(api: KubeApi, tenant: dict[str, Any], config: OperatorConfig) -> boo
     meta = tenant["metadata"]
     name, uid = meta["name"], meta.get("uid", "")
     if (tenant.get("spec") or {}).get("deletionPolicy") != "Delete":
-        _orphan(api, name, uid, config)
+        _orphan(api, tenant, config)
         return True
     refs = [ObjectRef("v1", "Namespace", name)]
     if config.kubeflow_profiles:
