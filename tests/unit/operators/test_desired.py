@@ -102,6 +102,9 @@ def _tcp(*ports):
 
 
 def test_network_policies_allow_exactly_the_platform_flows():
+    """The exact peers and ports, as manifests. The integration tests show the apiserver admits
+    them (every Ready tenant has all six, and a converged one needs no patch), but the test
+    cluster runs no NetworkPolicy enforcer (no CNI), so no test here shows a packet dropped."""
     policies = {p["metadata"]["name"]: p["spec"] for p in by_kind(desired_children(spec(), CONFIG), "NetworkPolicy")}
 
     assert sorted(policies) == ["kubeml-allow-egress", "kubeml-allow-ingress-gateway", "kubeml-allow-kuberay",
