@@ -15,12 +15,22 @@ A converged Tenant costs one GET per child and no write.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import logging
 from dataclasses import dataclass
 from typing import Any
 
-from kubeml.operators._desired import API_VERSION, OperatorConfig, desired_children
+from kubeml.operators._desired import (
+    API_VERSION,
+    DELETION_POLICY_LABEL,
+    ORPHANED_AT_ANNOTATION,
+    ORPHANED_FROM_ANNOTATION,
+    ORPHANED_LABEL,
+    OperatorConfig,
+    desired_children,
+    namespaced_children,
+)
 from kubeml.operators._diff import creatable, patch_for
 from kubeml.operators._kube import Conflict, KubeApi, ObjectRef
 from kubeml.operators._spec import InvalidTenant, parse_tenant
@@ -61,9 +71,15 @@ def _preflight(api: KubeApi, children: list[dict[str, Any]], uid: str) -> None:
         if live is None:
             continue
         if not _owned_by(live, uid):
+            labels = live["metadata"].get("labels") or {}
+            orphaned = ""
+            if labels.get(ORPHANED_LABEL) == "true":
+                origin = (live["metadata"].get("annotations") or {}).get(ORPHANED_FROM_ANNOTATION, "a deleted Tenant")
+                orphaned = (f" (it was retained when {origin} was deleted: move its data, then label it "
+                            f"{DELETION_POLICY_LABEL}=Delete and delete it)")
             raise InvalidTenant(
                 f"{ref.kind}Conflict",
-                f"{ref} already exists and is not managed by this Tenant; a Tenant never takes "
+                f"{ref} already exists and is not managed by this Tenant{orphaned}; a Tenant never takes "
                 "over an existing namespace: rename the Tenant or remove the object",
             )
         if ref.kind == "Namespace" and live["metadata"].get("deletionTimestamp"):
@@ -147,15 +163,74 @@ def reconcile(api: KubeApi, tenant: dict[str, Any], config: OperatorConfig) -> O
     return outcome
 
 
-def cleanup(api: KubeApi, tenant: dict[str, Any], config: OperatorConfig) -> bool:
-    """Delete what the Tenant owns; True once the namespace is gone.
+#: Children a retained namespace does not keep: the garbage collector removes the
+#: RoleBindings with the Tenant, so its members lose access. Everything else stays, so the
+#: namespace stays confined (quota, limits, network policy) and its workloads keep their
+#: identity (the IRSA ServiceAccount).
+_RELEASED_KINDS = frozenset({"RoleBinding"})
 
-    Deleting the namespace deletes everything in it; the Profile is cluster-scoped and goes
-    separately. Only objects whose owner reference names this Tenant's uid are touched, so a
-    rejected Tenant never deletes the foreign namespace it collided with.
+
+def _without_owner(obj: dict[str, Any], uid: str) -> list[dict[str, Any]] | None:
+    kept = [r for r in obj["metadata"].get("ownerReferences") or [] if r.get("uid") != uid]
+    return kept or None  # None: a merge patch removes the field
+
+
+def _orphan(api: KubeApi, tenant: dict[str, Any], config: OperatorConfig) -> None:
+    """Keep the namespace and its data: release them from the Tenant, label them orphaned.
+
+    The children first, the namespace last, so a crash in between is finished by the next
+    attempt (the namespace still names the Tenant as owner until then). A kept child that is
+    missing is created again, released: a foreground deletion lets the garbage collector
+    delete the Tenant's dependents before this runs, and the retained namespace must stay
+    confined all the same (the namespace itself is protected by the retention policy).
     """
     meta = tenant["metadata"]
     name, uid = meta["name"], meta.get("uid", "")
+    ref = ObjectRef("v1", "Namespace", name)
+    live_ns = api.get(ref)
+    if live_ns is None or not _owned_by(live_ns, uid):
+        return  # never ours (a rejected Tenant), or released already
+    try:
+        wanted = {(c["apiVersion"], c["kind"], c["metadata"]["name"]): c
+                  for c in desired_children(parse_tenant(tenant), config)}
+    except InvalidTenant:
+        wanted = {}  # the spec no longer validates: release what exists, recreate nothing
+    for api_version, kind, child in namespaced_children(name, config):
+        if kind in _RELEASED_KINDS:
+            continue
+        child_ref = ObjectRef(api_version, kind, child, name)
+        item = api.get(child_ref)
+        if item is None and (api_version, kind, child) in wanted:
+            released = creatable(wanted[(api_version, kind, child)])
+            released["metadata"] = {k: v for k, v in released["metadata"].items() if k != "ownerReferences"}
+            with contextlib.suppress(Conflict):
+                api.create(released)
+        elif item is not None and _owned_by(item, uid):
+            api.patch(child_ref, {"metadata": {"ownerReferences": _without_owner(item, uid)}})
+    now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    api.patch(ref, {"metadata": {
+        "ownerReferences": _without_owner(live_ns, uid),
+        "labels": {ORPHANED_LABEL: "true", DELETION_POLICY_LABEL: "Retain"},
+        "annotations": {ORPHANED_AT_ANNOTATION: now, ORPHANED_FROM_ANNOTATION: f"Tenant {name} (uid {uid})"},
+    }})
+    log.info("tenant %s deleted; namespace %s retained and labelled %s=true", name, name, ORPHANED_LABEL)
+
+
+def cleanup(api: KubeApi, tenant: dict[str, Any], config: OperatorConfig) -> bool:
+    """Release or delete what the Tenant owns, as its ``deletionPolicy`` says; True once done.
+
+    ``Retain`` (the default, and what any value but an exact ``Delete`` means): the namespace
+    and its data stay, labelled ``kubeml.io/orphaned=true`` with when and from which Tenant;
+    the Tenant's RoleBindings and Profile go with it. ``Delete``: the namespace is deleted,
+    which deletes everything in it, and the Profile (cluster-scoped) separately. Only objects
+    whose owner reference names this Tenant's uid are touched, so a rejected Tenant never
+    deletes or relabels the foreign namespace it collided with.
+    """
+    meta = tenant["metadata"]
+    name, uid = meta["name"], meta.get("uid", "")
+    if (tenant.get("spec") or {}).get("deletionPolicy") != "Delete":
+        _orphan(api, tenant, config)
+        return True
     refs = [ObjectRef("v1", "Namespace", name)]
     if config.kubeflow_profiles:
         refs.insert(0, ObjectRef("kubeflow.org/v1", "Profile", name))
@@ -165,6 +240,12 @@ def cleanup(api: KubeApi, tenant: dict[str, Any], config: OperatorConfig) -> boo
         if live is None or not _owned_by(live, uid):
             continue
         gone = False
-        if not live["metadata"].get("deletionTimestamp"):
-            api.delete(ref, uid=live["metadata"]["uid"])
+        if live["metadata"].get("deletionTimestamp"):
+            continue
+        labels = live["metadata"].get("labels") or {}
+        if ref.kind == "Namespace" and labels.get(DELETION_POLICY_LABEL, "Delete") != "Delete":
+            # The spec said Delete just before the Tenant was deleted, before a reconcile
+            # relabelled the namespace: the retention policy would refuse the delete.
+            api.patch(ref, {"metadata": {"labels": {DELETION_POLICY_LABEL: "Delete"}}})
+        api.delete(ref, uid=live["metadata"]["uid"])
     return gone

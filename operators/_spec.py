@@ -16,6 +16,7 @@ from typing import Any, Literal, Mapping
 from kubernetes.utils import parse_quantity
 
 __all__ = [
+    "DELETION_POLICIES",
     "RESERVED_NAMES",
     "ROLES",
     "InvalidTenant",
@@ -27,6 +28,11 @@ __all__ = [
 
 Role = Literal["admin", "editor", "viewer"]
 ROLES: tuple[Role, ...] = ("admin", "editor", "viewer")
+
+DeletionPolicy = Literal["Retain", "Delete"]
+#: What deleting the Tenant does to its namespace. ``Retain`` (the default) keeps the
+#: namespace and its data, labelled orphaned; only an explicit ``Delete`` deletes them.
+DELETION_POLICIES: tuple[DeletionPolicy, ...] = ("Retain", "Delete")
 
 #: Namespaces the platform and Kubernetes own; a tenant named like one would take it over.
 RESERVED_NAMES = frozenset({
@@ -96,6 +102,8 @@ class TenantSpec:
     iam_role_arn: str | None = None
     s3_prefix: str | None = None
     cost_center: str | None = None
+    deletion_policy: DeletionPolicy = "Retain"
+    """``Retain``: deleting the Tenant keeps its namespace (orphaned); ``Delete``: deletes it."""
 
     @property
     def namespace(self) -> str:
@@ -219,6 +227,11 @@ def parse_tenant(body: Mapping[str, Any]) -> TenantSpec:
         if not isinstance(group, str) or not _DNS_LABEL.match(group):
             raise _fail("InvalidNodeGroups", f"node group {group!r} must be a DNS label")
 
+    deletion_policy = spec.get("deletionPolicy", "Retain")
+    if deletion_policy not in DELETION_POLICIES:
+        raise _fail("InvalidDeletionPolicy", f"spec.deletionPolicy {deletion_policy!r} must be Retain (keep the "
+                    "namespace and its data when the Tenant is deleted) or Delete (delete them)")
+
     uid = metadata.get("uid")
     return TenantSpec(
         name=name,
@@ -233,4 +246,5 @@ def parse_tenant(body: Mapping[str, Any]) -> TenantSpec:
                             "use s3://<bucket>/<prefix>"),
         cost_center=_optional(spec, "costCenter", _COST_CENTER, 63, "InvalidCostCenter",
                               "use letters, digits and ._- (a label value, at most 63 characters)"),
+        deletion_policy=deletion_policy,
     )

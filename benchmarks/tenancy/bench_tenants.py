@@ -6,7 +6,7 @@ Starts its own cluster, installs the chart's CRD and tenant roles, and measures:
 
 * operator: create N Tenants at once, time until every one is Ready (in-process operator,
   the same code and settings as the container, resync 60 s so resyncs stay out of the way);
-* peer: the same 13 x N child objects written directly, one POST each, from the same process
+* peer: the same 14 x N child objects written directly, one POST each, from the same process
   (no operator, no status, no reads): the floor the apiserver sets on this machine;
 * API calls per reconcile: of the first (creating) reconcile and of a converged one.
 """
@@ -138,14 +138,14 @@ controller-manager, scheduler, kwok), Python {platform.python_version()}. Comman
 | measure | value |
 |---|---|
 | {int(r['n'])} Tenants created at once -> all Ready (in-process operator) | {r['operator_s']:.1f} s ({r['n'] / r['operator_s']:.1f} tenants/s) |
-| peer: the same {int(r['n']) * 13} children POSTed directly, no operator | {r['peer_s']:.1f} s |
+| peer: the same {int(r['n']) * 14} children POSTed directly, no operator | {r['peer_s']:.1f} s |
 | ratio operator / peer | {r['operator_s'] / r['peer_s']:.2f}x |
 | API requests per Tenant until Ready (incl. any resyncs in that time) | {r['first_reads']:.1f} reads + {r['first_writes']:.1f} writes ({int(r['reconciles'])} reconciles for {int(r['n'])} tenants) |
 | API requests per converged reconcile (resync) | {r['converged_reads']:.1f} reads, {r['converged_writes']:.1f} writes |
 
-Reads: one GET per child (13) plus the ownership checks of the Namespace and the Profile
+Reads: one GET per child (14) plus the ownership checks of the Namespace and the Profile
 before anything is written (2). Writes: one POST per child plus one status patch. A converged
-resync writes nothing, so steady-state load is 15 GETs per Tenant per resync interval.
+resync writes nothing, so steady-state load is 16 GETs per Tenant per resync interval.
 """
 
 

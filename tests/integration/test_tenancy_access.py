@@ -1,12 +1,16 @@
-"""Tenant isolation, enforced by the real apiserver's RBAC, acting as the member users.
+"""Tenant isolation, enforced by the real apiserver's RBAC and admission, acting as the member users.
 
 Three tenants; every member asks the apiserver (SelfSubjectAccessReview, and real requests
-for a sample) about {get, list, create, delete} x seven resource kinds in every tenant's
+for a sample) about {get, list, create, delete} x eight resource kinds in every tenant's
 namespace. Own-tenant cells must match the member's role; every cross-tenant cell is denied.
+Then what RBAC cannot say, which the chart's ValidatingAdmissionPolicies refuse: Services
+with externalIPs or of type LoadBalancer/NodePort, ServiceMonitors, SageMaker TrainingJobs
+with a role other than the tenant's; each next to the allowed counterpart.
 """
 
 from __future__ import annotations
 
+import json
 import itertools
 from collections.abc import Iterator
 from typing import Any
@@ -30,11 +34,12 @@ from tests.integration.tenancy_fixtures import (
 
 pytestmark = pytest.mark.integration
 
+TEAM_A_ROLE = "arn:aws:iam::123456789012:role/team-a"
 TENANTS = {
     "team-a": tenant_body("team-a", ["alice"], [{"name": "bob", "role": "editor"}, {"name": "vic", "role": "viewer"}],
-                          costCenter="cc-100", iamRoleArn="arn:aws:iam::123456789012:role/team-a"),
-    "team-b": tenant_body("team-b", ["carol"]),
-    "team-c": tenant_body("team-c", ["dave"], [{"name": "erin", "role": "viewer"}],
+                          costCenter="cc-100", iamRoleArn=TEAM_A_ROLE, deletionPolicy="Delete"),
+    "team-b": tenant_body("team-b", ["carol"], deletionPolicy="Delete"),
+    "team-c": tenant_body("team-c", ["dave"], [{"name": "erin", "role": "viewer"}], deletionPolicy="Delete",
                           quota={"cpu": "4", "memory": "8Gi", "nvidia.com/gpu": 8, "pods": 20}),
 }
 # user -> (tenant, role)
@@ -42,11 +47,14 @@ MEMBERSHIP = {"alice": ("team-a", "admin"), "bob": ("team-a", "editor"), "vic": 
               "carol": ("team-b", "admin"), "dave": ("team-c", "admin"), "erin": ("team-c", "viewer")}
 RESOURCES = {"pods": "", "secrets": "", "configmaps": "", "serviceaccounts": "",
              "rolebindings": "rbac.authorization.k8s.io", "inferenceservices": "serving.kserve.io",
-             "rayjobs": "ray.io"}
+             "rayjobs": "ray.io", "servicemonitors": "monitoring.coreos.com"}
 VERBS = ("get", "list", "create", "delete")
 
 
 def granted(role: str, verb: str, resource: str) -> bool:
+    if resource == "servicemonitors":
+        # Read-only for every role: the platform scrapes tenants, tenants do not shape it.
+        return verb in ("get", "list")
     if role == "admin":
         return True
     if resource == "rolebindings":
@@ -96,7 +104,7 @@ def test_every_cross_tenant_cell_is_denied_and_every_granted_cell_allowed(tenant
             wrong.append(f"{user} ({role} of {own_tenant}) {verb} {resource} in {namespace}: expected "
                          f"{'allowed' if expected else 'denied'}")
 
-    assert cells == len(MEMBERSHIP) * 3 * 4 * 7
+    assert cells == len(MEMBERSHIP) * 3 * 4 * 8
     assert not wrong, "\n".join(wrong)
 
 
@@ -192,3 +200,107 @@ def test_a_managed_role_binding_edited_by_a_tenant_admin_is_repaired(tenants, us
         return [s.name for s in live.subjects or []] == ["vic"]
 
     wait_until(repaired, timeout_s=3 * RESYNC_S + 5, what="the viewer RoleBinding to be repaired")
+
+
+# --- what RBAC cannot say: the admission policies ---------------------------------------------
+
+def _service(name: str, **spec: Any) -> dict:
+    return {"metadata": {"name": name}, "spec": {"selector": {"app": name}, "ports": [{"port": 8080}], **spec}}
+
+
+def _denied(call: Any) -> str:
+    """The apiserver's message for a request that must be refused with 403."""
+    with pytest.raises(ApiException) as excinfo:
+        call()
+    assert excinfo.value.status == 403, excinfo.value.body
+    return json.loads(excinfo.value.body)["message"]
+
+
+@pytest.mark.parametrize("name,spec,policy,message", [
+    ("hijack", {"externalIPs": ["10.0.0.10"]}, "kubeml-tenant-services", "may not set spec.externalIPs (CVE-2020-8554)"),
+    ("lb", {"type": "LoadBalancer"}, "kubeml-tenant-services", "Services of type LoadBalancer are not allowed"),
+    ("np", {"type": "NodePort"}, "kubeml-tenant-services", "Services of type NodePort are not allowed"),
+], ids=["externalIPs", "LoadBalancer", "NodePort"])
+def test_a_tenant_editor_cannot_expose_a_service_outside_the_gateway(tenants, users, name, spec, policy, message):
+    core = k8s.CoreV1Api(users["bob"])
+
+    body = _denied(lambda: core.create_namespaced_service("team-a", _service(name, **spec)))
+
+    assert f"ValidatingAdmissionPolicy '{policy}'" in body and message in body
+
+
+def test_a_tenant_editor_creates_a_cluster_ip_service_and_cannot_turn_it_into_a_node_port(tenants, users):
+    core = k8s.CoreV1Api(users["bob"])
+    created = core.create_namespaced_service("team-a", _service("predictor"))
+    try:
+        assert created.spec.type == "ClusterIP"
+        body = _denied(lambda: core.patch_namespaced_service("predictor", "team-a", {"spec": {"type": "NodePort"}}))
+        assert "Services of type NodePort are not allowed" in body
+    finally:
+        core.delete_namespaced_service("predictor", "team-a")
+
+
+def test_the_service_policy_holds_only_in_tenant_namespaces(admin, tenants, namespace):
+    created = k8s.CoreV1Api(admin).create_namespaced_service(namespace, _service("np", type="NodePort"),
+                                                             dry_run="All")
+
+    assert created.spec.type == "NodePort"
+
+
+SERVICE_MONITOR = {"apiVersion": "monitoring.coreos.com/v1", "kind": "ServiceMonitor", "metadata": {"name": "forge"},
+                   "spec": {"selector": {"matchLabels": {"app": "digits"}}, "endpoints": [{"port": "http"}]}}
+
+
+def test_no_one_creates_a_service_monitor_in_a_tenant_namespace(tenants, users, admin):
+    def create(client: Any) -> Any:
+        return k8s.CustomObjectsApi(client).create_namespaced_custom_object(
+            "monitoring.coreos.com", "v1", "team-a", "servicemonitors", SERVICE_MONITOR)
+
+    # The tenant's own roles do not grant it (RBAC) ...
+    assert 'cannot create resource "servicemonitors"' in _denied(lambda: create(users["alice"]))
+    assert 'cannot create resource "servicemonitors"' in _denied(lambda: create(users["bob"]))
+    # ... and the policy refuses it whoever asks, even a cluster administrator or a binding
+    # that another system (the Kubeflow Profile) adds to the namespace.
+    body = _denied(lambda: create(admin))
+    assert "ValidatingAdmissionPolicy 'kubeml-tenant-monitoring'" in body
+    assert "ServiceMonitor objects are not allowed in tenant namespaces" in body
+
+
+def _training_job(name: str, role: str) -> dict:
+    return {"apiVersion": "sagemaker.services.k8s.aws/v1alpha1", "kind": "TrainingJob", "metadata": {"name": name},
+            "spec": {"trainingJobName": name, "roleARN": role,
+                     "algorithmSpecification": {"trainingImage": "123456789012.dkr.ecr.us-east-1.amazonaws.com/t:1",
+                                                "trainingInputMode": "File"},
+                     "outputDataConfig": {"s3OutputPath": "s3://kubeml-artifacts/team-a/"},
+                     "resourceConfig": {"instanceCount": 1, "instanceType": "ml.p4d.24xlarge", "volumeSizeInGB": 100},
+                     "stoppingCondition": {"maxRuntimeInSeconds": 3600}}}
+
+
+def _create_training_job(client: Any, namespace: str, body: dict) -> Any:
+    return k8s.CustomObjectsApi(client).create_namespaced_custom_object(
+        "sagemaker.services.k8s.aws", "v1alpha1", namespace, "trainingjobs", body)
+
+
+def test_a_training_job_runs_only_as_the_tenants_own_role(tenants, users):
+    custom = k8s.CustomObjectsApi(users["bob"])
+    foreign = "arn:aws:iam::123456789012:role/platform-admin"
+
+    body = _denied(lambda: _create_training_job(users["bob"], "team-a", _training_job("steal", foreign)))
+    assert "ValidatingAdmissionPolicy 'kubeml-tenant-sagemaker-role'" in body
+    assert f"TrainingJob spec.roleARN must be the tenant role {TEAM_A_ROLE}" in body
+
+    created = _create_training_job(users["bob"], "team-a", _training_job("own", TEAM_A_ROLE))
+    try:
+        assert created["spec"]["roleARN"] == TEAM_A_ROLE
+        body = _denied(lambda: custom.patch_namespaced_custom_object(
+            "sagemaker.services.k8s.aws", "v1alpha1", "team-a", "trainingjobs", "own", {"spec": {"roleARN": foreign}}))
+        assert "must be the tenant role" in body
+    finally:
+        custom.delete_namespaced_custom_object("sagemaker.services.k8s.aws", "v1alpha1", "team-a", "trainingjobs", "own")
+
+
+def test_a_tenant_without_a_role_runs_no_training_job(tenants, users):
+    body = _denied(lambda: _create_training_job(users["carol"], "team-b",
+                                                _training_job("any", "arn:aws:iam::123456789012:role/team-a")))
+
+    assert "tenant team-b has no IAM role" in body

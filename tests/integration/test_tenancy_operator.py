@@ -7,6 +7,7 @@ exercised), except in the crash test, where it is a subprocess killed with SIGKI
 
 from __future__ import annotations
 
+import json
 import contextlib
 import os
 import random
@@ -42,9 +43,9 @@ from tests.integration.tenancy_fixtures import (
 
 pytestmark = pytest.mark.integration
 
-#: Children of a Ready tenant: Namespace, quota, limits, 3 RoleBindings, 5 NetworkPolicies,
+#: Children of a Ready tenant: Namespace, quota, limits, 3 RoleBindings, 6 NetworkPolicies,
 #: the workload ServiceAccount and the Kubeflow Profile.
-CHILDREN = 13
+CHILDREN = 14
 #: Fuzzed Tenant specs; the issue's full run is KUBEML_TENANCY_FUZZ=500.
 FUZZ_COUNT = int(os.environ.get("KUBEML_TENANCY_FUZZ", "100"))
 
@@ -61,7 +62,7 @@ def operator(operator_client: Any) -> Iterator[Any]:  # noqa: F811
 
 
 def test_a_hundred_forced_reconciles_of_a_converged_tenant_write_nothing(admin, admin_api, operator):
-    create_tenant(admin, tenant_body("idem", ["alice"], [{"name": "bob", "role": "editor"}],
+    create_tenant(admin, tenant_body("idem", ["alice"], [{"name": "bob", "role": "editor"}], deletionPolicy="Delete",
                                      quota={"cpu": "1500m", "memory": "1536Mi"},
                                      iamRoleArn="arn:aws:iam::123456789012:role/idem"))
     try:
@@ -91,7 +92,7 @@ def test_a_hundred_forced_reconciles_of_a_converged_tenant_write_nothing(admin, 
 @pytest.mark.parametrize("kind,name", [("NetworkPolicy", "kubeml-default-deny"),
                                        ("RoleBinding", "kubeml-tenant-admin")])
 def test_a_deleted_managed_object_is_repaired_within_one_resync(admin, operator, kind, name):
-    create_tenant(admin, tenant_body("drift", ["alice"]))
+    create_tenant(admin, tenant_body("drift", ["alice"], deletionPolicy="Delete"))
     try:
         wait_ready(admin, "drift")
         if kind == "NetworkPolicy":
@@ -118,7 +119,7 @@ def test_a_deleted_managed_object_is_repaired_within_one_resync(admin, operator,
 
 
 def test_deleting_a_tenant_removes_everything_it_created(admin, admin_api, operator):
-    create_tenant(admin, tenant_body("gone", ["alice"], [{"name": "vic", "role": "viewer"}]))
+    create_tenant(admin, tenant_body("gone", ["alice"], [{"name": "vic", "role": "viewer"}], deletionPolicy="Delete"))
     uid = wait_ready(admin, "gone")["metadata"]["uid"]
     assert len(children_of(admin_api, "gone", uid)) == CHILDREN
 
@@ -128,6 +129,103 @@ def test_deleting_a_tenant_removes_everything_it_created(admin, admin_api, opera
     with pytest.raises(ApiException) as excinfo:
         k8s.CoreV1Api(admin).read_namespace("gone")
     assert excinfo.value.status == 404
+
+
+# --- deletion policy ------------------------------------------------------------------------------
+
+def _denied(call: Any) -> str:
+    """The apiserver's message for a request that must be refused with 403."""
+    with pytest.raises(ApiException) as excinfo:
+        call()
+    assert excinfo.value.status == 403, excinfo.value.body
+    return json.loads(excinfo.value.body)["message"]
+
+
+def _release_retained(core: Any, name: str) -> None:
+    """What an administrator does to remove a retained namespace: relabel it, then delete it."""
+    with contextlib.suppress(ApiException):
+        core.patch_namespace(name, {"metadata": {"labels": {"kubeml.io/deletion-policy": "Delete"}}})
+    with contextlib.suppress(ApiException):
+        core.delete_namespace(name)
+
+
+@pytest.mark.parametrize("propagation", ["Background", "Foreground"])
+def test_deleting_a_tenant_retains_its_namespace_and_data_by_default(admin, admin_api, operator, propagation):
+    core = k8s.CoreV1Api(admin)
+    name = f"keep-{propagation.lower()}"
+    create_tenant(admin, tenant_body(name, ["alice"], [{"name": "bob", "role": "editor"}]))
+    try:
+        uid = wait_ready(admin, name)["metadata"]["uid"]
+        core.create_namespaced_config_map(name, {"metadata": {"name": "results"}, "data": {"accuracy": "0.97"}})
+        core.create_namespaced_secret(name, {"metadata": {"name": "creds"}, "stringData": {"token": "t"}})
+
+        # Foreground: the garbage collector deletes the Tenant's dependents, the namespace
+        # among them, before the Tenant itself; the retention policy must refuse it.
+        k8s.CustomObjectsApi(admin).delete_cluster_custom_object(*TENANT_API, name, propagation_policy=propagation)
+        wait_until(lambda: get_tenant(admin, name) is None, timeout_s=60, what=f"tenant {name} to be deleted")
+        rbac = k8s.RbacAuthorizationV1Api(admin)
+        wait_until(lambda: not rbac.list_namespaced_role_binding(name).items, timeout_s=30,
+                   what="the garbage collector to remove the tenant's RoleBindings")
+
+        ns = core.read_namespace(name)
+        assert ns.metadata.deletion_timestamp is None and ns.status.phase == "Active"
+        assert ns.metadata.owner_references is None
+        assert ns.metadata.labels["kubeml.io/orphaned"] == "true"
+        assert ns.metadata.labels["kubeml.io/deletion-policy"] == "Retain"
+        assert ns.metadata.labels["kubeml.io/tenant"] == name  # the tenant admission policies still hold
+        assert ns.metadata.annotations["kubeml.io/orphaned-from"] == f"Tenant {name} (uid {uid})"
+        assert ns.metadata.annotations["kubeml.io/orphaned-at"].endswith("Z")
+        assert core.read_namespaced_config_map("results", name).data == {"accuracy": "0.97"}
+        assert core.read_namespaced_secret("creds", name).data
+        # Still confined: quota, limits and network policy stay, released from the Tenant.
+        policies = k8s.NetworkingV1Api(admin).list_namespaced_network_policy(name).items
+        assert len(policies) == 6 and all(p.metadata.owner_references is None for p in policies)
+        assert core.read_namespaced_resource_quota("kubeml-quota", name).metadata.owner_references is None
+        assert children_of(admin_api, name) == []
+
+        body = _denied(lambda: core.delete_namespace(name))
+        assert "ValidatingAdmissionPolicy 'kubeml-namespace-retention'" in body
+        assert "label it kubeml.io/deletion-policy=Delete first" in body
+
+        # A new Tenant of the same name does not silently take the old data over.
+        create_tenant(admin, tenant_body(name, ["mallory"], deletionPolicy="Delete"))
+        condition = ready_condition(wait_ready(admin, name, status="False"))
+        assert condition["reason"] == "NamespaceConflict"
+        assert f"retained when Tenant {name} (uid {uid}) was deleted" in condition["message"]
+    finally:
+        delete_tenant(admin, name)
+        _release_retained(core, name)
+
+
+def test_the_operator_may_delete_only_namespaces_it_manages(admin, operator_client, operator):  # noqa: F811
+    as_operator = k8s.CoreV1Api(operator_client)
+    create_tenant(admin, tenant_body("owned-del", ["alice"], deletionPolicy="Delete"))
+    create_tenant(admin, tenant_body("owned-keep", ["alice"]))
+    try:
+        wait_ready(admin, "owned-del")
+        wait_ready(admin, "owned-keep")
+        # Dry runs: admission runs in full, nothing is deleted if a policy failed to hold.
+        # kube-system: the apiserver's NamespaceLifecycle plugin refuses first, for anyone.
+        assert "this namespace may not be deleted" in _denied(
+            lambda: as_operator.delete_namespace("kube-system", dry_run="All"))
+        # Any other namespace the operator does not manage: the policy refuses it.
+        body = _denied(lambda: as_operator.delete_namespace("kubeml-system", dry_run="All"))
+        assert "ValidatingAdmissionPolicy 'kubeml-operator-namespaces'" in body
+        assert "may delete only namespaces it manages" in body and "namespace kubeml-system is not one" in body
+        assert "may update only namespaces it manages" in _denied(lambda: as_operator.patch_namespace(
+            "kube-system", {"metadata": {"labels": {"app.kubernetes.io/managed-by": "kubeml-operator"}}}, dry_run="All"))
+        assert "may create only namespaces it manages" in _denied(lambda: as_operator.create_namespace(
+            {"metadata": {"name": "not-a-tenant"}}, dry_run="All"))
+        assert "is retained (kubeml.io/deletion-policy=Retain)" in _denied(
+            lambda: as_operator.delete_namespace("owned-keep", dry_run="All"))
+
+        as_operator.delete_namespace("owned-del", dry_run="All")  # admitted: no exception
+        assert k8s.CoreV1Api(admin).read_namespace("owned-del").metadata.deletion_timestamp is None
+        assert k8s.CoreV1Api(admin).read_namespace("kube-system").metadata.deletion_timestamp is None
+    finally:
+        delete_tenant(admin, "owned-del")
+        delete_tenant(admin, "owned-keep")
+        _release_retained(k8s.CoreV1Api(admin), "owned-keep")
 
 
 def test_a_foreign_namespace_is_refused_and_left_untouched(admin, admin_api, operator):
@@ -146,7 +244,9 @@ def test_a_foreign_namespace_is_refused_and_left_untouched(admin, admin_api, ope
         assert "kubeml.io/tenant" not in ns.metadata.labels
 
         delete_tenant(admin, "someone-else")
-        assert core.read_namespace("someone-else").metadata.deletion_timestamp is None
+        ns = core.read_namespace("someone-else")
+        assert ns.metadata.deletion_timestamp is None
+        assert "kubeml.io/orphaned" not in ns.metadata.labels  # not ours, so not ours to orphan either
     finally:
         core.delete_namespace("someone-else")
 
@@ -164,6 +264,7 @@ def test_a_foreign_namespace_is_refused_and_left_untouched(admin, admin_api, ope
     ("arn", {"owners": ["alice"], "iamRoleArn": "arn:aws:iam::12:role/x"}, "iamRoleArn"),
     ("dup", {"owners": ["alice"], "members": [{"name": "b", "role": "viewer"}, {"name": "b", "role": "admin"}]},
      "Duplicate value"),
+    ("policy", {"owners": ["alice"], "deletionPolicy": "delete"}, "spec.deletionPolicy: Unsupported value"),
 ])
 def test_the_schema_rejects_bad_specs_before_the_operator_sees_them(admin, name, spec, message):
     body = {"apiVersion": "kubeml.io/v1alpha1", "kind": "Tenant", "metadata": {"name": name}, "spec": spec}
@@ -211,6 +312,9 @@ def _fuzz_spec(rng: random.Random, index: int, foreign: list[str]) -> tuple[str,
         spec["nodeGroups"] = rng.sample(["cpu", "gpu-p4d", "GPU", "a_b"], rng.randint(0, 2))
     if rng.random() < 0.05:
         spec["unknownField"] = {"pruned": True}
+    # Delete, so the test leaves no namespace behind (no draw from rng: the sequence of specs,
+    # and so which of them are valid, stays what it was).
+    spec["deletionPolicy"] = "Delete"
     return name, {"apiVersion": "kubeml.io/v1alpha1", "kind": "Tenant", "metadata": {"name": name}, "spec": spec}
 
 
@@ -254,7 +358,7 @@ def test_fuzzed_tenants_never_crash_the_operator_nor_leave_partial_children(admi
         assert not problems, "\n".join(problems)
         assert accepted and refused, (len(accepted), refused)
         # The operator is still alive and working.
-        create_tenant(admin, tenant_body("fz-canary", ["alice"]))
+        create_tenant(admin, tenant_body("fz-canary", ["alice"], deletionPolicy="Delete"))
         wait_ready(admin, "fz-canary")
         accepted["fz-canary"] = {}
     finally:
@@ -290,7 +394,7 @@ def test_operator_killed_mid_reconcile_converges_after_restart_without_orphans(c
     names = [f"crash-{i}" for i in range(6)]
     log = (tmp_path / "operator.log").open("ab")
     for name in names:
-        create_tenant(admin, tenant_body(name, ["alice"], [{"name": "bob", "role": "viewer"}]))
+        create_tenant(admin, tenant_body(name, ["alice"], [{"name": "bob", "role": "viewer"}], deletionPolicy="Delete"))
     doomed = names[:2]
     try:
         for round_ in range(4):

@@ -37,6 +37,7 @@ metadata:
   name: team-a
 spec:
   owners: [alice]
+  deletionPolicy: Delete
   quota: {cpu: "16", memory: 64Gi, nvidia.com/gpu: 2, pods: 200}
   nodeGroups: [cpu, gpu-p4d]
   iamRoleArn: arn:aws:iam::123456789012:role/kubeml-team-a
@@ -49,6 +50,7 @@ metadata:
   name: team-b
 spec:
   owners: [carol]
+  deletionPolicy: Delete
 """
 
 

@@ -47,3 +47,17 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- define "kubeml-platform.image" -}}
 {{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
 {{- end }}
+
+{{/* The binding that puts a ValidatingAdmissionPolicy in force: deny, nothing narrower. */}}
+{{- define "kubeml-platform.policyBinding" }}
+---
+apiVersion: admissionregistration.k8s.io/v1
+kind: ValidatingAdmissionPolicyBinding
+metadata:
+  name: {{ .name }}
+  labels:
+    {{- .labels | nindent 4 }}
+spec:
+  policyName: {{ .name }}
+  validationActions: [Deny]
+{{- end }}

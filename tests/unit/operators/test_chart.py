@@ -110,7 +110,57 @@ def test_tenant_roles_grant_no_escalation_and_nothing_cluster_scoped(helm):
     assert not any("secrets" in rule["resources"] for rule in viewer["rules"])
 
 
+def test_tenants_may_read_but_not_create_monitoring_objects(helm):
+    roles = [r for r in kinds(render(helm))["ClusterRole"] if r["metadata"]["name"].startswith("kubeml-tenant-")]
+
+    for role in roles:
+        monitoring = [r for r in role["rules"] if "monitoring.coreos.com" in r["apiGroups"]]
+        assert monitoring == [{"apiGroups": ["monitoring.coreos.com"], "resources": ["servicemonitors", "podmonitors"],
+                               "verbs": ["get", "list", "watch"]}], role["metadata"]["name"]
+
+
+POLICIES = {"kubeml-tenant-services", "kubeml-tenant-monitoring", "kubeml-tenant-sagemaker-role",
+            "kubeml-operator-namespaces", "kubeml-namespace-retention"}
+
+
+def test_every_admission_policy_is_bound_to_deny(helm):
+    by_kind = kinds(render(helm))
+    policies = {p["metadata"]["name"]: p["spec"] for p in by_kind["ValidatingAdmissionPolicy"]}
+    bindings = {b["spec"]["policyName"]: b["spec"] for b in by_kind["ValidatingAdmissionPolicyBinding"]}
+
+    assert set(policies) == set(bindings) == POLICIES
+    assert all(b["validationActions"] == ["Deny"] and "matchResources" not in b for b in bindings.values())
+    assert all(p["failurePolicy"] == "Fail" for p in policies.values())
+    tenant_only = {"matchExpressions": [{"key": "kubeml.io/tenant", "operator": "Exists"}]}
+    for name in ("kubeml-tenant-services", "kubeml-tenant-monitoring", "kubeml-tenant-sagemaker-role"):
+        assert policies[name]["matchConstraints"]["namespaceSelector"] == tenant_only
+    operator = policies["kubeml-operator-namespaces"]
+    assert operator["matchConditions"][0]["expression"].endswith(":kubeml-kubeml-platform')")
+    assert operator["matchConstraints"]["resourceRules"][0]["operations"] == ["CREATE", "UPDATE", "DELETE"]
+
+
+def test_the_operator_policy_follows_the_service_account_name(helm):
+    policies = kinds(render(helm, "serviceAccount.name=tenant-operator"))["ValidatingAdmissionPolicy"]
+    operator = next(p for p in policies if p["metadata"]["name"] == "kubeml-operator-namespaces")
+
+    assert operator["spec"]["matchConditions"][0]["expression"].endswith(":tenant-operator')")
+
+
+def test_network_flows_are_operator_flags(helm):
+    docs = render(helm, "operator.peers.kafka.namespace=", "operator.peers.mlflow.namespace=tracking",
+                  "operator.peers.mlflow.ports={80,5000}", "operator.metricsPorts={8080,9091}")
+    args = kinds(docs)["Deployment"][0]["spec"]["template"]["spec"]["containers"][0]["args"]
+    defaults = kinds(render(helm))["Deployment"][0]["spec"]["template"]["spec"]["containers"][0]["args"]
+
+    assert {"--kafka-peer=none", "--mlflow-peer=tracking:80,5000", "--metrics-ports=8080,9091"} <= set(args)
+    assert {"--serving-ports=8080,8081,8012", "--kuberay-peer=kubeflow:8265", "--mlflow-peer=mlflow:5000",
+            "--kafka-peer=kafka:9092", "--pipelines-peer=kubeflow:8887,8888,8080"} <= set(defaults)
+    # The overlays patch args by index: the existing flags keep their places.
+    assert defaults[0].startswith("--resync-seconds=") and defaults[7].startswith("--log-level=")
+
+
 @pytest.mark.parametrize("sets,absent", [
+    (["admissionPolicies.enabled=false"], "ValidatingAdmissionPolicy"),
     (["serviceMonitor.enabled=false", "modelServers.serviceMonitor.enabled=false"], "ServiceMonitor"),
     (["prometheusRule.enabled=false"], "PrometheusRule"),
     (["rbac.create=false"], "ClusterRoleBinding"),
@@ -136,7 +186,9 @@ def test_kubeflow_links_and_operator_flags_follow_values(helm):
 
 
 @pytest.mark.parametrize("bad", ["unknown=1", "operator.bogus=1", "replicaCount=2", "operator.logLevel=LOUD",
-                                 "operator.podSecurityVersion=1.30", "serviceMonitor.interval=soon"])
+                                 "operator.podSecurityVersion=1.30", "serviceMonitor.interval=soon",
+                                 "operator.peers.kafka.ports={0}", "operator.peers.mlflow.namespace=Bad_NS",
+                                 "operator.servingPorts={}", "operator.peers.bogus.namespace=x"])
 def test_values_schema_rejects_unknown_keys_and_bad_values(helm, bad):
     result = render(helm, bad, check=False)
 

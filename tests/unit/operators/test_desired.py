@@ -7,6 +7,7 @@ import copy
 import pytest
 
 from kubeml.operators import OperatorConfig, desired_children, parse_tenant, patch_for
+from kubeml.operators._desired import Peer, namespaced_children
 from kubeml.operators._diff import creatable, merge_patch
 
 CONFIG = OperatorConfig()
@@ -90,6 +91,105 @@ def test_network_policies_deny_by_default_and_block_instance_metadata():
     assert gateway["namespaceSelector"]["matchLabels"] == {"kubernetes.io/metadata.name": "istio-system"}
     external = policies["kubeml-allow-egress"]["egress"][1]["to"][0]["ipBlock"]
     assert external["except"] == ["169.254.169.254/32"]
+
+
+def _ns(name):
+    return {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": name}}}
+
+
+def _tcp(*ports):
+    return [{"protocol": "TCP", "port": p} for p in ports]
+
+
+def test_network_policies_allow_exactly_the_platform_flows():
+    """The exact peers and ports, as manifests. The integration tests show the apiserver admits
+    them (every Ready tenant has all six, and a converged one needs no patch), but the test
+    cluster runs no NetworkPolicy enforcer (no CNI), so no test here shows a packet dropped."""
+    policies = {p["metadata"]["name"]: p["spec"] for p in by_kind(desired_children(spec(), CONFIG), "NetworkPolicy")}
+
+    assert sorted(policies) == ["kubeml-allow-egress", "kubeml-allow-ingress-gateway", "kubeml-allow-kuberay",
+                                "kubeml-allow-monitoring", "kubeml-allow-same-tenant", "kubeml-default-deny"]
+    assert policies["kubeml-allow-same-tenant"] == {
+        "podSelector": {}, "policyTypes": ["Ingress", "Egress"],
+        "ingress": [{"from": [{"podSelector": {}}]}], "egress": [{"to": [{"podSelector": {}}]}]}
+    assert policies["kubeml-allow-ingress-gateway"] == {"podSelector": {}, "policyTypes": ["Ingress"], "ingress": [
+        {"from": [_ns("istio-system")], "ports": _tcp(8080, 8081, 8012)}]}
+    assert policies["kubeml-allow-monitoring"] == {"podSelector": {}, "policyTypes": ["Ingress"], "ingress": [
+        {"from": [_ns("monitoring")], "ports": _tcp(8080)}]}
+    assert policies["kubeml-allow-kuberay"] == {
+        "podSelector": {"matchLabels": {"ray.io/node-type": "head"}}, "policyTypes": ["Ingress"],
+        "ingress": [{"from": [_ns("kubeflow")], "ports": _tcp(8265)}]}
+    assert policies["kubeml-allow-egress"] == {"podSelector": {}, "policyTypes": ["Egress"], "egress": [
+        {"to": [{**_ns("kube-system"), "podSelector": {"matchLabels": {"k8s-app": "kube-dns"}}}],
+         "ports": [{"protocol": "UDP", "port": 53}, {"protocol": "TCP", "port": 53}]},
+        {"to": [{"ipBlock": {"cidr": "0.0.0.0/0", "except": ["169.254.169.254/32"]}}], "ports": _tcp(443)},
+        {"to": [_ns("mlflow")], "ports": _tcp(5000)},
+        {"to": [_ns("kafka")], "ports": _tcp(9092)},
+        {"to": [_ns("kubeflow")], "ports": _tcp(8887, 8888, 8080)},
+    ]}
+
+
+def test_no_network_policy_names_another_tenant_or_opens_all_ports_to_a_namespace():
+    config = OperatorConfig(monitoring_namespace="prom", kafka=Peer("", ()), mlflow=Peer("ml", (80, 443)))
+    platform = {"istio-system", "prom", "kube-system", "kubeflow", "ml"}
+    for policy in by_kind(desired_children(spec(), config), "NetworkPolicy"):
+        for rule in policy["spec"].get("ingress", []) + policy["spec"].get("egress", []):
+            for peer in rule.get("from", []) + rule.get("to", []):
+                if "namespaceSelector" in peer:
+                    assert peer["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"] in platform
+                    assert rule["ports"], policy["metadata"]["name"]
+                else:
+                    assert peer == {"podSelector": {}} or "ipBlock" in peer
+    egress = by_kind(desired_children(spec(), config), "NetworkPolicy")[-1]["spec"]["egress"]
+    assert {"to": [_ns("ml")], "ports": _tcp(80, 443)} in egress
+    assert not any(r["to"] == [_ns("kafka")] for r in egress)
+
+
+def test_switching_the_kuberay_flow_off_keeps_the_policy_and_opens_nothing():
+    config = OperatorConfig(kuberay=Peer.parse("none"))
+    kuberay = next(p for p in by_kind(desired_children(spec(), config), "NetworkPolicy")
+                   if p["metadata"]["name"] == "kubeml-allow-kuberay")
+
+    assert kuberay["spec"]["ingress"] == []
+    assert kuberay["spec"]["policyTypes"] == ["Ingress"]
+
+
+@pytest.mark.parametrize("text,message", [("mlflow", "NAMESPACE:PORT"), ("mlflow:", "NAMESPACE:PORT"),
+                                          ("kafka:90x", "must be numbers"), ("kafka:0", "1..65535"),
+                                          ("Kafka:9092", "DNS label")])
+def test_a_malformed_peer_is_refused_with_a_hint(text, message):
+    with pytest.raises(ValueError, match=message):
+        Peer.parse(text)
+
+
+def test_peers_round_trip_through_their_flag_form():
+    assert Peer.parse("kafka:9092,9093") == Peer("kafka", (9092, 9093))
+    assert str(Peer("kafka", (9092, 9093))) == "kafka:9092,9093"
+    assert str(Peer.parse("none")) == "none"
+    with pytest.raises(ValueError, match="serving_ports"):
+        OperatorConfig(serving_ports=())
+    with pytest.raises(ValueError, match="monitoring_namespace"):
+        OperatorConfig(monitoring_namespace="Not A Label")
+
+
+def test_namespace_records_the_deletion_policy_and_the_tenant_role():
+    arn = "arn:aws:iam::123456789012:role/team-a"
+    retain = by_kind(desired_children(spec(iamRoleArn=arn), CONFIG), "Namespace")[0]["metadata"]
+    delete = by_kind(desired_children(spec(deletionPolicy="Delete"), CONFIG), "Namespace")[0]["metadata"]
+
+    assert retain["labels"]["kubeml.io/deletion-policy"] == "Retain"
+    assert retain["labels"]["kubeml.io/orphaned"] is None
+    assert retain["labels"]["app.kubernetes.io/managed-by"] == "kubeml-operator"
+    assert retain["annotations"]["kubeml.io/iam-role-arn"] == arn
+    assert delete["labels"]["kubeml.io/deletion-policy"] == "Delete"
+    assert delete["annotations"]["kubeml.io/iam-role-arn"] is None
+
+
+def test_namespaced_children_name_what_desired_children_builds_inside_the_namespace():
+    built = [(c["apiVersion"], c["kind"], c["metadata"]["name"]) for c in desired_children(spec(), CONFIG)
+             if c["kind"] not in ("Namespace", "Profile")]
+
+    assert namespaced_children("team-a", CONFIG) == built
 
 
 def test_service_account_is_annotated_for_irsa_only_when_an_arn_is_given():

@@ -34,11 +34,21 @@ def test_base_is_the_chart_rendered_with_defaults(assets, tmp_path):
         "manifests/base/platform.yaml is stale: run manifests/render-base.sh"
 
 
-def test_chart_crd_is_the_one_in_the_base(assets):
+def test_the_crd_is_installed_apart_and_no_overlay_owns_it(assets):
+    """`kubectl delete -k` on an overlay must not delete the Tenant CRD (and every Tenant)."""
     crd = yaml.safe_load((REPO / "charts/kubeml-platform/crds/tenants.kubeml.io.yaml").read_text())
-    base = [d for d in yaml.safe_load_all((REPO / "manifests/base/platform.yaml").read_text()) if d]
+    kubectl = str(assets.binary("kubectl"))
+    built = subprocess.run([kubectl, "kustomize", str(REPO / "manifests/crds")], capture_output=True, text=True,
+                           timeout=60, check=True).stdout
+    copied = yaml.safe_load((REPO / "manifests/crds/tenants.kubeml.io.yaml").read_text())
 
-    assert crd in base
+    assert copied == crd
+    assert [d["metadata"]["name"] for d in yaml.safe_load_all(built) if d] == ["tenants.kubeml.io"]
+    assert crd["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    for overlay in ("dev", "staging", "prod"):
+        out = subprocess.run([kubectl, "kustomize", str(REPO / "manifests/overlays" / overlay)],
+                             capture_output=True, text=True, timeout=60, check=True).stdout
+        assert "CustomResourceDefinition" not in {d["kind"] for d in yaml.safe_load_all(out) if d}, overlay
 
 
 @pytest.mark.parametrize("overlay,namespace,tag", [("dev", "kubeml-dev", "dev"), ("staging", "kubeml-staging", "0.1.0-rc.1"),

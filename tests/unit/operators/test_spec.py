@@ -117,3 +117,14 @@ def test_crd_reserved_names_match_the_operator():
     listed = set(re.findall(r"'([a-z0-9-]+)'", rules[1]["rule"].split("]")[0]))
 
     assert listed == set(RESERVED_NAMES)
+
+
+def test_deletion_policy_defaults_to_retain_and_only_delete_deletes():
+    crd_property = yaml.safe_load(CRD.read_text())["spec"]["versions"][0]["schema"]["openAPIV3Schema"][
+        "properties"]["spec"]["properties"]["deletionPolicy"]
+
+    assert parse_tenant(tenant()).deletion_policy == "Retain"
+    assert parse_tenant(tenant(deletionPolicy="Delete")).deletion_policy == "Delete"
+    assert (crd_property["default"], crd_property["enum"]) == ("Retain", ["Retain", "Delete"])
+    for bad in ("delete", "", "Orphan", True):
+        assert reason_for(tenant(deletionPolicy=bad)) == "InvalidDeletionPolicy"
