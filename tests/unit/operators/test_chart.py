@@ -159,8 +159,28 @@ def test_network_flows_are_operator_flags(helm):
     assert defaults[0].startswith("--resync-seconds=") and defaults[7].startswith("--log-level=")
 
 
+def test_the_operator_pod_may_only_be_scraped_and_only_reach_the_api_and_dns(helm):
+    (policy,) = kinds(render(helm, "operator.monitoringNamespace=prom", "operator.metricsPort=9191",
+                             "networkPolicy.apiServerCIDRs={10.0.0.0/16}"))["NetworkPolicy"]
+    (deployment,) = kinds(render(helm))["Deployment"]
+    assert policy["spec"]["podSelector"]["matchLabels"].items() <= deployment["spec"]["template"]["metadata"]["labels"].items()
+    assert policy["spec"]["policyTypes"] == ["Ingress", "Egress"]
+    (ingress,) = policy["spec"]["ingress"]
+    assert ingress == {"from": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "prom"}}}],
+                       "ports": [{"protocol": "TCP", "port": 9191}]}
+    api, dns = policy["spec"]["egress"]
+    assert api == {"to": [{"ipBlock": {"cidr": "10.0.0.0/16"}}],
+                   "ports": [{"protocol": "TCP", "port": 443}, {"protocol": "TCP", "port": 6443}]}
+    assert dns["to"] == [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kube-system"}},
+                          "podSelector": {"matchLabels": {"k8s-app": "kube-dns"}}}]
+    assert sorted(p["protocol"] for p in dns["ports"]) == ["TCP", "UDP"]
+    bad = render(helm, "networkPolicy.apiServerCIDRs={10.0.0.0}", check=False)
+    assert bad.returncode != 0 and "apiServerCIDRs" in bad.stderr
+
+
 @pytest.mark.parametrize("sets,absent", [
     (["admissionPolicies.enabled=false"], "ValidatingAdmissionPolicy"),
+    (["networkPolicy.enabled=false"], "NetworkPolicy"),
     (["serviceMonitor.enabled=false", "modelServers.serviceMonitor.enabled=false"], "ServiceMonitor"),
     (["prometheusRule.enabled=false"], "PrometheusRule"),
     (["rbac.create=false"], "ClusterRoleBinding"),
