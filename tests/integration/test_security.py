@@ -9,6 +9,7 @@ from kubernetes.client import CoreV1Api, RbacAuthorizationV1Api
 from kubernetes.client.exceptions import ApiException
 
 from kubeml.testing.cluster.fixtures import temporary_namespace, wait_until
+from tests.integration.platform_pods import platform_pods
 
 pytestmark = pytest.mark.integration
 
@@ -115,45 +116,16 @@ def test_resource_quota_rejects_pods_beyond_the_gpu_quota(admin, namespace):
 
 # -- the platform's own pods pass the policy tenant namespaces enforce ------------------------
 
-_POD_FIELDS = ("containers", "securityContext", "nodeSelector", "tolerations", "volumes",
-               "terminationGracePeriodSeconds")
-
-
-def _as_pod(name: str, spec: dict) -> dict:
-    """The Pod a controller (KServe, KubeRay) would create from ``spec``: its PodSpec fields."""
-    return {"metadata": {"name": name}, "spec": {k: v for k, v in spec.items() if k in _POD_FIELDS}}
-
-
-def _platform_pods(namespace: str) -> dict[str, dict]:
-    from kubeml.config import KubemlConfig
-    from kubeml.serving.inferenceservice import PredictorConfig, predictor_spec
-    from kubeml.training.launchers.kuberay import rayjob_manifest
-
-    cfg = KubemlConfig(environments={"prod": {
-        "artifact_store": {"uri": "s3://ml-artifacts/kubeml"},
-        "training": {"workers": 2, "launcher": {"namespace": namespace}},
-    }}).environment("prod")
-    job = rayjob_manifest(cfg, run_id="pss", dataset="digits", dataset_version="v-1")
-    cluster = job["spec"]["rayClusterSpec"]
-    predictor = predictor_spec(PredictorConfig(image="kubeml/kubeml-server:0.1.0", storage_uri="s3://m/digits/1",
-                                               model_name="digits", version="1", grpc=True))
-    return {
-        "predictor": _as_pod("predictor", predictor),
-        "ray-head": _as_pod("ray-head", cluster["headGroupSpec"]["template"]["spec"]),
-        "ray-worker": _as_pod("ray-worker", cluster["workerGroupSpecs"][0]["template"]["spec"]),
-    }
-
-
 @pytest.mark.parametrize("kind", ["predictor", "ray-head", "ray-worker"])
 def test_platform_pods_are_admitted_in_a_restricted_namespace(admin, restricted_namespace, kind):
-    pod = _platform_pods(restricted_namespace)[kind]
+    pod = platform_pods(restricted_namespace)[kind]
     created = CoreV1Api(admin).create_namespaced_pod(restricted_namespace, pod, dry_run="All")
     assert created.spec.security_context.run_as_non_root is True
 
 
 def test_the_same_pod_without_its_security_context_is_rejected(admin, restricted_namespace):
     """The admission check above can fail: stripped of kubeml's settings, the pod is refused."""
-    pod = _platform_pods(restricted_namespace)["predictor"]
+    pod = platform_pods(restricted_namespace)["predictor"]
     pod["spec"].pop("securityContext")
     for container in pod["spec"]["containers"]:
         container.pop("securityContext")
