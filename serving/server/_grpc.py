@@ -85,7 +85,7 @@ class GrpcTelemetryInterceptor(ServerInterceptor):
                 return _unauthenticated(need)
         handler = await continuation(details)
         if details.method != GRPC_INFER_METHOD or handler is None or handler.unary_unary is None:
-            return handler
+            return _strict_decoding(handler)
         inner = handler.unary_unary
         versions, errors = self.versions, self._errors
 
@@ -114,11 +114,31 @@ class GrpcTelemetryInterceptor(ServerInterceptor):
                 REQUESTS.labels(model, version, "grpc", status).inc()
                 LATENCY.labels(model, version, "grpc").observe(time.perf_counter() - started)
 
-        return grpc.unary_unary_rpc_method_handler(
+        return _strict_decoding(grpc.unary_unary_rpc_method_handler(
             model_infer,
             request_deserializer=handler.request_deserializer,
             response_serializer=handler.response_serializer,
-        )
+        ))
+
+
+def _strict_decoding(handler: Any) -> Any:
+    """``handler`` with its request parsed inside it: bytes that are not the method's
+    message answer INVALID_ARGUMENT (HTTP's 400), not the UNKNOWN (a 5xx) grpc itself
+    gives a request its deserializer cannot read."""
+    if handler is None or handler.unary_unary is None or handler.request_deserializer is None:
+        return handler
+    inner, parse = handler.unary_unary, handler.request_deserializer
+
+    async def decoded(raw: bytes, context: Any) -> Any:
+        try:
+            request = parse(raw)
+        except Exception:  # protobuf's DecodeError; its type depends on the backend
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "request is not a valid protobuf message of this method")
+        return await inner(request, context)
+
+    return grpc.unary_unary_rpc_method_handler(
+        decoded, request_deserializer=None, response_serializer=handler.response_serializer
+    )
 
 
 def _refuse(method: str) -> Any:
