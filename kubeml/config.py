@@ -220,6 +220,16 @@ class ServingConfig(_Strict):
     """Inference requests one model server works on at once; more are answered 503 with
     ``Retry-After`` instead of queueing (``--max-concurrency``; 0: no limit; unset: the
     server default, 64)."""
+    auth_token_file: str | None = None
+    """File of bearer tokens (one per line; a mounted Secret on a cluster) that inference on
+    the model servers needs (``--auth-token-file``; re-read when it changes). Unset:
+    inference is open to whoever reaches ``host``. The router passes the client's
+    ``Authorization`` on to the servers, which check it."""
+    header_timeout_s: float | None = Field(None, gt=0, allow_inf_nan=False, strict=True)
+    """Seconds a client has to send a request's headers (``--header-timeout-s``; unset:
+    the server default, 10 s): a slowloris client is cut off."""
+    idle_timeout_s: int | None = Field(None, gt=0, strict=True)
+    """Seconds a kept-alive connection may stay idle (``--idle-timeout-s``; unset: 65 s)."""
 
     @model_validator(mode="after")
     def _batching(self) -> ServingConfig:
@@ -240,7 +250,8 @@ class ServingConfig(_Strict):
 
     def server_options(self) -> dict[str, Any]:
         """Keyword arguments of ``ServingManager.deploy`` for the set batching/timeout keys."""
-        keys = ("batch_max_size", "batch_max_latency_ms", "request_timeout_s", "max_concurrency")
+        keys = ("batch_max_size", "batch_max_latency_ms", "request_timeout_s", "max_concurrency",
+                "auth_token_file", "header_timeout_s", "idle_timeout_s")
         return {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
 
 

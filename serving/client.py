@@ -46,11 +46,13 @@ class ModelClient:
     False
     """
 
-    def __init__(self, url: str, model_name: str, *, timeout: float = DEFAULT_TIMEOUT_S):
+    def __init__(self, url: str, model_name: str, *, timeout: float = DEFAULT_TIMEOUT_S, token: str | None = None):
         self.url = url.rstrip("/")
         self.model_name = model_name
         self.timeout = timeout
         self._session = requests.Session()
+        if token:  # servers started with --auth-token-file want it on every inference call
+            self._session.headers["Authorization"] = f"Bearer {token}"
 
     @classmethod
     def for_served(cls, served: Any, *, timeout: float = DEFAULT_TIMEOUT_S) -> ModelClient:
@@ -181,6 +183,7 @@ def smoke_test(
     expected: Sequence[int] | None = None,
     min_accuracy: float | None = None,
     timeout: float = DEFAULT_TIMEOUT_S,
+    token: str | None = None,
 ) -> SmokeReport:
     """Check a freshly deployed server end to end; raise ``ServingError`` if it fails.
 
@@ -189,7 +192,7 @@ def smoke_test(
     ``expected`` and ``min_accuracy``) that accuracy on the instances is high enough.
     """
     array = np.asarray(instances, dtype=np.float64)
-    with ModelClient(url, model_name, timeout=timeout) as client:
+    with ModelClient(url, model_name, timeout=timeout, token=token) as client:
         if not client.ready():
             raise ServingError(f"model {model_name!r} at {url} is not ready")
         meta = client.metadata()

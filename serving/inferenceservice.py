@@ -46,6 +46,8 @@ __all__ = [
 Mode = Literal["knative", "standard"]
 _MODE_ANNOTATION = "serving.kserve.io/deploymentMode"
 _MODE_VALUE = {"knative": "Knative", "standard": "Standard"}
+#: Where the Secret of inference tokens is mounted (``PredictorConfig.auth_secret``).
+AUTH_MOUNT = "/var/run/kubeml/auth"
 #: Where KServe's storage initializer puts the model for a custom container.
 MODEL_MOUNT = "/mnt/models"
 #: Label the NVIDIA GPU operator / EKS GPU AMIs put on GPU nodes.
@@ -117,6 +119,10 @@ class PredictorConfig:
     """Extra node selector; GPU selection is added when ``resources.gpus > 0``."""
     timeout_s: int = 60
     """Request timeout KServe enforces for the predictor."""
+    auth_secret: str | None = None
+    """Name of a Secret whose key ``tokens`` holds the bearer tokens inference needs (one
+    per line). Mounted read-only and passed as ``--auth-token-file``; the server re-reads
+    it when the kubelet updates the mount, so tokens rotate without a restart."""
 
     def __post_init__(self) -> None:
         if not 0 <= self.min_replicas <= self.max_replicas or self.max_replicas < 1:
@@ -148,6 +154,8 @@ def predictor_spec(p: PredictorConfig) -> dict[str, Any]:
         ports.append({"name": "h2c", "containerPort": 8081, "protocol": "TCP"})
     # The root filesystem is read-only; temporary files go to an emptyDir on /tmp.
     tmp_volume, tmp_mount = read_only_root_scratch()
+    if p.auth_secret:
+        args += ["--auth-token-file", f"{AUTH_MOUNT}/tokens"]
     container = {
         "name": "kserve-container",
         "image": p.image,
@@ -165,7 +173,16 @@ def predictor_spec(p: PredictorConfig) -> dict[str, Any]:
             "httpGet": {"path": f"/v2/models/{p.model_name}/ready", "port": 8080},
             "periodSeconds": 5,
         },
+        # Live while the weights load (the port opens at once), not live once the load
+        # failed or the model was lost: then a restart is the cure, and only then.
+        "livenessProbe": {
+            "httpGet": {"path": "/v2/health/live", "port": 8080},
+            "periodSeconds": 10,
+            "failureThreshold": 3,
+        },
     }
+    if p.auth_secret:
+        container["volumeMounts"].append({"name": "kubeml-auth", "mountPath": AUTH_MOUNT, "readOnly": True})
     spec: dict[str, Any] = {
         "minReplicas": p.min_replicas,
         "maxReplicas": p.max_replicas,
@@ -178,6 +195,8 @@ def predictor_spec(p: PredictorConfig) -> dict[str, Any]:
         "securityContext": restricted_pod_security(),
         "labels": {"kubeml.io/model": p.model_name, "kubeml.io/version": p.version},
     }
+    if p.auth_secret:
+        spec["volumes"].append({"name": "kubeml-auth", "secret": {"secretName": p.auth_secret}})
     selector = dict(p.node_selector)
     if p.resources.gpus:
         selector.update(GPU_NODE_SELECTOR)

@@ -128,6 +128,9 @@ class ServingManager:
         batch_max_latency_ms: float | None = None,
         request_timeout_s: float | None = None,
         max_concurrency: int | None = None,
+        auth_token_file: str | Path | None = None,
+        header_timeout_s: float | None = None,
+        idle_timeout_s: int | None = None,
     ) -> ServedModel:
         """Start a server for ``bundle_dir`` as ``name`` and wait until it is ready.
 
@@ -144,7 +147,9 @@ class ServingManager:
         ``runtime="onnx"`` serves the bundle's ``model.onnx`` with ONNX Runtime;
         ``batch_max_size`` / ``batch_max_latency_ms`` turn on adaptive batching across
         requests and ``request_timeout_s`` sets the inference deadline (server defaults
-        when None; see ``kubeml.serving.server``).
+        when None; see ``kubeml.serving.server``). ``auth_token_file`` makes inference need
+        a bearer token from that file; ``header_timeout_s`` / ``idle_timeout_s`` bound how
+        long a client may take to send headers / keep an idle connection.
         """
         _check_name(name)
         if payload_spool_mb < 0:
@@ -198,6 +203,12 @@ class ServingManager:
             cmd += ["--request-timeout-s", str(request_timeout_s)]
         if max_concurrency is not None:
             cmd += ["--max-concurrency", str(max_concurrency)]
+        if auth_token_file is not None:
+            cmd += ["--auth-token-file", str(Path(auth_token_file).resolve())]
+        if header_timeout_s is not None:
+            cmd += ["--header-timeout-s", str(header_timeout_s)]
+        if idle_timeout_s is not None:
+            cmd += ["--idle-timeout-s", str(idle_timeout_s)]
         if payload_log is not None:
             cmd += ["--payload-log", str(payload_log)]
             cmd += ["--payload-sample-rate", str(payload_sample_rate)]

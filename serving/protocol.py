@@ -17,12 +17,14 @@ usable where ``grpc`` is not imported (the ASGI middleware, the model classes' t
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 __all__ = [
     "GRPC_HTTP_STATUS",
     "error_body",
     "grpc_http_status",
+    "redact",
     "send_json_error",
 ]
 
@@ -65,13 +67,30 @@ def grpc_http_status(code: Any) -> int:
     return GRPC_HTTP_STATUS.get(name, (0, 500))[1]
 
 
+#: A filesystem path inside an error message: an absolute path of two or more parts that is
+#: not one of the served URL trees; and the lines of a Python traceback.
+_FS_PATH = re.compile(r"(?<![\w:/.])/(?!(?:v1|v2|-|metrics)\b)[\w.@~+-]+(?:/[\w.@~+-]*)+")
+_TRACEBACK = re.compile(r'Traceback \(most recent call last\)|File "[^"]*", line \d+')
+
+
+def redact(message: str) -> str:
+    """``message`` without filesystem paths or traceback lines: what a client may be told.
+
+    >>> redact("bundle /srv/models/digits/3/model.onnx is missing")
+    'bundle <path> is missing'
+    >>> redact("POST /v2/models/digits/infer is not routed")
+    'POST /v2/models/digits/infer is not routed'
+    """
+    return _TRACEBACK.sub("<traceback>", _FS_PATH.sub("<path>", message))
+
+
 def error_body(message: str) -> bytes:
-    """The JSON error body of every kubeml endpoint.
+    """The JSON error body of every kubeml endpoint, paths and tracebacks redacted.
 
     >>> error_body("model digits is not loaded")
     b'{"error": "model digits is not loaded"}'
     """
-    return json.dumps({"error": message}).encode()
+    return json.dumps({"error": redact(message)}).encode()
 
 
 async def send_json_error(send: Any, status: int, message: str) -> None:

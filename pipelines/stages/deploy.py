@@ -26,6 +26,7 @@ def deploy_stage(config_json: str, run_id: str, model_version: int) -> str:
     from kubeml.data import load_dataset
     from kubeml.registry import Registry, verified_bundle
     from kubeml.serving.client import smoke_test
+    from kubeml.serving.tokens import first_token
     from kubeml.serving.deploy import get_deploy_target
 
     ctx = open_stage(config_json, run_id)
@@ -65,7 +66,9 @@ def deploy_stage(config_json: str, run_id: str, model_version: int) -> str:
         # Smoke test: held-out samples through V1 and V2 must give exactly the offline answers.
         evaluation = json.loads(store.get_text(f"runs/{run_id}/evaluation.json"))
         n = min(cfg.serving.smoke_samples, len(x))
-        report = smoke_test(outcome.url, mv.name, x[:n], expected=evaluation["predictions"][:n], min_accuracy=1.0)
+        token = first_token(cfg.serving.auth_token_file) if cfg.serving.auth_token_file else None
+        report = smoke_test(outcome.url, mv.name, x[:n], expected=evaluation["predictions"][:n], min_accuracy=1.0,
+                            token=token)
         rec.outputs.update({"deployed": True, "smoke_samples": n, "smoke_agreement": report.accuracy})
         how = {"deployed": "deployed", "promoted": "canary promoted 10->50->100", "replaced": "replaced",
                "unchanged": "already serving"}.get(outcome.action, outcome.action)

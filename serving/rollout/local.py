@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import secrets
 import sys
 import time
 from dataclasses import dataclass
@@ -42,6 +40,7 @@ from kubeml.serving.manager import (
 )
 from kubeml.serving.rollout.engine import BackendMetrics, WindowMetrics
 from kubeml.serving.rollout.router import ADMIN_PREFIX, Routes
+from kubeml.serving.tokens import first_token, write_token_file
 
 __all__ = ["DeployOutcome", "LocalBackend", "RouterProcess", "deploy_local", "instance_name"]
 
@@ -149,6 +148,9 @@ class LocalBackend:
         batch_max_latency_ms: float | None = None,
         request_timeout_s: float | None = None,
         max_concurrency: int | None = None,
+        auth_token_file: str | Path | None = None,
+        header_timeout_s: float | None = None,
+        idle_timeout_s: int | None = None,
     ):
         self.model = model
         self.state_dir = Path(state_dir) if state_dir is not None else default_state_dir()
@@ -167,6 +169,9 @@ class LocalBackend:
                 ("batch_max_latency_ms", batch_max_latency_ms),
                 ("request_timeout_s", request_timeout_s),
                 ("max_concurrency", max_concurrency),
+                ("auth_token_file", auth_token_file),
+                ("header_timeout_s", header_timeout_s),
+                ("idle_timeout_s", idle_timeout_s),
             )
             if v is not None
         }
@@ -234,7 +239,7 @@ class LocalBackend:
         routes_file = self.rollout_dir / "routes.json"
         routes_file.write_text(json.dumps(routes.to_dict(), indent=2))
         log_file = self.rollout_dir / "router.log"
-        token_file = _write_admin_token(self.rollout_dir / "admin-token")
+        token_file = write_token_file(self.rollout_dir / "admin-token")
         cmd = [
             sys.executable, "-m", _ROUTER_MODULE, "--host", self.host, "--port", str(port),
             "--routes-file", str(routes_file), "--admin-token-file", str(token_file),
@@ -421,16 +426,6 @@ class LocalBackend:
         self._canary = None
 
 
-def _write_admin_token(path: Path) -> Path:
-    """A new random admin token for a router, in a file only this user can read (0600)."""
-    token = secrets.token_urlsafe(32)  # 256 bits
-    path.unlink(missing_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as handle:
-        handle.write(token + "\n")
-    return path
-
-
 def _grpc_target(served: ServedModel) -> str | None:
     return f"{served.host}:{served.grpc_port}" if served.grpc_port is not None else None
 
@@ -490,6 +485,9 @@ def deploy_local(
     batch_max_latency_ms: float | None = None,
     request_timeout_s: float | None = None,
     max_concurrency: int | None = None,
+    auth_token_file: str | Path | None = None,
+    header_timeout_s: float | None = None,
+    idle_timeout_s: int | None = None,
 ) -> DeployOutcome:
     """Deploy ``version`` of ``model`` locally; the entry point of ``kubeml deploy``.
 
@@ -504,7 +502,9 @@ def deploy_local(
     ``batch_max_latency_ms`` (adaptive batching) and ``request_timeout_s`` (inference
     deadline) and ``max_concurrency`` (the overload limit) apply to the version servers
     started here, the canary included (the config's ``serving`` keys of the same names;
-    None: server defaults).
+    None: server defaults), as do ``auth_token_file`` (inference needs a token of that
+    file; the router passes the client's ``Authorization`` through, and the replayed
+    traffic sends the file's first token) and the header and idle timeouts.
     """
     from kubeml.serving.rollout.engine import DecisionLog, RolloutEngine, RolloutPolicy
     from kubeml.serving.rollout.replay import TrafficReplayer
@@ -520,6 +520,9 @@ def deploy_local(
         batch_max_latency_ms=batch_max_latency_ms,
         request_timeout_s=request_timeout_s,
         max_concurrency=max_concurrency,
+        auth_token_file=auth_token_file,
+        header_timeout_s=header_timeout_s,
+        idle_timeout_s=idle_timeout_s,
     )
     router = backend.router()
     if router is None or not canary:
@@ -534,7 +537,8 @@ def deploy_local(
     backend.prepare_canary(bundle, version, fault=fault)
     traffic = None
     if replay_rows is not None:
-        traffic = TrafficReplayer(router.url, model, replay_rows, rate_per_s=replay_rate_per_s)
+        token = first_token(auth_token_file) if auth_token_file is not None else None
+        traffic = TrafficReplayer(router.url, model, replay_rows, rate_per_s=replay_rate_per_s, token=token)
     engine = RolloutEngine(
         backend,
         policy if policy is not None else RolloutPolicy(),

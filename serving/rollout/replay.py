@@ -51,6 +51,7 @@ class TrafficReplayer:
         rate_per_s: float | None = 50.0,
         datatype: str = "FP32",
         timeout_s: float = 30.0,
+        token: str | None = None,
     ):
         self.rows = np.asarray(rows)
         if self.rows.ndim < 2 or len(self.rows) == 0:
@@ -63,6 +64,8 @@ class TrafficReplayer:
         self.rate_per_s = rate_per_s
         self.datatype = datatype
         self.timeout_s = timeout_s
+        self._headers = {"Authorization": f"Bearer {token}"} if token else {}
+        """Sent with every request when the servers need an inference token."""
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._lock = threading.Lock()
@@ -93,7 +96,7 @@ class TrafficReplayer:
             next_at = time.monotonic()
             while not self._stop.is_set():
                 try:
-                    r = session.post(self.endpoint, json=self._body(), timeout=self.timeout_s)
+                    r = session.post(self.endpoint, json=self._body(), headers=self._headers, timeout=self.timeout_s)
                     status, backend = r.status_code, r.headers.get("x-kubeml-backend", "")
                 except requests.RequestException:
                     status, backend = 0, ""

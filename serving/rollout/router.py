@@ -72,7 +72,9 @@ MAX_BACKGROUND = 64
 #: Seconds a backend may take to answer one inference request.
 UPSTREAM_TIMEOUT_S = 30.0
 # Headers a model server needs to decode a request / a client needs to decode an answer.
-_FORWARD_REQUEST = ("content-type", "inference-header-content-length", "x-request-id", "accept")
+# "authorization": inference credentials are the client's own; the servers check them
+# (the router holds no inference token and cannot widen anyone's access).
+_FORWARD_REQUEST = ("content-type", "inference-header-content-length", "x-request-id", "accept", "authorization")
 _FORWARD_RESPONSE = ("content-type", "inference-header-content-length", "x-request-id", "x-kubeml-deadline")
 
 

@@ -16,7 +16,7 @@ import re
 import sys
 from pathlib import Path
 
-from kubeml.errors import BundleError
+from kubeml.errors import BundleError, ConfigError
 from kubeml.serving.server._limits import (
     DEFAULT_MAX_BODY_BYTES,
     DEFAULT_MAX_CONCURRENCY,
@@ -25,6 +25,7 @@ from kubeml.serving.server._limits import (
     RUNTIMES,
     _check_timeouts,
 )
+from kubeml.serving.server._http import DEFAULT_HEADER_TIMEOUT_S, DEFAULT_IDLE_TIMEOUT_S
 from kubeml.serving.server._run import serve, serve_repository
 
 __all__ = ["main"]
@@ -73,6 +74,22 @@ def _parser() -> argparse.ArgumentParser:
         default=DEFAULT_MAX_CONCURRENCY,
         help="inference requests in flight at once; more are answered 503 with Retry-After (0: no limit)",
     )
+    access = p.add_argument_group(
+        "access", "who may call the server, and how long a client may hold a connection"
+    )
+    access.add_argument("--auth-token-file", type=Path, default=None,
+                        help="inference needs 'Authorization: Bearer T' with a token of this file "
+                        "(one per line, re-read on change; a mounted Secret); default: open")
+    access.add_argument("--admin-token-file", type=Path, default=None,
+                        help="token of the model repository API (load/unload/index); required with --models-dir")
+    access.add_argument("--tls-cert-file", type=Path, default=None, help="server certificate (PEM): turns on mTLS")
+    access.add_argument("--tls-key-file", type=Path, default=None, help="server private key (PEM)")
+    access.add_argument("--tls-client-ca-file", type=Path, default=None,
+                        help="CA (PEM) that signs client certificates; clients without one are refused")
+    access.add_argument("--header-timeout-s", type=float, default=DEFAULT_HEADER_TIMEOUT_S,
+                        help="close a connection whose request headers take longer")
+    access.add_argument("--idle-timeout-s", type=int, default=DEFAULT_IDLE_TIMEOUT_S,
+                        help="close a kept-alive connection idle for longer")
     batching = p.add_argument_group(
         "adaptive batching",
         "coalesce concurrent requests into one forward pass (single-model mode; off by default)",
@@ -159,6 +176,16 @@ def main(argv: list[str] | None = None) -> int:
                      "--payload-log kafka://HOST:PORT/TOPIC")  # fmt: skip
     if not args.payload_spool_max_mb > 0:
         parser.error(f"--payload-spool-max-mb must be positive, got {args.payload_spool_max_mb}")
+    tls_files = (args.tls_cert_file, args.tls_key_file, args.tls_client_ca_file)
+    if any(f is not None for f in tls_files) and not all(f is not None for f in tls_files):
+        parser.error("mTLS needs all of --tls-cert-file, --tls-key-file and --tls-client-ca-file")
+    access = {
+        "auth_token_file": args.auth_token_file,
+        "admin_token_file": args.admin_token_file,
+        "tls": tuple(str(f) for f in tls_files) if tls_files[0] is not None else None,
+        "header_timeout_s": args.header_timeout_s,
+        "idle_timeout_s": args.idle_timeout_s,
+    }
 
     if args.models_dir is not None:
         if args.model_dir is not None:
@@ -178,7 +205,11 @@ def main(argv: list[str] | None = None) -> int:
                 max_body_bytes=args.max_body_bytes,
                 request_timeout_s=args.request_timeout_s,
                 max_concurrency=args.max_concurrency,
+                **access,
             )
+        except ConfigError as exc:
+            log.error("%s", exc)
+            return 2
         except BundleError as exc:
             log.error("%s", exc)
             return EXIT_LOAD_FAILED
@@ -211,7 +242,11 @@ def main(argv: list[str] | None = None) -> int:
             batching=batching,
             request_timeout_s=args.request_timeout_s,
             max_concurrency=args.max_concurrency,
+            **access,
         )
+    except ConfigError as exc:
+        log.error("%s", exc)
+        return 2
     except BundleError as exc:
         log.error("%s", exc)
         return EXIT_LOAD_FAILED

@@ -19,6 +19,7 @@ counted too), the request guard, kserve's app.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import re
 from typing import Any
@@ -29,9 +30,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from kubeml.config import DEFAULT_REQUEST_TIMEOUT_S
 from kubeml.errors import BundleError
-from kubeml.serving.protocol import send_json_error
+from kubeml.serving.protocol import error_body, redact, send_json_error
 from kubeml.serving.server._dataplane import InferenceTimeout
+from kubeml.serving.server._auth import RestAuth, ServerTls, TokenFile
 from kubeml.serving.server._grpc import GrpcTelemetryInterceptor
+from kubeml.serving.server._http import DEFAULT_HEADER_TIMEOUT_S, DEFAULT_IDLE_TIMEOUT_S
 from kubeml.serving.server._kserve import KubemlModelServer, kserve_app, quiet_kserve_logs
 from kubeml.serving.server._limits import (
     CLIENT_DEADLINE_HEADER,
@@ -41,7 +44,7 @@ from kubeml.serving.server._limits import (
 )
 from kubeml.serving.telemetry import FaultInjection, ModelTelemetry, TelemetryMiddleware, infer_route
 
-__all__ = ["build_server"]
+__all__ = ["LIVENESS_PATH", "Liveness", "build_server"]
 
 log = logging.getLogger("kubeml.serving.server")
 
@@ -59,6 +62,104 @@ _VERSIONED_ROUTE = re.compile(
 #: Path prefix of the V2 model repository API (load, unload, index). kserve serves it in
 #: single-model mode too: one anonymous unload would take the served model down for good.
 REPOSITORY_PREFIX = "/v2/repository"
+#: Liveness: 200 while the model loads or serves, 503 once its load failed or it was lost.
+LIVENESS_PATH = "/v2/health/live"
+
+
+class Liveness:
+    """Whether the process is worth keeping: the answer of ``/v2/health/live``.
+
+    Loading is live (the kubelet must not restart a server that is still reading its
+    weights; readiness says 503 meanwhile). A model whose load failed, or that was loaded
+    and is no longer ready, is not live: a restart is the cure. A multi-model server
+    (``model`` None) is live while it runs; its models come and go by design.
+    """
+
+    def __init__(self, model: Any = None):
+        self.model = model
+        self.state = "loading" if model is not None else "loaded"
+        self.reason = ""
+
+    def loaded(self) -> None:
+        self.state = "loaded"
+
+    def failed(self, reason: str) -> None:
+        self.state, self.reason = "failed", reason
+
+    def check(self) -> str | None:
+        """None when live, else why not."""
+        if self.state == "failed":
+            return f"the model failed to load: {self.reason}"
+        if self.state == "loaded" and self.model is not None and not getattr(self.model, "ready", False):
+            return "the model was loaded and is no longer ready"
+        return None
+
+
+class _LivenessProbe:
+    """``GET /v2/health/live`` answers 503 with the reason when :class:`Liveness` says so;
+    otherwise kserve answers it (200, ``{"live": true}``)."""
+
+    def __init__(self, app: Any, *, liveness: Liveness):
+        self.app = app
+        self.liveness = liveness
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope.get("path") == LIVENESS_PATH:
+            reason = self.liveness.check()
+            if reason is not None:
+                await send_json_error(send, 503, f"not live: {reason}")
+                return
+        await self.app(scope, receive, send)
+
+
+class _RedactErrors:
+    """Error answers (4xx/5xx JSON) never carry a filesystem path or a traceback.
+
+    kubeml's own messages are written without them; this catches the ones kserve builds
+    from an exception's text (its catch-all handler answers ``"{type} : {exc}"``). Error
+    bodies are small, so they are buffered and rewritten; other answers stream through.
+    """
+
+    def __init__(self, app: Any):
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start: dict | None = None
+        chunks: list[bytes] = []
+
+        async def redacting_send(message: dict) -> None:
+            nonlocal start
+            if message["type"] == "http.response.start" and message.get("status", 200) >= 400:
+                start = message
+                return
+            if start is None or message["type"] != "http.response.body":
+                await send(message)
+                return
+            chunks.append(message.get("body", b""))
+            if message.get("more_body"):
+                return
+            body = b"".join(chunks)
+            try:
+                payload = json.loads(body)
+            except ValueError:
+                payload = None
+            if isinstance(payload, dict) and isinstance(payload.get("error"), str):
+                body = json.dumps({**payload, "error": redact(payload["error"])}).encode()
+            elif _looks_internal(body):
+                body = error_body("internal error")
+            headers = [(k, v) for k, v in start.get("headers", []) if k.lower() != b"content-length"]
+            await send({**start, "headers": [*headers, (b"content-length", str(len(body)).encode())]})
+            await send({"type": "http.response.body", "body": body})
+
+        await self.app(scope, receive, redacting_send)
+
+
+def _looks_internal(body: bytes) -> bool:
+    text = body.decode("utf-8", "replace")
+    return redact(text) != text
 
 
 class _ConcurrencyLimit:
@@ -230,8 +331,13 @@ def _add_repository_routes(app: Any, repository: Any) -> None:
         try:
             await asyncio.to_thread(repository.load, model_name)
         except BundleError as exc:
-            status = 400 if "cap" in str(exc) else 404
-            return JSONResponse(status_code=status, content={"error": str(exc)})
+            # The message names the bundle's path on this machine: logged, not answered.
+            log.warning("load of model %r refused: %s", model_name, exc)
+            if "cap" in str(exc):
+                return JSONResponse(status_code=400, content={
+                    "error": f"model {model_name!r} is larger than the server's memory cap"})
+            return JSONResponse(status_code=404, content={
+                "error": f"model {model_name!r} has no loadable bundle in the repository"})
         return {"name": model_name, "load": True, "loaded": repository.loaded(),
                 "used_bytes": repository.used_bytes}
 
@@ -271,13 +377,23 @@ def build_server(
     fault: FaultInjection | None = None,
     request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S,
     max_concurrency: int = DEFAULT_MAX_CONCURRENCY,
+    auth_tokens: TokenFile | None = None,
+    admin_tokens: TokenFile | None = None,
+    tls: ServerTls | None = None,
+    header_timeout_s: float = DEFAULT_HEADER_TIMEOUT_S,
+    idle_timeout_s: int = DEFAULT_IDLE_TIMEOUT_S,
 ) -> KubemlModelServer:
     """A ready-to-start server for ``model`` (one model) or ``repository`` (many).
 
     ``grpc_port`` None: REST only. ``fault`` is the fault-injection hook: its errors are
     answered by the telemetry middleware and the gRPC interceptor, its latency is spent
-    inside the data plane's deadline.
+    inside the data plane's deadline. ``auth_tokens``: inference needs one of its tokens
+    (None: open); ``admin_tokens``: the repository API's token (required with a
+    repository); ``tls``: mTLS on REST and gRPC. ``header_timeout_s`` bounds the time to
+    send a request's headers, ``idle_timeout_s`` a kept-alive connection's idle time.
     """
+    if repository is not None and admin_tokens is None:
+        raise ValueError("a multi-model server needs an admin token file for its repository API")
     # The injected latency is spent inside the deadline, as a slow forward pass would be;
     # the middleware (HTTP) and the gRPC interceptor inject errors only, answered at once.
     fault_latency_s = fault.latency_ms / 1000 if fault is not None else 0.0
@@ -285,7 +401,8 @@ def build_server(
 
     versions = {model.name: model.version} if model is not None else _RepositoryVersions(repository)
     grpc_telemetry = (
-        GrpcTelemetryInterceptor(versions, fault, repository_api=repository is not None)
+        GrpcTelemetryInterceptor(versions, fault, repository_api=repository is not None,
+                                 inference_tokens=auth_tokens, admin_tokens=admin_tokens)
         if grpc_port is not None else None
     )
 
@@ -310,6 +427,11 @@ def build_server(
         )
     # Inside the telemetry, so the overload 503s are counted like any other answer.
     app.add_middleware(_ConcurrencyLimit, limit=max_concurrency)
+    # Outside the concurrency limit: an unauthenticated request never takes a slot.
+    app.add_middleware(RestAuth, inference=auth_tokens, admin=admin_tokens)
+    liveness = Liveness(model)
+    app.add_middleware(_LivenessProbe, liveness=liveness)
+    app.add_middleware(_RedactErrors)
     # Added last, so it is outermost: 413s and guard errors are timed and counted too.
     app.add_middleware(
         TelemetryMiddleware,
@@ -326,16 +448,19 @@ def build_server(
         host=host,
         http_port=http_port,
         grpc_port=grpc_port or 0,
+        tls=tls,
+        header_timeout_s=header_timeout_s,
         workers=1,
         enable_docs_url=False,
         enable_latency_logging=False,
         grace_period=GRACE_PERIOD_S,
         access_log_format=None,
         event_loop="asyncio",
-        timeout_keep_alive=65,
+        timeout_keep_alive=idle_timeout_s,
         ssl_certfile=None,
         ssl_keyfile=None,
     )
+    server.liveness = liveness
     if model is not None:
         server.register_model(model)
     return server

@@ -18,6 +18,7 @@ from typing import Any
 from kubeml.serving._kserve import InvalidInput, ModelNotFound, ModelNotReady, ModelServer, kserve
 from kubeml.serving.server._dataplane import StrictDataPlane
 from kubeml.serving.server._grpc import GrpcTelemetryInterceptor, TelemetryGRPCServer
+from kubeml.serving.server._http import DEFAULT_HEADER_TIMEOUT_S, header_timeout_protocol
 
 __all__ = ["KubemlModelServer", "kserve_app", "kserve_args", "quiet_kserve_logs"]
 
@@ -74,6 +75,8 @@ class KubemlModelServer(ModelServer):
         request_timeout_s: float,
         fault_latency_s: float = 0.0,
         host: str = "127.0.0.1",
+        tls: Any = None,
+        header_timeout_s: float = DEFAULT_HEADER_TIMEOUT_S,
         **kwargs: Any,
     ):
         # kserve would build its own gRPC server in start(); _serve() adds ours instead.
@@ -87,6 +90,9 @@ class KubemlModelServer(ModelServer):
         self.grpc_telemetry = grpc_telemetry
         self.host = host
         """Address REST and gRPC listen on; kserve itself always binds every interface."""
+        self.tls = tls
+        """A :class:`~kubeml.serving.server._auth.ServerTls` (mTLS on both sockets), or None."""
+        self.header_timeout_s = header_timeout_s
 
     async def _serve(self) -> None:
         if self.grpc_telemetry is not None:
@@ -98,6 +104,7 @@ class KubemlModelServer(ModelServer):
                 grace_period=self.grace_period,
                 telemetry=self.grpc_telemetry,
                 host=self.host,
+                tls=self.tls,
             )
             self.servers.append(self._grpc_server.start(self.max_threads))
         # kserve's RESTServer hard-codes host 0.0.0.0 in its uvicorn Config; uvicorn reads it
@@ -107,4 +114,7 @@ class KubemlModelServer(ModelServer):
             raise RuntimeError("kserve's REST server was not built as expected; cannot bind "
                                f"{self.host} (kserve {getattr(kserve, '__version__', '?')})")
         rest.config.host = self.host
+        rest.config.http = header_timeout_protocol(self.header_timeout_s)
+        if self.tls is not None:
+            self.tls.configure_uvicorn(rest.config)
         await super()._serve()

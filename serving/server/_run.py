@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from kubeml.config import DEFAULT_REQUEST_TIMEOUT_S
+from kubeml.errors import ConfigError
+from kubeml.serving.server._http import DEFAULT_HEADER_TIMEOUT_S, DEFAULT_IDLE_TIMEOUT_S
 from kubeml.serving.server._limits import (
     DEFAULT_MAX_BODY_BYTES,
     DEFAULT_MAX_CONCURRENCY,
@@ -26,6 +28,25 @@ from kubeml.serving.server._limits import (
 )
 
 __all__ = ["serve", "serve_repository"]
+
+
+def _access(
+    auth_token_file: Any, admin_token_file: Any, tls: Any, header_timeout_s: float, idle_timeout_s: int
+) -> dict[str, Any]:
+    """``build_server``'s access options, files read and checked now (before any import)."""
+    from kubeml.serving.server._auth import ServerTls, TokenFile
+
+    if not (header_timeout_s > 0 and idle_timeout_s > 0):
+        raise ConfigError(
+            f"header and idle timeouts must be > 0 s, got {header_timeout_s:g} and {idle_timeout_s}"
+        )
+    return {
+        "auth_tokens": TokenFile(auth_token_file) if auth_token_file is not None else None,
+        "admin_tokens": TokenFile(admin_token_file) if admin_token_file is not None else None,
+        "tls": ServerTls(*tls) if tls is not None else None,
+        "header_timeout_s": header_timeout_s,
+        "idle_timeout_s": idle_timeout_s,
+    }
 
 log = logging.getLogger("kubeml.serving.server")
 
@@ -42,9 +63,24 @@ def serve_repository(
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S,
     max_concurrency: int = DEFAULT_MAX_CONCURRENCY,
+    auth_token_file: str | Path | None = None,
+    admin_token_file: str | Path | None = None,
+    tls: tuple[str, str, str] | None = None,
+    header_timeout_s: float = DEFAULT_HEADER_TIMEOUT_S,
+    idle_timeout_s: int = DEFAULT_IDLE_TIMEOUT_S,
 ) -> int:
     """Serve every bundle under ``models_dir/NAME`` on demand (V2 repository API), with
-    least-recently-used eviction under ``max_memory_bytes``; returns the exit status."""
+    least-recently-used eviction under ``max_memory_bytes``; returns the exit status.
+
+    ``admin_token_file`` is required: load, unload and index need its token. The other
+    access options are :func:`serve`'s.
+    """
+    if admin_token_file is None:
+        raise ConfigError(
+            "a multi-model server needs --admin-token-file: its repository API (load, unload) "
+            "is an admin path; write a token with `openssl rand -hex 32 > FILE; chmod 600 FILE`"
+        )
+    access = _access(auth_token_file, admin_token_file, tls, header_timeout_s, idle_timeout_s)
     from kubeml.serving.repository import BundleRepository
     from kubeml.serving.server._app import build_server
 
@@ -60,6 +96,7 @@ def serve_repository(
         max_body_bytes=max_body_bytes,
         request_timeout_s=request_timeout_s,
         max_concurrency=max_concurrency,
+        **access,
     )
     server.start([])
     return 0
@@ -84,6 +121,11 @@ def serve(
     batching: Any = None,
     request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S,
     max_concurrency: int = DEFAULT_MAX_CONCURRENCY,
+    auth_token_file: str | Path | None = None,
+    admin_token_file: str | Path | None = None,
+    tls: tuple[str, str, str] | None = None,
+    header_timeout_s: float = DEFAULT_HEADER_TIMEOUT_S,
+    idle_timeout_s: int = DEFAULT_IDLE_TIMEOUT_S,
 ) -> int:
     """Serve the bundle in ``model_dir`` until SIGTERM/SIGINT; returns the exit status.
 
@@ -92,10 +134,15 @@ def serve(
     requests; ``request_timeout_s`` (0: none) is the deadline of one inference.
     ``payload_log`` (a JSONL path, an http(s) URL or a kafka:// URL) turns on sampled
     payload logging; ``payload_spool`` (a directory, Kafka sinks only) keeps what the broker
-    cannot take yet, up to ``payload_spool_max_bytes``; ``fault`` (a :class:`~kubeml.serving.telemetry.FaultInjection`) is the fault-injection
-    hook used by rollout tests.
+    cannot take yet, up to ``payload_spool_max_bytes``; ``fault`` (a
+    :class:`~kubeml.serving.telemetry.FaultInjection`) is the fault-injection hook used by
+    rollout tests. ``auth_token_file``: inference needs a bearer token from
+    that file (re-read when it changes); ``tls`` ``(cert, key, client CA)``: mTLS on REST
+    and gRPC; ``header_timeout_s`` / ``idle_timeout_s``: how long a client may take to
+    send a request's headers / keep an idle connection.
     """
     model_dir = Path(model_dir)
+    access = _access(auth_token_file, admin_token_file, tls, header_timeout_s, idle_timeout_s)
     if runtime not in RUNTIMES:
         raise ValueError(f"runtime must be one of {RUNTIMES}, got {runtime!r}")
     _check_timeouts(request_timeout_s, batching)
@@ -136,6 +183,7 @@ def serve(
         fault=fault,
         request_timeout_s=request_timeout_s,
         max_concurrency=max_concurrency,
+        **access,
     )
     failed = threading.Event()
 
@@ -144,9 +192,11 @@ def serve(
             model.load()
             if model.telemetry is not None and model.spec is not None:
                 model.telemetry.classes = tuple(model.spec.classes)
+            server.liveness.loaded()
             log.info("model %s version %r loaded from %s", model_name, model_version, model_dir)
-        except Exception:
+        except Exception as exc:
             log.exception("cannot load model %s from %s; stopping", model_name, model_dir)
+            server.liveness.failed(type(exc).__name__)  # /v2/health/live answers 503 from now
             failed.set()
             os.kill(os.getpid(), signal.SIGTERM)
 

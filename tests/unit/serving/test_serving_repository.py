@@ -9,19 +9,25 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 import requests
 
+from kubeml.serving.tokens import first_token, write_token_file
 from tests.unit.serving.conftest import write_digits_bundle
 
 ROW = [float(i % 17) for i in range(64)]
 INFER = {"inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32", "data": ROW}]}
 
 
+_ADMIN: dict[str, str] = {}
+"""The admin token of the module's server, as the Authorization header its clients send."""
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    token_file = write_token_file(tmp_path_factory.mktemp("secrets") / "admin-token")
+    _ADMIN["Authorization"] = f"Bearer {first_token(token_file)}"
     models = tmp_path_factory.mktemp("models")
     for seed, name in enumerate(("a", "b", "c")):
         write_digits_bundle(models / name, seed=seed)
@@ -33,7 +39,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     log = (tmp_path_factory.mktemp("logs") / "server.log").open("wb")
     proc = subprocess.Popen(
         [sys.executable, "-m", "kubeml.serving.server", "--models-dir", str(models),
-         "--max-memory-mb", str(cap_mb), "--http-port", str(port)],
+         "--max-memory-mb", str(cap_mb), "--http-port", str(port), "--admin-token-file", str(token_file)],
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         env={**os.environ, "JE_ARROW_MALLOC_CONF": "background_thread:false"},
     )  # fmt: skip
@@ -57,7 +63,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 
 def _post(url: str, path: str, body=None) -> requests.Response:
-    return requests.post(url + path, json=body, timeout=60)
+    return requests.post(url + path, json=body, headers=_ADMIN, timeout=60)
 
 
 def test_models_load_on_request_and_least_recently_used_is_evicted(server):
@@ -86,3 +92,22 @@ def test_unload_frees_the_model(server):
     assert _post(server, "/v2/repository/models/a/unload").status_code == 200
     assert _post(server, "/v2/models/a/infer", INFER).status_code == 404
     assert requests.get(f"{server}/v2/health/ready", timeout=10).status_code == 200
+
+
+def test_the_repository_api_needs_the_admin_token_and_infer_keeps_answering(server):
+    assert _post(server, "/v2/repository/models/a/load").status_code == 200
+    for path in ("/v2/repository/models/a/unload", "/v2/repository/models/b/load", "/v2/repository/index"):
+        for headers in ({}, {"Authorization": "Bearer not-the-admin-token-at-all"}, {"Authorization": "Basic eDp5"}):
+            r = requests.post(server + path, headers=headers, timeout=30)
+            assert r.status_code == 401, (path, headers, r.text)
+            assert "admin token" in r.json()["error"] and r.headers["www-authenticate"].startswith("Bearer")
+    assert requests.post(server + "/v2/models/a/infer", json=INFER, timeout=30).status_code == 200  # still loaded
+    assert requests.get(f"{server}/v2/health/live", timeout=10).status_code == 200
+
+
+def test_a_multi_model_server_without_an_admin_token_does_not_start(tmp_path):
+    r = subprocess.run(
+        [sys.executable, "-m", "kubeml.serving.server", "--models-dir", str(tmp_path), "--http-port", "1"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert r.returncode == 2 and "needs --admin-token-file" in r.stderr, r.stderr[-500:]
