@@ -81,3 +81,59 @@ def test_operator_image_runs_as_an_unlisted_uid(core: CoreV1Api, ns: str) -> Non
         securityContext={**_RESTRICTED, "runAsUser": 65532, "runAsGroup": 65532})])
     assert phase == "Succeeded", log
     assert log.strip() == "65532 kubeml"
+
+
+# -- the security settings of the pods kubeml generates, in real containers --------------------
+
+_SECURITY_PROBE = """
+import json, os
+out = {"uid": os.getuid(), "gid": os.getgid()}
+try:
+    open("/kubeml-root-write", "w").close()
+    out["root"] = "writable"
+except OSError as exc:
+    out["root"] = exc.errno
+with open("/tmp/kubeml-scratch", "w") as f:
+    f.write("ok")
+out["tmp"] = "writable"
+status = dict(line.split(":", 1) for line in open("/proc/self/status").read().splitlines() if ":" in line)
+out.update({k: status[k].strip() for k in ("NoNewPrivs", "Seccomp", "CapEff", "CapBnd")})
+print("probe", json.dumps(out))  # (a log that is all JSON comes back from the client as a dict's repr)
+"""
+
+
+@pytest.mark.parametrize("kind", ["predictor", "ray-head", "ray-worker"])
+def test_generated_pods_run_with_their_security_settings_in_a_restricted_namespace(
+    core: CoreV1Api, ns: str, kind: str
+) -> None:
+    """The predictor and Ray pods as kubeml builds them (pod and container securityContext,
+    volumes and mounts kept as they are) run in a namespace that enforces Pod Security
+    ``restricted``: as uid/gid 65532, on a read-only root with /tmp writable, no new
+    privileges, seccomp filtering and no capabilities.
+
+    Only what makes them start here is changed: the image and command are the operator
+    image's python running a probe (the server and runtime images carry the CUDA build of
+    PyTorch, about 5-6 GB each, and ``make test`` does not build them), placement is the real
+    node's, resources are small, and the HTTP probes of a server that is not there are dropped.
+    """
+    import json
+
+    from kubeml._kube import PLATFORM_POD_UID
+    from tests.integration.platform_pods import platform_pods
+
+    spec = platform_pods(ns)[kind]["spec"]
+    (container,) = spec["containers"]
+    for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
+        container.pop(probe, None)
+    container.update(image=image_ref("operator"), imagePullPolicy="Never", command=["python3", "-c", _SECURITY_PROBE],
+                     args=[], resources={"requests": {"cpu": "50m", "memory": "64Mi"},
+                                         "limits": {"cpu": "500m", "memory": "256Mi"}})
+    name = f"generated-{kind}"
+    kept = {k: v for k, v in spec.items() if k in ("securityContext", "volumes")}
+    phase, log = _finish(core, ns, name, [container], **kept)
+    assert phase == "Succeeded", log
+    seen = json.loads(log.strip().splitlines()[-1].removeprefix("probe "))
+    assert (seen["uid"], seen["gid"]) == (PLATFORM_POD_UID, PLATFORM_POD_UID)
+    assert seen["root"] == 30 and seen["tmp"] == "writable"  # EROFS on /, the emptyDir on /tmp
+    assert seen["NoNewPrivs"] == "1" and seen["Seccomp"] == "2"  # 2: a seccomp filter is loaded
+    assert int(seen["CapEff"], 16) == 0 and int(seen["CapBnd"], 16) == 0
