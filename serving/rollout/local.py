@@ -246,6 +246,8 @@ class LocalBackend:
         ]  # fmt: skip
         if grpc_port is not None:
             cmd += ["--grpc-port", str(grpc_port)]
+        if "header_timeout_s" in self.server_options:  # serving.header_timeout_s: the router's too
+            cmd += ["--header-timeout-s", str(self.server_options["header_timeout_s"])]
         proc = spawn(cmd, log_file)
         router = RouterProcess(
             self.model, proc.pid, port, self.host, str(routes_file), str(log_file), grpc_port, str(token_file)

@@ -485,6 +485,13 @@ class Router:
         return self._response(status, payload, headers, "stable", routes.stable_version)
 
 
+#: aiohttp has no header timeout of its own; its keep-alive deadline also runs from the moment
+#: a connection opens until a whole request has arrived, so it serves as one: a client that
+#: dribbles its headers (or sends none) is disconnected after this many seconds. The same
+#: deadline then closes connections idle between requests.
+HEADER_TIMEOUT_S = 10.0
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m kubeml.serving.rollout.router",
@@ -510,11 +517,21 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="also serve Open Inference Protocol V2 gRPC on this port (routes' *_grpc targets)",
     )
+    p.add_argument(
+        "--header-timeout-s",
+        type=float,
+        default=HEADER_TIMEOUT_S,
+        help="seconds a client has to send its first request on a connection, and that an idle "
+        f"kept-alive connection stays open (default {HEADER_TIMEOUT_S:g}): slowloris clients are cut off",
+    )
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not args.header_timeout_s > 0:
+        parser.error(f"--header-timeout-s must be positive, got {args.header_timeout_s}")
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
@@ -546,7 +563,7 @@ def main(argv: list[str] | None = None) -> int:
     # access_log=None: one line per request would cost more than the routing itself.
     web.run_app(
         router.app(), host=args.host, port=args.port, access_log=None, print=None,
-        shutdown_timeout=5.0,
+        shutdown_timeout=5.0, keepalive_timeout=args.header_timeout_s,
     )
     return 0
 

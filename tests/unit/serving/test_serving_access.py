@@ -348,10 +348,11 @@ def test_500_idle_connections_leave_the_server_answering_and_are_closed_after_th
           f"{HEADER_TIMEOUT_S:g} s header timeout")
 
 
-def test_a_client_dribbling_its_headers_is_cut_off_within_the_header_timeout(server):
+def _dribble(host: str, port: int) -> tuple[bool, float, int]:
+    """Send a request's headers at 10 bytes a second: ``(cut off, seconds, bytes sent)``."""
     import select
 
-    s = socket.create_connection((server.host, server.http_port), timeout=10)
+    s = socket.create_connection((host, port), timeout=10)
     request = b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\nX-Padding: " + b"a" * 1000
     started = time.monotonic()
     sent, cut = 0, False
@@ -366,7 +367,46 @@ def test_a_client_dribbling_its_headers_is_cut_off_within_the_header_timeout(ser
         cut = True
     elapsed = time.monotonic() - started
     s.close()
+    return cut, elapsed, sent
+
+
+def test_a_client_dribbling_its_headers_is_cut_off_within_the_header_timeout(server):
+    cut, elapsed, sent = _dribble(server.host, server.http_port)
     assert cut, f"the server kept a client that sent {sent} header bytes over {elapsed:.1f} s"
     assert HEADER_TIMEOUT_S - 0.2 <= elapsed <= HEADER_TIMEOUT_S + 2, elapsed
     print(f"\nheader dribbler ({sent} bytes at 10 B/s) disconnected after {elapsed:.2f} s "
           f"(header timeout {HEADER_TIMEOUT_S:g} s)")
+
+
+def test_the_router_cuts_off_a_dribbling_client_and_keeps_answering(tmp_path):
+    import subprocess
+    import sys
+
+    from kubeml._proc import terminate_group
+
+    port = free_port()
+    token = write_token_file(tmp_path / "admin-token")
+    router = subprocess.Popen(
+        [sys.executable, "-m", "kubeml.serving.rollout.router", "--port", str(port), "--routes-file",
+         str(tmp_path / "routes.json"), "--admin-token-file", str(token), "--header-timeout-s", str(HEADER_TIMEOUT_S)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+    healthz = f"http://127.0.0.1:{port}/-/rollout/healthz"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                requests.get(healthz, timeout=2)  # answers (503: no routes yet, not ready)
+                break
+            except requests.RequestException:
+                pass
+            assert router.poll() is None and time.monotonic() < deadline, "router did not start"
+            time.sleep(0.2)
+        cut, elapsed, sent = _dribble("127.0.0.1", port)
+        assert cut, f"the router kept a client that sent {sent} header bytes over {elapsed:.1f} s"
+        assert HEADER_TIMEOUT_S - 0.2 <= elapsed <= HEADER_TIMEOUT_S + 2, elapsed
+        assert requests.get(healthz, timeout=5).json()["ready"] is False  # answering throughout
+        print(f"\nrouter: header dribbler ({sent} bytes at 10 B/s) disconnected after {elapsed:.2f} s "
+              f"(header timeout {HEADER_TIMEOUT_S:g} s)")
+    finally:
+        terminate_group(router.pid)
+        router.wait(10)
