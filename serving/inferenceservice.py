@@ -67,18 +67,30 @@ class Resources:
     cpu_limit: str | None = "2"
     gpus: int = 0
     """``nvidia.com/gpu`` per replica; > 0 also selects and tolerates GPU nodes."""
+    ephemeral_storage: str | None = "1Gi"
+    """Ephemeral-storage request: the server's logs and /tmp scratch, and the bundle KServe's
+    storage initializer unpacks into the pod (an emptyDir, counted against the pod's limit)."""
+    ephemeral_storage_limit: str | None = "10Gi"
+    """Ephemeral-storage limit; the kubelet evicts a pod that writes more. Raise it for
+    bundles larger than a few GiB. None (with ``ephemeral_storage`` None): unbounded."""
 
     def __post_init__(self) -> None:
         if self.gpus < 0:
             raise ValueError(f"gpus must be >= 0, got {self.gpus}")
+        if (self.ephemeral_storage is None) != (self.ephemeral_storage_limit is None):
+            raise ValueError("set both ephemeral_storage and ephemeral_storage_limit, or neither")
 
     def to_dict(self) -> dict[str, Any]:
+        requests: dict[str, str] = {"cpu": self.cpu, "memory": self.memory}
         limits: dict[str, str] = {"memory": self.memory}
         if self.cpu_limit:
             limits["cpu"] = self.cpu_limit
         if self.gpus:
             limits["nvidia.com/gpu"] = str(self.gpus)
-        return {"requests": {"cpu": self.cpu, "memory": self.memory}, "limits": limits}
+        if self.ephemeral_storage is not None and self.ephemeral_storage_limit is not None:
+            requests["ephemeral-storage"] = self.ephemeral_storage
+            limits["ephemeral-storage"] = self.ephemeral_storage_limit
+        return {"requests": requests, "limits": limits}
 
 
 @dataclass(frozen=True)

@@ -148,6 +148,18 @@ def test_gpu_predictors_select_and_tolerate_gpu_nodes():
     assert "nodeSelector" not in cpu and "tolerations" not in cpu
 
 
+def test_predictors_request_and_bound_their_ephemeral_storage():
+    resources = inference_service("digits", _predictor())["spec"]["predictor"]["containers"][0]["resources"]
+    assert resources["requests"]["ephemeral-storage"] == "1Gi"
+    assert resources["limits"]["ephemeral-storage"] == "10Gi"
+    big = Resources(ephemeral_storage="20Gi", ephemeral_storage_limit="60Gi").to_dict()
+    assert (big["requests"]["ephemeral-storage"], big["limits"]["ephemeral-storage"]) == ("20Gi", "60Gi")
+    unbounded = Resources(ephemeral_storage=None, ephemeral_storage_limit=None).to_dict()
+    assert "ephemeral-storage" not in unbounded["requests"] and "ephemeral-storage" not in unbounded["limits"]
+    with pytest.raises(ValueError, match="both ephemeral_storage and ephemeral_storage_limit"):
+        Resources(ephemeral_storage_limit=None)
+
+
 def test_canary_shape_depends_on_deployment_mode():
     canary = PredictorConfig(image="img:1", storage_uri="s3://b/digits/4", model_name="digits", version="4")
     knative = with_canary(inference_service("digits", _predictor()), canary, 10)
