@@ -12,26 +12,16 @@ from kubeml.testing.policy import (
     PolicyError,
     Waiver,
     evaluate,
-    find_scanner,
     load_waivers,
     scan,
     scannable,
 )
 
-from kubeml.errors import AssetsMissing
 
 
 def _pod(name="bad", **container):
     return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "namespace": "team-a"},
             "spec": {"containers": [{"name": "app", "image": "example/app:1.0", **container}]}}
-
-
-@pytest.fixture(scope="module")
-def scanner():
-    try:
-        return find_scanner()
-    except AssetsMissing as exc:
-        pytest.skip(str(exc))
 
 
 def test_a_privileged_pod_is_reported_and_fails_the_scan(scanner):

@@ -9,24 +9,15 @@ still match a finding. Needs helm and kubectl from the control-plane assets; no 
 from __future__ import annotations
 
 import pytest
+from kubeml.errors import AssetsMissing
 from kubeml.testing.cluster import find_assets
 from kubeml.testing.policy import (
     evaluate,
-    find_scanner,
     load_waivers,
     project_sources,
     scan,
 )
 
-from kubeml.errors import AssetsMissing
-
-
-@pytest.fixture(scope="module")
-def scanner():
-    try:
-        return find_scanner()
-    except AssetsMissing as exc:
-        pytest.skip(str(exc))
 
 
 @pytest.fixture(scope="module")
