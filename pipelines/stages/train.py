@@ -51,6 +51,7 @@ def train_stage(config_json: str, run_id: str, dataset: str, version: str, *,
             "samples_per_s": last.get("samples_per_s"),
             "time_to_first_step_s": res.time_to_first_step_s,
             "history": history,
+            "attempts": list(res.attempts),
         }
         job = res.job
         if job:

@@ -30,6 +30,7 @@ import signal
 import subprocess
 import time
 from pathlib import Path
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from kubeml._kube import restricted_container_security
@@ -376,6 +377,48 @@ disabled_plugins = [
         """References of the images the node has."""
         result = self.ctr("images", "list", "--quiet", timeout=30)
         return [line for line in result.stdout.split() if not line.startswith("sha256:")]
+
+    @contextlib.contextmanager
+    def host_service(self, port: int, *, what: str = "a host service") -> Iterator[str]:
+        """Let the node's pods reach a service this machine runs on ``127.0.0.1:port``.
+
+        Pods cannot reach the host's loopback (the guard chain rejects it, and a pod's own
+        loopback is itself). For the time of the ``with``, a relay listens on the node's
+        address at the same port and one guard rule lets pods reach it; both go away at
+        exit. Yields ``"10.88.0.1:PORT"``, the address pods use (the host can use it too).
+        The tests use it for the S3 API (moto) the Ray pods write checkpoints to.
+        """
+        import sys
+
+        if not port_free(GATEWAY, port):
+            raise ClusterError(f"port {GATEWAY}:{port} (the pods' way to {what}) is in use; free it")
+        log_path = self.dir.parent / "logs" / f"host-service-{port}.log"
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        rule = ("KUBEML-NODE", "-d", GATEWAY, "-p", "tcp", "--dport", str(port), "-j", "RETURN")
+        with log_path.open("ab") as out:
+            relay = subprocess.Popen([sys.executable, "-m", "kubeml.testing.cluster._forward",
+                                      f"{GATEWAY}:{port}", f"127.0.0.1:{port}"],
+                                     stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        try:
+            deadline = time.monotonic() + 15
+            while port_free(GATEWAY, port):
+                if relay.poll() is not None or time.monotonic() > deadline:
+                    raise ComponentFailed(f"relay to {what}", f"not listening on {GATEWAY}:{port}",
+                                          log_tail(str(log_path)), str(log_path))
+                time.sleep(0.05)
+            # Position 2: after the ESTABLISHED/RELATED shortcut, before the node address's REJECT.
+            _run(["iptables", "-w", "5", "-I", rule[0], "2", *rule[1:]], f"letting pods reach {what}")
+            try:
+                yield f"{GATEWAY}:{port}"
+            finally:
+                subprocess.run(["iptables", "-w", "5", "-D", *rule], capture_output=True, timeout=30)
+        finally:
+            relay.terminate()
+            try:
+                relay.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                relay.kill()
+                relay.wait(timeout=10)
 
     def _ctr_ok(self) -> bool:
         try:

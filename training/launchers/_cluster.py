@@ -121,7 +121,8 @@ def train_on_cluster(
     if not store.list(bundle_key):
         raise JobError(f"{outcome.kind} {outcome.namespace}/{outcome.name} succeeded but the model bundle "
                        f"{store.url(bundle_key)} is missing")
-    known = {"run_id", "bundle_key", "checkpoint_uri", "best_checkpoint_uri", "epochs", "history", "time_to_first_step_s"}
+    known = {"run_id", "bundle_key", "checkpoint_uri", "best_checkpoint_uri", "epochs", "history", "time_to_first_step_s",
+             "attempts"}
     return ClusterTrainResult(
         run_id=run_id,
         bundle_key=bundle_key,
@@ -133,4 +134,5 @@ def train_on_cluster(
         time_to_first_step_s=float(record.get("time_to_first_step_s") or float("nan")),
         job=outcome,
         extra={k: v for k, v in record.items() if k not in known},
+        attempts=tuple(record.get("attempts") or ()),
     )

@@ -82,6 +82,8 @@ class ClusterTrainResult:
     time_to_first_step_s: float
     job: JobOutcome
     extra: dict[str, Any] = field(default_factory=dict)
+    attempts: tuple[dict[str, Any], ...] = ()
+    """One entry per worker-group start (a restart after a lost worker adds one)."""
 
 
 @dataclass(frozen=True)
@@ -98,12 +100,16 @@ class TrainOutcome:
     time_to_first_step_s: float | None
     job: dict | None = None
     """For cluster targets the job as :meth:`JobOutcome.record` gives it; None for a local run."""
+    attempts: tuple[dict, ...] = ()
+    """One entry per worker-group start: the epoch it resumed from, the world size; more
+    than one after a worker was lost and the group restarted from a checkpoint."""
 
     @classmethod
     def of(cls, result: TrainResult | ClusterTrainResult, *, job: dict | None = None) -> TrainOutcome:
         """The outcome of a local (:class:`~kubeml.training.fit.TrainResult`) or cluster run."""
         return cls(bundle_key=result.bundle_key, checkpoint_uri=result.checkpoint_uri, epochs=result.epochs,
-                   history=result.history, time_to_first_step_s=result.time_to_first_step_s, job=job)
+                   history=result.history, time_to_first_step_s=result.time_to_first_step_s, job=job,
+                   attempts=tuple(getattr(result, "attempts", ()) or ()))
 
 
 # ------------------------------------------------------------------ the result record
@@ -127,6 +133,7 @@ def write_result(store: ArtifactStore, result: TrainResult) -> str:
         "time_to_first_step_s": result.time_to_first_step_s,
         "wall_s": result.wall_s,
         "stopped_early": result.stopped_early,
+        "attempts": list(result.attempts),
     }, indent=2))
     return key
 

@@ -96,7 +96,13 @@ SPEC_HASH_ANNOTATION = "kubeml.io/spec-sha256"
 RBAC_RULES: tuple[dict[str, list[str]], ...] = (
     {"apiGroups": ["ray.io"], "resources": ["rayjobs"], "verbs": ["create", "get", "delete"]},
     {"apiGroups": ["sagemaker.services.k8s.aws"], "resources": ["trainingjobs"], "verbs": ["create", "get", "delete"]},
+    # Diagnosis only (a stalled Ray pod's cause, a failed job's log tail); without them the
+    # wait still works, from the job's status alone.
+    {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list"]},
+    {"apiGroups": [""], "resources": ["pods/log"], "verbs": ["get"]},
 )
+#: Lines of the failed job's log quoted in its error (the end of a Ray traceback).
+LOG_TAIL_LINES = 40
 
 #: RayJob ``jobDeploymentStatus`` values after which KubeRay changes nothing (``Retrying`` is
 #: a failed attempt KubeRay will run again within ``backoffLimit``: not the end).
@@ -369,8 +375,11 @@ def run_job(
                     on_status(line)
             if state.done:
                 if not state.succeeded:
+                    tail = _log_tail(ref, api_client) if ref.kind == "RayJob" else ""
                     raise JobFailed(f"{ref} ended {state.text}: {state.message or 'its status gives no message'}; "
-                                    f"details: {ref.kubectl('describe')}", state.message)
+                                    f"details: {ref.kubectl('describe')}"
+                                    + (f"\n--- the end of its log (kubectl logs -n {ref.namespace} job/{ref.name}) ---\n"
+                                       f"{tail}" if tail else ""), state.message)
                 artifacts = ((obj.get("status") or {}).get("modelArtifacts") or {}).get("s3ModelArtifacts", "")
                 return JobOutcome(ref.kind, ref.name, ref.namespace, state.text, tuple(transitions), adopted, replaced,
                                   artifacts, time.monotonic() - t0)
@@ -388,6 +397,32 @@ def run_job(
             raise JobCancelled(f"waiting for {ref} was cancelled; " + ("the job was deleted" if delete_on_cancel
                                                                         else "the job keeps running"))
         obj = _read(api, ref)
+
+
+def _log_tail(ref: _Ref, api_client: Any | None, lines: int = LOG_TAIL_LINES) -> str:
+    """The last ``lines`` lines of a RayJob's log: KubeRay's submitter pod (the Kubernetes Job
+    named after the RayJob) follows the Ray job's driver output, traceback included. Empty
+    when it cannot be read (no submitter pod, no right to read logs): the status still says why.
+    """
+    from kubernetes.client import CoreV1Api
+
+    from kubeml._kube import api_client as load_client
+
+    try:
+        core = CoreV1Api(api_client or load_client())
+        pods = core.list_namespaced_pod(ref.namespace, label_selector=f"batch.kubernetes.io/job-name={ref.name}").items
+        if not pods:
+            return ""
+        newest = max(pods, key=lambda pod: pod.metadata.creation_timestamp)
+        # Not preloaded: the client would turn a log that happens to be one JSON document
+        # into a Python repr.
+        response = core.read_namespaced_pod_log(newest.metadata.name, ref.namespace, tail_lines=lines,
+                                                _preload_content=False)
+        text = response.data.decode("utf-8", "replace")
+    except Exception as exc:  # noqa: BLE001 - the log is a courtesy; the failure is reported anyway
+        log.info("could not read the log of %s: %s", ref, getattr(exc, "status", None) or exc)
+        return ""
+    return text[-MESSAGE_MAX_CHARS * 4:].rstrip()
 
 
 class _StallWatch:

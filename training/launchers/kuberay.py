@@ -39,6 +39,8 @@ EFA_RESOURCE = "vpc.amazonaws.com/efa"
 #: KubeRay refuses longer RayJob names (``ValidationFailed``): it appends 6 characters for the
 #: RayCluster, whose name is capped at 53 so that its Service names stay DNS labels.
 MAX_RAYJOB_NAME = 47
+#: ``home`` of the configuration the job's pods get: under their writable /tmp emptyDir.
+POD_HOME = "/tmp/kubeml"
 
 
 class KubeRayOptions(BaseModel):
@@ -87,6 +89,17 @@ class KubeRayOptions(BaseModel):
     job is reported stalled with its cause (an unschedulable pod, a head never Ready)."""
     image_grace_s: float = Field(120.0, gt=0)
     """Seconds a Ray pod may fail to get its image before the job is reported stalled."""
+    artifact_endpoint_url: str | None = None
+    """The S3 endpoint as the job's pods reach it, where that differs from
+    ``artifact_store.endpoint_url`` (a MinIO or moto the submitting machine reaches on
+    loopback, the pods through a Service or the node's address). None: the same endpoint."""
+    env_secret: str | None = Field(None, pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$", max_length=253)
+    """A Secret in ``namespace`` whose keys become environment variables of the head, the
+    workers and the submitter: S3 credentials (``AWS_ACCESS_KEY_ID``, ...) where IRSA is not
+    there to give them. None: the service account's IRSA role is the only credential."""
+    submitter_cpu: str = "500m"
+    submitter_memory: str = "1Gi"
+    """Resources of KubeRay's submitter pod (``ray job submit``, then following the job's logs)."""
 
     @property
     def effective_wait_timeout_s(self) -> float:
@@ -150,8 +163,12 @@ def rayjob_manifest(
                 f"needs {tc.cpus_per_worker * opts.gpus_per_worker:g} CPUs per pod, but "
                 f"training.launcher.cpus_per_worker is {opts.cpus_per_worker}: raise the pod's CPUs or "
                 "lower training.cpus_per_worker (CPUs per Ray worker, one per GPU)")
-    worker_cfg = cfg.model_copy(update={"training": tc.model_copy(
-        update={"target": "local", "workers": ray_workers})})
+    worker_cfg = cfg.model_copy(update={
+        "training": tc.model_copy(update={"target": "local", "workers": ray_workers}),
+        # The submitting machine's paths mean nothing in the pods; their writable scratch is /tmp.
+        "home": POD_HOME,
+        "artifact_store": _pod_artifact_store(cfg, opts),
+    })
     env_vars = {
         "KUBEML_CONFIG": worker_cfg.model_dump_json(),
         "KUBEML_RUN_ID": run_id,
@@ -175,8 +192,10 @@ def rayjob_manifest(
     name = rayjob_name(run_id)
     labels = {"app.kubernetes.io/name": "kubeml", "app.kubernetes.io/component": "training", "kubeml.io/run-id": name[7:]}
 
+    env_from = [{"secretRef": {"name": opts.env_secret}}] if opts.env_secret else []
+
     def container(name: str, resources: dict[str, str]) -> dict[str, Any]:
-        return {
+        c: dict[str, Any] = {
             "name": name,
             "image": opts.image,
             "resources": {"requests": dict(resources), "limits": dict(resources)},
@@ -185,6 +204,9 @@ def rayjob_manifest(
             # Ray stops cleanly on SIGTERM; give in-flight checkpoint uploads time to finish.
             "lifecycle": {"preStop": {"exec": {"command": ["/bin/sh", "-c", "ray stop"]}}},
         }
+        if env_from:
+            c["envFrom"] = [dict(e) for e in env_from]
+        return c
 
     # Tenant namespaces enforce Pod Security "restricted"; head and workers must pass it.
     head_spec: dict[str, Any] = {
@@ -207,8 +229,33 @@ def rayjob_manifest(
         # A spot node gets a 2-minute warning; 120 s lets the worker finish its step and Ray report.
         "terminationGracePeriodSeconds": 120 if opts.spot else 30,
     }
+    # KubeRay's own submitter pod (K8sJobMode) would have no security context, and a tenant
+    # namespace's Pod Security "restricted" refuses it; KubeRay fills in its command.
+    submitter_resources = {"cpu": opts.submitter_cpu, "memory": opts.submitter_memory}
+    submitter_container: dict[str, Any] = {
+        "name": "ray-job-submitter",
+        "image": opts.image,
+        "resources": {"requests": dict(submitter_resources), "limits": dict(submitter_resources)},
+        "volumeMounts": [dict(tmp_mount)],
+        "securityContext": {**restricted_container_security(), "readOnlyRootFilesystem": True},
+    }
+    if env_from:
+        submitter_container["envFrom"] = [dict(e) for e in env_from]
+    submitter = {
+        "metadata": {"labels": labels},
+        "spec": {
+            "serviceAccountName": opts.service_account,
+            "securityContext": restricted_pod_security(),
+            "restartPolicy": "Never",
+            "containers": [submitter_container],
+            "volumes": [tmp_volume],
+            **({"nodeSelector": {NODEGROUP_LABEL: opts.head_node_group}} if opts.head_node_group else {}),
+            **({"tolerations": [dict(t) for t in opts.head_tolerations]} if opts.head_tolerations else {}),
+        },
+    }
     spec: dict[str, Any] = {
         "entrypoint": "python -m kubeml.training.ray_main",
+        "submitterPodTemplate": submitter,
         "runtimeEnvYAML": json.dumps({"env_vars": env_vars}),
         "shutdownAfterJobFinishes": True,
         "ttlSecondsAfterFinished": opts.ttl_seconds_after_finished,
@@ -242,6 +289,35 @@ def rayjob_manifest(
                      "annotations": {"kubeml.io/run-id": run_id}},
         "spec": spec,
     }
+
+
+def _pod_artifact_store(cfg: EnvironmentConfig, opts: KubeRayOptions) -> Any:
+    """The artifact store settings as the job's pods see them (``artifact_endpoint_url``).
+
+    A loopback endpoint is the submitting machine's own: in a pod it names the pod itself,
+    and every checkpoint upload would fail after the Ray cluster came up, so it is refused here.
+    """
+    store = cfg.artifact_store
+    endpoint = opts.artifact_endpoint_url or store.endpoint_url
+    if endpoint and _is_loopback(endpoint):
+        raise ConfigError(
+            f"artifact_store.endpoint_url {endpoint} is a loopback address, which the job's pods cannot "
+            "reach (in a pod it is the pod itself): set training.launcher.artifact_endpoint_url to the "
+            "endpoint as the pods reach it (a Service, or the node's address)")
+    return store.model_copy(update={"endpoint_url": endpoint})
+
+
+def _is_loopback(url: str) -> bool:
+    import ipaddress
+    from urllib.parse import urlsplit
+
+    host = (urlsplit(url).hostname or "").strip("[]")
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _cpu_cores(quantity: str) -> float:

@@ -100,7 +100,10 @@ def test_unknown_target_names_the_key_and_the_allowed_values():
 
 
 def test_rbac_rules_stay_importable_from_the_package():
-    assert {g for rule in RBAC_RULES for g in rule["apiGroups"]} == {"ray.io", "sagemaker.services.k8s.aws"}
+    assert {g for rule in RBAC_RULES for g in rule["apiGroups"]} == {"ray.io", "sagemaker.services.k8s.aws", ""}
+    # The core group only to diagnose: read pods and their logs, never change them.
+    core = [rule for rule in RBAC_RULES if rule["apiGroups"] == [""]]
+    assert {v for rule in core for v in rule["verbs"]} == {"get", "list"}
 
 
 class _Api:
@@ -219,4 +222,66 @@ def test_rayjob_refuses_pods_too_small_for_their_ray_workers(pod_cpus, message):
     cfg = _cfg(workers=1, use_gpu=True, cpus_per_worker=2.0,
                launcher={"gpus_per_worker": 8, "cpus_per_worker": pod_cpus})
     with pytest.raises(ConfigError, match=message):
+        rayjob_manifest(cfg, run_id="r", dataset="d", dataset_version="v")
+
+
+def _pods(job):
+    cluster = job["spec"]["rayClusterSpec"]
+    return {"head": cluster["headGroupSpec"]["template"]["spec"],
+            "worker": cluster["workerGroupSpecs"][0]["template"]["spec"],
+            "submitter": job["spec"]["submitterPodTemplate"]["spec"]}
+
+
+def test_rayjob_submitter_pod_passes_restricted_like_the_ray_pods():
+    job = rayjob_manifest(_cfg(launcher={"gpus_per_worker": 0, "head_node_group": "cpu",
+                                         "head_tolerations": [{"key": "a", "operator": "Exists"}]}),
+                          run_id="r", dataset="d", dataset_version="v")
+    submitter = _pods(job)["submitter"]
+    assert submitter["securityContext"]["runAsNonRoot"] is True
+    assert submitter["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    container = submitter["containers"][0]
+    assert container["securityContext"]["allowPrivilegeEscalation"] is False
+    assert container["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert container["image"] == _pods(job)["head"]["containers"][0]["image"]
+    # KubeRay writes the `ray job submit` command only into a container that has none.
+    assert "command" not in container and "args" not in container
+    assert submitter["restartPolicy"] == "Never"
+    assert submitter["nodeSelector"] == {"eks.amazonaws.com/nodegroup": "cpu"}
+    assert submitter["tolerations"] == [{"key": "a", "operator": "Exists"}]
+    assert container["resources"]["limits"] == {"cpu": "500m", "memory": "1Gi"}
+
+
+def test_rayjob_env_secret_reaches_head_workers_and_submitter():
+    job = rayjob_manifest(_cfg(launcher={"gpus_per_worker": 0, "env_secret": "s3-credentials"}),
+                          run_id="r", dataset="d", dataset_version="v")
+    for role, pod in _pods(job).items():
+        assert pod["containers"][0]["envFrom"] == [{"secretRef": {"name": "s3-credentials"}}], role
+    plain = rayjob_manifest(_cfg(launcher={"gpus_per_worker": 0}), run_id="r", dataset="d", dataset_version="v")
+    assert all("envFrom" not in pod["containers"][0] for pod in _pods(plain).values())
+    with pytest.raises(ConfigError, match="env_secret"):
+        rayjob_manifest(_cfg(launcher={"env_secret": "Not A Name"}), run_id="r", dataset="d", dataset_version="v")
+
+
+def test_the_pods_config_has_their_home_and_their_view_of_the_s3_endpoint():
+    cfg = KubemlConfig(environments={"staging": {
+        "home": "/home/alice/.kubeml",
+        "artifact_store": {"uri": "s3://b/kubeml", "endpoint_url": "http://127.0.0.1:9000"},
+        "training": {"launcher": {"gpus_per_worker": 0, "artifact_endpoint_url": "http://minio.data.svc:9000"}}},
+    }).environment("staging")
+    job = rayjob_manifest(cfg, run_id="r", dataset="d", dataset_version="v")
+    pod_cfg = json.loads(json.loads(job["spec"]["runtimeEnvYAML"])["env_vars"]["KUBEML_CONFIG"])
+    assert pod_cfg["home"] == "/tmp/kubeml"
+    assert pod_cfg["artifact_store"] == {**cfg.artifact_store.model_dump(), "endpoint_url": "http://minio.data.svc:9000"}
+    # The submitting side keeps its own view.
+    assert cfg.artifact_store.endpoint_url == "http://127.0.0.1:9000"
+
+
+@pytest.mark.parametrize("endpoint", ["http://127.0.0.1:9000", "http://localhost:4566", "http://[::1]:9000",
+                                      "https://127.3.0.9"])
+def test_a_loopback_s3_endpoint_is_refused_for_the_pods_with_what_to_set(endpoint):
+    cfg = KubemlConfig(environments={"staging": {
+        "artifact_store": {"uri": "s3://b/kubeml", "endpoint_url": endpoint},
+        "training": {"launcher": {"gpus_per_worker": 0}}}}).environment("staging")
+    with pytest.raises(ConfigError, match="training.launcher.artifact_endpoint_url"):
         rayjob_manifest(cfg, run_id="r", dataset="d", dataset_version="v")

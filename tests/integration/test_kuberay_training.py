@@ -1,0 +1,186 @@
+"""KubeRay for real: the train stage's RayJob trains in real Ray pods on the real node.
+
+The KubeRay operator (built from the module of the CRDs' version) turns the RayJob into a
+Ray cluster of real pods running the runtime image (``images/runtime.Containerfile``, built
+by ``make images``). The head runs the job's entrypoint, the same ``fit`` as a local run;
+two worker pods train. Checkpoints, the result record and the bundle go to the S3 API,
+moto's server here (the one stand-in: S3 is an AWS service), which the pods reach through
+the node's address (:meth:`RealNode.host_service`). Pods run under Pod Security
+``restricted`` in their namespace, with the S3 credentials from a Secret.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from kubernetes.client import CoreV1Api, CustomObjectsApi
+
+from kubeml.config import KubemlConfig
+from kubeml.images import image_ref
+from kubeml.testing.cluster import REAL_NODE_TAINT
+from kubeml.testing.cluster._assets import image_archive
+from kubeml.testing.cluster.fixtures import real_node_cluster_fixture, temporary_namespace, wait_until
+from kubeml.training.launchers.kuberay import rayjob_name
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+real_cluster = real_node_cluster_fixture("pytest-kuberay", timeout_s=300.0)
+
+TOLERATION = {"key": REAL_NODE_TAINT.key, "operator": "Equal", "value": REAL_NODE_TAINT.value,
+              "effect": REAL_NODE_TAINT.effect}
+CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+               "AWS_DEFAULT_REGION": "us-east-1", "AWS_REGION": "us-east-1"}
+
+
+@pytest.fixture(scope="module")
+def runtime_image(real_cluster) -> str:
+    """The runtime image, loaded into the node's containerd (several GB: PyTorch's CUDA build)."""
+    real_cluster.node.import_image(image_archive("runtime"), timeout_s=1200)
+    ref = image_ref("runtime")
+    assert any(name.endswith(ref.split("/", 1)[-1]) for name in real_cluster.node.images()), real_cluster.node.images()
+    return ref
+
+
+@pytest.fixture(scope="module")
+def pod_s3(real_cluster, s3_endpoint: str) -> Iterator[str]:
+    """The S3 endpoint as the pods reach it: a relay on the node's address."""
+    port = int(s3_endpoint.rsplit(":", 1)[1])
+    with real_cluster.node.host_service(port, what="the S3 API (moto)") as address:
+        yield f"http://{address}"
+
+
+@pytest.fixture(scope="module")
+def core(real_cluster) -> Iterator[CoreV1Api]:
+    with real_cluster.api_client() as client:
+        yield CoreV1Api(client)
+
+
+@pytest.fixture
+def ns(real_cluster, core: CoreV1Api) -> Iterator[str]:
+    """A namespace like a tenant's: Pod Security ``restricted``, a training service account,
+    and the S3 credentials as a Secret (IRSA's part on EKS)."""
+    with real_cluster.api_client() as client, temporary_namespace(
+        client, prefix="train", labels={"pod-security.kubernetes.io/enforce": "restricted"}
+    ) as name:
+        core.create_namespaced_service_account(name, {"metadata": {"name": "kubeml-train"},
+                                                      "automountServiceAccountToken": False})
+        core.create_namespaced_secret(name, {"metadata": {"name": "s3-credentials"}, "stringData": CREDENTIALS})
+        yield name
+
+
+def _env(ns: str, bucket: str, s3_endpoint: str, pod_s3: str, tmp_path, **training: Any) -> dict[str, Any]:
+    launcher = {
+        "namespace": ns, "node_group": "local", "head_node_group": "local",
+        "tolerations": [TOLERATION], "head_tolerations": [TOLERATION],
+        "gpus_per_worker": 0, "cpus_per_worker": "600m", "memory_per_worker": "3Gi",
+        "head_cpu": "400m", "head_memory": "3Gi", "submitter_cpu": "200m", "submitter_memory": "512Mi",
+        "shm_size": "256Mi", "env_secret": "s3-credentials", "artifact_endpoint_url": pod_s3,
+        "poll_s": 1, "wait_timeout_s": 1200, "stall_timeout_s": 600, "image_grace_s": 60,
+        "ttl_seconds_after_finished": 60,
+    }
+    launcher.update(training.pop("launcher", {}))
+    return {"artifact_store": {"uri": f"s3://{bucket}/kubeml", "endpoint_url": s3_endpoint},
+            "home": str(tmp_path / "home"),
+            "training": {"target": "kuberay", "workers": 2, "epochs": 12, "launcher": launcher, **training}}
+
+
+class _WorkerKiller(threading.Thread):
+    """Deletes one Ray worker pod once the run's first checkpoint is in the store."""
+
+    def __init__(self, core: CoreV1Api, ns: str, store: Any, run_id: str):
+        super().__init__(daemon=True)
+        self.core, self.ns, self.store, self.run_id = core, ns, store, run_id
+        self.deleted: str | None = None
+        self.error: BaseException | None = None
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        try:
+            deadline = time.monotonic() + 1100
+            while not self.done.is_set() and time.monotonic() < deadline:
+                if any(k.endswith("/state.json") or "epoch-" in k for k in self.store.list(f"checkpoints/{self.run_id}/")):
+                    workers = self.core.list_namespaced_pod(
+                        self.ns, label_selector="ray.io/node-type=worker").items
+                    running = [p for p in workers if p.status.phase == "Running"]
+                    if running:
+                        victim = running[0].metadata.name
+                        self.core.delete_namespaced_pod(victim, self.ns, grace_period_seconds=0)
+                        self.deleted = victim
+                        return
+                time.sleep(0.5)
+        except BaseException as exc:  # noqa: BLE001 - reported by the test
+            self.error = exc
+
+
+def test_rayjob_trains_in_real_pods_recovers_a_deleted_worker_and_its_bundle_scores(
+        real_cluster, runtime_image, pod_s3, core, ns, bucket, s3_endpoint, tmp_path, monkeypatch):
+    from kubeml.artifacts import open_store
+    from kubeml.ledger import Ledger
+    from kubeml.pipelines.stages import evaluate_stage, ingest_stage, train_stage
+
+    monkeypatch.setenv("KUBECONFIG", str(real_cluster.admin_kubeconfig))
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    cfg = KubemlConfig(environments={"staging": _env(ns, bucket, s3_endpoint, pod_s3, tmp_path)}).environment("staging")
+    config_json = cfg.model_dump_json()
+    run_id = "real-1"
+    store = open_store(cfg.artifact_store.uri, endpoint_url=s3_endpoint)
+    dataset, version = ingest_stage(config_json, run_id)
+
+    killer = _WorkerKiller(core, ns, store, run_id)
+    killer.start()
+    try:
+        bundle_key = train_stage(config_json, run_id, dataset, version)
+    finally:
+        killer.done.set()
+        killer.join(timeout=10)
+    assert killer.error is None, killer.error
+    assert killer.deleted, "no worker pod was running once the first checkpoint was written"
+
+    train = Ledger(store, run_id).read("train")
+    assert train.status == "succeeded" and train.outputs["target"] == "kuberay"
+    job = train.outputs["job"]
+    assert job["kind"] == "RayJob" and job["status"] == "Complete / SUCCEEDED", job
+    assert "Running / RUNNING" in job["transitions"]
+    # The lost worker cost a restart of the worker group, from the checkpoint, not from zero.
+    attempts = train.outputs["attempts"]
+    assert len(attempts) >= 2, attempts
+    assert attempts[-1]["start_epoch"] >= 1, attempts
+    assert train.outputs["epochs"] == 12 and len(train.outputs["history"]) == 12
+    assert train.outputs["bundle_uri"] == f"s3://{bucket}/kubeml/models/{run_id}/bundle"
+
+    accuracy, macro_f1 = evaluate_stage(config_json, run_id, dataset, version, bundle_key)
+    assert accuracy >= 0.97 and macro_f1 >= 0.96, (accuracy, macro_f1)
+
+    # The Ray cluster went with the finished job (shutdownAfterJobFinishes); its pods ran here.
+    wait_until(lambda: not core.list_namespaced_pod(ns, label_selector="ray.io/is-ray-node=yes").items,
+               timeout_s=120, what="the Ray pods removed after the job finished")
+
+
+def test_a_failing_job_reports_its_traceback_and_deleting_it_removes_its_pods(
+        real_cluster, runtime_image, pod_s3, core, ns, bucket, s3_endpoint, tmp_path):
+    """A dataset version that is not in the store: the job's driver fails in the pod, and
+    the error the user gets quotes the end of the job's own log."""
+    from kubeml.errors import JobFailed
+    from kubeml.training.launchers import run_job
+    from kubeml.training.launchers.kuberay import KubeRayOptions, rayjob_manifest
+
+    cfg = KubemlConfig(environments={"staging": _env(
+        ns, bucket, s3_endpoint, pod_s3, tmp_path, workers=1, launcher={"backoff_limit": 0})}).environment("staging")
+    opts = KubeRayOptions.from_training(cfg.training)
+    manifest = rayjob_manifest(cfg, run_id="broken-1", dataset="digits", dataset_version="no-such-version",
+                               options=opts)
+    with real_cluster.api_client() as client:
+        with pytest.raises(JobFailed) as info:
+            run_job(manifest, namespace=ns, poll_s=1, stall_s=600, image_grace_s=60, timeout_s=900,
+                    api_client=client)
+        message = str(info.value)
+        assert f"RayJob {ns}/{rayjob_name('broken-1')} ended Failed" in message, message
+        assert "--- the end of its log" in message and "no-such-version" in message.split("--- the end")[1], message
+        CustomObjectsApi(client).delete_namespaced_custom_object("ray.io", "v1", ns, "rayjobs",
+                                                                 manifest["metadata"]["name"])
+    wait_until(lambda: not core.list_namespaced_pod(ns, label_selector="ray.io/is-ray-node=yes").items,
+               timeout_s=120, what="the Ray pods removed with their RayJob")
