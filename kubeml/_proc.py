@@ -30,6 +30,7 @@ __all__ = [
     "log_tail",
     "pid_alive",
     "port_free",
+    "udp_port_free",
     "reap",
     "spawn",
     "start_time",
@@ -194,6 +195,17 @@ def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
 def free_port(host: str = "127.0.0.1") -> int:
     """One port that was free on ``host`` a moment ago."""
     return free_ports(1, host)[0]
+
+
+def udp_port_free(host: str, port: int) -> bool:
+    """True when the UDP ``port`` can be bound on ``host`` now."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_DGRAM) as sock:
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
 
 
 def port_free(host: str, port: int) -> bool:

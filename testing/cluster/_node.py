@@ -34,7 +34,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from kubeml._kube import restricted_container_security
-from kubeml._proc import free_ports, port_free
+from kubeml._proc import free_ports, port_free, udp_port_free
 from kubeml.errors import ClusterError, ComponentFailed
 from kubeml.testing.cluster import _host
 from kubeml.testing.cluster._kubeconfig import write_kubeconfig
@@ -75,6 +75,10 @@ CGROUP_ROOT = "kubeml"
 #: Where pods reach the apiserver: the ``kubernetes`` Service's endpoint, relayed to the
 #: apiserver on loopback by the ``apiserver-proxy`` component (``_forward.py``).
 APISERVER_PROXY_PORT = 6443
+#: The cluster DNS: the ``kube-dns`` Service's ClusterIP (the kubelet's ``clusterDNS``), whose
+#: endpoint is CoreDNS on the node's address.
+CLUSTER_DNS = "10.96.0.10"
+DNS_PORT = 53
 NODE_NAME = "real-0"
 NODE_GROUP = "local"
 REAL_NODE_LABEL = ("kubeml.io/node", "real")
@@ -85,6 +89,7 @@ NODE_IMAGES = {"pause": "kubeml.local/pause:1", "probe": "kubeml.local/probe:1"}
 #: Binaries of a real node, relative to the assets' ``bin`` directory.
 NODE_BINARIES = (
     "ray-operator",
+    "coredns",
     "kubelet",
     "kube-proxy",
     "containerd",
@@ -230,6 +235,7 @@ class RealNode:
         self._start_kubelet(launch, ca=ca, server=server, deadline=deadline)
         self._start_kube_proxy(launch, ca=ca, server=server, deadline=deadline)
         self._expose_apiserver(launch, server=server, api_client=api_client, deadline=deadline)
+        self._start_coredns(launch, ca=ca, server=server, api_client=api_client, deadline=deadline)
         self._start_kuberay(launch, ca=ca, server=server, deadline=deadline)
 
     def _network(self) -> None:
@@ -271,6 +277,9 @@ class RealNode:
             ("-A", CHAIN, "-m", "conntrack", "--ctstate", "ESTABLISHED,RELATED", "-j", "RETURN"),
             # The apiserver, through the relay (the `kubernetes` Service's endpoint).
             ("-A", CHAIN, "-d", GATEWAY, "-p", "tcp", "--dport", str(APISERVER_PROXY_PORT), "-j", "RETURN"),
+            # CoreDNS, the kube-dns Service's endpoint.
+            ("-A", CHAIN, "-d", GATEWAY, "-p", "udp", "--dport", str(DNS_PORT), "-j", "RETURN"),
+            ("-A", CHAIN, "-d", GATEWAY, "-p", "tcp", "--dport", str(DNS_PORT), "-j", "RETURN"),
             # The node's own address on the bridge (the kubelet listens there) is not a pod.
             ("-A", CHAIN, "-d", GATEWAY, "-j", "REJECT", "--reject-with", "icmp-admin-prohibited"),
             ("-A", CHAIN, "-d", POD_CIDR, "-j", "RETURN"),
@@ -466,7 +475,10 @@ disabled_plugins = [
             "failSwapOn": False,
             "makeIPTablesUtilChains": False,
             "protectKernelDefaults": False,
+            # Pods resolve through the cluster DNS only: the host's resolvers are not theirs,
+            # and a name outside the cluster answers NXDOMAIN (nothing leaves the machine).
             "resolvConf": "",
+            "clusterDNS": [CLUSTER_DNS],
             "clusterDomain": "cluster.local",
             "podLogsDir": str(self.dir / "pod-logs"),
             "maxPods": 32,
@@ -553,6 +565,82 @@ disabled_plugins = [
                                              "--v=1"], health)
         wait_healthy(record, health, deadline=deadline, proc=proc)
 
+    def _start_coredns(self, launch: Any, *, ca: CertificateAuthority, server: str, api_client: Any,
+                       deadline: float) -> None:
+        """CoreDNS on the node's address, and the ``kube-dns`` Service that points at it.
+
+        Pods ask :data:`CLUSTER_DNS`; kube-proxy carries the query to CoreDNS on
+        ``10.88.0.1:53``, which answers Service and pod names of ``cluster.local`` from the
+        apiserver (read-only: a ClusterRole for Services, EndpointSlices and Namespaces).
+        It has no ``forward``: any other name is NXDOMAIN, so no query leaves the machine.
+        """
+        from kubernetes.client import CoreV1Api, DiscoveryV1Api, RbacAuthorizationV1Api
+
+        for proto, free in (("udp", udp_port_free), ("tcp", port_free)):
+            if not free(GATEWAY, DNS_PORT):
+                raise ClusterError(f"port {GATEWAY}:{DNS_PORT}/{proto} (the cluster DNS) is in use; free it")
+        user = "system:kubeml:coredns"
+        with api_client() as client:
+            rbac = RbacAuthorizationV1Api(client)
+            role = {"metadata": {"name": "kubeml:coredns"},
+                    "rules": [{"apiGroups": [""], "resources": ["services", "namespaces"],
+                               "verbs": ["list", "watch"]},
+                              {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"],
+                               "verbs": ["list", "watch"]}]}
+            binding = {"metadata": {"name": "kubeml:coredns"},
+                       "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
+                                   "name": "kubeml:coredns"},
+                       "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": user}]}
+            _create_or_replace(rbac.create_cluster_role, rbac.replace_cluster_role, role)
+            _create_or_replace(rbac.create_cluster_role_binding, rbac.replace_cluster_role_binding, binding)
+            service = {"metadata": {"name": "kube-dns", "namespace": "kube-system",
+                                    "labels": {"k8s-app": "kube-dns", "kubernetes.io/name": "CoreDNS"}},
+                       "spec": {"clusterIP": CLUSTER_DNS,
+                                "ports": [{"name": "dns", "port": DNS_PORT, "protocol": "UDP"},
+                                          {"name": "dns-tcp", "port": DNS_PORT, "protocol": "TCP"}]}}
+            core = CoreV1Api(client)
+            _create_or_replace(lambda body: core.create_namespaced_service("kube-system", body),
+                               lambda name, body: core.replace_namespaced_service(name, "kube-system", body),
+                               service)
+            slice_ = {"metadata": {"name": "kube-dns", "namespace": "kube-system",
+                                   "labels": {"kubernetes.io/service-name": "kube-dns",
+                                              "endpointslice.kubernetes.io/managed-by": "kubeml.io-local-cluster"}},
+                      "addressType": "IPv4",
+                      "endpoints": [{"addresses": [GATEWAY], "conditions": {"ready": True}}],
+                      "ports": [{"name": "dns", "port": DNS_PORT, "protocol": "UDP"},
+                                {"name": "dns-tcp", "port": DNS_PORT, "protocol": "TCP"}]}
+            discovery = DiscoveryV1Api(client)
+            _create_or_replace(lambda body: discovery.create_namespaced_endpoint_slice("kube-system", body),
+                               lambda name, body: discovery.replace_namespaced_endpoint_slice(
+                                   name, "kube-system", body), slice_)
+        kubeconfig = self._client_kubeconfig(ca, server, user)
+        health, ready, metrics = free_ports(3)
+        corefile = self.dir / "Corefile"
+        corefile.write_text(f"""\
+cluster.local:{DNS_PORT} in-addr.arpa:{DNS_PORT} ip6.arpa:{DNS_PORT} {{
+    bind {GATEWAY}
+    errors
+    health 127.0.0.1:{health}
+    ready 127.0.0.1:{ready}
+    kubernetes cluster.local in-addr.arpa ip6.arpa {{
+        kubeconfig {kubeconfig}
+        ttl 5
+    }}
+    cache 5
+    loadbalance
+}}
+.:{DNS_PORT} {{
+    bind {GATEWAY}
+    errors
+    template ANY ANY {{
+        rcode NXDOMAIN
+    }}
+}}
+""")
+        url = f"http://127.0.0.1:{ready}/ready"
+        proc, record = launch("coredns", [str(self.assets.binary("coredns")), "-conf", str(corefile)], url)
+        wait_healthy(record, url, deadline=deadline, proc=proc)
+
     def _start_kuberay(self, launch: Any, *, ca: CertificateAuthority, server: str, deadline: float) -> None:
         """The KubeRay operator (the CRDs' version): RayJobs become Ray clusters of real pods.
 
@@ -638,7 +726,8 @@ disabled_plugins = [
              handles: dict[int, _sp.Popen[bytes]]) -> None:
         """Stop the kubelet, every container and containerd, then restore the host."""
         node = state.get("node") or {}
-        kubelet = [r for r in records if r.name in ("kuberay-operator", "kubelet", "kube-proxy", "apiserver-proxy")]
+        kubelet = [r for r in records
+                   if r.name in ("kuberay-operator", "coredns", "kubelet", "kube-proxy", "apiserver-proxy")]
         containerd = [r for r in records if r.name == "containerd"]
         stop_processes(kubelet, handles, grace_s=10.0)
         if any(is_alive(r) for r in containerd):
@@ -682,6 +771,18 @@ def _state_alive(path: Path) -> bool:
         if is_alive(ProcessRecord.from_dict(component)):
             return True
     return False
+
+
+def _create_or_replace(create: Any, replace: Any, body: dict[str, Any]) -> None:
+    """Create ``body``; if it exists (a node restarted in the same cluster), replace it."""
+    from kubernetes.client.exceptions import ApiException
+
+    try:
+        create(body)
+    except ApiException as exc:
+        if exc.status != 409:
+            raise
+        replace(body["metadata"]["name"], body)
 
 
 def _run(argv: list[str], what: str) -> None:

@@ -128,6 +128,35 @@ def test_a_service_reaches_its_pods_through_kube_proxy(core: CoreV1Api, ns: str)
     assert log.splitlines()[-1].startswith("200 backend ")
 
 
+def test_pods_find_services_by_name_through_the_cluster_dns(core: CoreV1Api, ns: str) -> None:
+    """CoreDNS answers Service names (short, namespaced and fully qualified) from the
+    pod's search path; the pod's resolver is the kube-dns Service, nothing else."""
+    core.create_namespaced_pod(ns, _probe("named", ["serve", "-addr", ":8080"]))
+    _phase(core, ns, "named", ("Running",))
+    core.create_namespaced_service(ns, {
+        "metadata": {"name": "named"},
+        "spec": {"selector": {"app": "named"}, "ports": [{"port": 80, "targetPort": 8080}]},
+    })
+    wait_until(lambda: "serving on" in core.read_namespaced_pod_log("named", ns), what="the backend listening")
+    for i, host in enumerate(("named", f"named.{ns}", f"named.{ns}.svc.cluster.local")):
+        phase, log = _run_to_end(core, ns, f"dns-client-{i}", [
+            "fetch", "-timeout", "2s", "-retry", "15s", f"http://{host}/"])
+        assert phase == "Succeeded", (host, log)
+        assert log.splitlines()[-1].startswith("200 named "), (host, log)
+    pod = core.read_namespaced_pod("dns-client-0", ns)
+    assert pod.spec.dns_policy == "ClusterFirst"
+
+
+def test_names_outside_the_cluster_do_not_resolve(core: CoreV1Api, ns: str) -> None:
+    """No forwarder: a name outside cluster.local is NXDOMAIN, answered on the node."""
+    phase, log = _run_to_end(core, ns, "outside", ["fetch", "-timeout", "3s", "http://example.com/"])
+    assert phase == "Failed", log
+    assert "no such host" in log, log
+    phase, log = _run_to_end(core, ns, "missing-svc", ["fetch", "-timeout", "3s", f"http://nothing-here.{ns}.svc/"])
+    assert phase == "Failed", log
+    assert "no such host" in log, log
+
+
 def _reject_count() -> int:
     out = subprocess.run(["iptables", "-w", "5", "-L", "KUBEML-NODE", "-v", "-x", "-n"],
                          capture_output=True, text=True, check=True).stdout
