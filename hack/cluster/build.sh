@@ -7,7 +7,7 @@
 #   ${KUBEML_CACHE_DIR:-~/.cache/kubeml}/k8s-v<K8S_VERSION>/bin   etcd, kube-apiserver,
 #       kube-controller-manager, kube-scheduler, kubectl, kwok, helm, controller-gen
 #       kubelet, kube-proxy, containerd, containerd-shim-runc-v2, ctr, cni/{bridge,host-local,loopback,portmap},
-#       pause, probe, ray-operator                                the real node, KubeRay
+#       pause, probe, ray-operator, coredns                       the real node, KubeRay, DNS
 #   .../k8s-v<K8S_VERSION>/images                                 the node's own OCI archives
 #   .../k8s-v<K8S_VERSION>/crds                                   third-party CRDs (YAML)
 #
@@ -21,7 +21,7 @@
 #                      small machine responsive while the build runs
 #   BUILD_ONLY         space-separated subset of: etcd kube-apiserver kube-controller-manager
 #                      kube-scheduler kubectl kubelet kube-proxy kwok helm controller-gen crds containerd
-#                      cni node-images host-packages kuberay
+#                      cni node-images host-packages kuberay coredns
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -141,6 +141,16 @@ want controller-gen && go_install controller-gen "v$CONTROLLER_TOOLS_VERSION" \
 # Same version as the CRDs (crds/kuberay); its go.mod has no replace directives.
 want kuberay && go_install ray-operator "v$KUBERAY_VERSION" \
     "github.com/ray-project/kuberay/ray-operator@v$KUBERAY_VERSION" "$strip_flags"
+
+# --- CoreDNS: Service names for the real node's pods -------------------------------------
+# Our own main (hack/cluster/coredns) with only the plugins the node's Corefile uses: the
+# full upstream build compiles every cloud DNS SDK as well.
+coredns_dir="$here/coredns"
+if want coredns; then
+    check_require "$coredns_dir" github.com/coredns/coredns "v$COREDNS_VERSION"
+    go_build coredns "$(module_stamp "v$COREDNS_VERSION" "$coredns_dir") $(sha256sum <"$coredns_dir/main.go" | cut -c1-16)" \
+        "$coredns_dir" . "$strip_flags -X github.com/coredns/coredns/coremain.GitCommit=v$COREDNS_VERSION-module"
+fi
 
 # --- The real node: containerd, CNI plugins, runc, and its own small images ---------------
 # containerd 2.x (the 1.37 kubelet needs the 2.x CRI; Debian's 1.6 is too old) and the CNI
