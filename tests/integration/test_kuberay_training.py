@@ -11,9 +11,11 @@ the node's address (:meth:`RealNode.host_service`). Pods run under Pod Security
 
 from __future__ import annotations
 
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -22,11 +24,12 @@ from kubernetes.client import CoreV1Api, CustomObjectsApi
 from kubeml.config import KubemlConfig
 from kubeml.images import image_ref
 from kubeml.testing.cluster import REAL_NODE_TAINT
-from kubeml.testing.cluster._assets import image_archive
 from kubeml.testing.cluster.fixtures import real_node_cluster_fixture, temporary_namespace, wait_until
 from kubeml.training.launchers.kuberay import rayjob_name
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+REPO = Path(__file__).resolve().parents[2]
 
 real_cluster = real_node_cluster_fixture("pytest-kuberay", timeout_s=300.0)
 
@@ -38,8 +41,15 @@ CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing
 
 @pytest.fixture(scope="module")
 def runtime_image(real_cluster) -> str:
-    """The runtime image, loaded into the node's containerd (several GB: PyTorch's CUDA build)."""
-    real_cluster.node.import_image(image_archive("runtime"), timeout_s=1200)
+    """The runtime image of this tree, in the node's containerd (several GB: PyTorch's CUDA build).
+
+    ``hack/images/build.sh runtime`` rebuilds it if the code changed since ``make test``
+    built it (its dependency layers are cached, so that is the code layer only) and loads it
+    into the running node.
+    """
+    result = subprocess.run(["bash", str(REPO / "hack" / "images" / "build.sh"), "runtime"], cwd=REPO,
+                            capture_output=True, text=True, timeout=1500)
+    assert result.returncode == 0, f"building or loading the runtime image failed:\n{result.stderr[-3000:]}"
     ref = image_ref("runtime")
     assert any(name.endswith(ref.split("/", 1)[-1]) for name in real_cluster.node.images()), real_cluster.node.images()
     return ref
@@ -116,6 +126,7 @@ class _WorkerKiller(threading.Thread):
             self.error = exc
 
 
+@pytest.mark.timeout(2400)
 def test_rayjob_trains_in_real_pods_recovers_a_deleted_worker_and_its_bundle_scores(
         real_cluster, runtime_image, pod_s3, core, ns, bucket, s3_endpoint, tmp_path, monkeypatch):
     from kubeml.artifacts import open_store
@@ -160,6 +171,7 @@ def test_rayjob_trains_in_real_pods_recovers_a_deleted_worker_and_its_bundle_sco
                timeout_s=120, what="the Ray pods removed after the job finished")
 
 
+@pytest.mark.timeout(1200)
 def test_a_failing_job_reports_its_traceback_and_deleting_it_removes_its_pods(
         real_cluster, runtime_image, pod_s3, core, ns, bucket, s3_endpoint, tmp_path):
     """A dataset version that is not in the store: the job's driver fails in the pod, and

@@ -194,7 +194,7 @@ def rayjob_manifest(
 
     env_from = [{"secretRef": {"name": opts.env_secret}}] if opts.env_secret else []
 
-    def container(name: str, resources: dict[str, str]) -> dict[str, Any]:
+    def container(name: str, resources: dict[str, str], health: tuple[int, str]) -> dict[str, Any]:
         c: dict[str, Any] = {
             "name": name,
             "image": opts.image,
@@ -203,6 +203,7 @@ def rayjob_manifest(
             "securityContext": {**restricted_container_security(), "readOnlyRootFilesystem": True},
             # Ray stops cleanly on SIGTERM; give in-flight checkpoint uploads time to finish.
             "lifecycle": {"preStop": {"exec": {"command": ["/bin/sh", "-c", "ray stop"]}}},
+            **_ray_probes(*health),
         }
         if env_from:
             c["envFrom"] = [dict(e) for e in env_from]
@@ -212,7 +213,7 @@ def rayjob_manifest(
     head_spec: dict[str, Any] = {
         "serviceAccountName": opts.service_account,
         "securityContext": restricted_pod_security(),
-        "containers": [container("ray-head", {"cpu": opts.head_cpu, "memory": opts.head_memory})],
+        "containers": [container("ray-head", {"cpu": opts.head_cpu, "memory": opts.head_memory}, RAY_HEAD_HEALTH)],
         "volumes": [shm, tmp_volume],
     }
     if opts.head_node_group:
@@ -224,7 +225,7 @@ def rayjob_manifest(
         "securityContext": restricted_pod_security(),
         "nodeSelector": worker_selector,
         "tolerations": [dict(t) for t in opts.tolerations],
-        "containers": [container("ray-worker", limits)],
+        "containers": [container("ray-worker", limits, RAY_WORKER_HEALTH)],
         "volumes": [shm, tmp_volume],
         # A spot node gets a 2-minute warning; 120 s lets the worker finish its step and Ray report.
         "terminationGracePeriodSeconds": 120 if opts.spot else 30,
@@ -289,6 +290,25 @@ def rayjob_manifest(
                      "annotations": {"kubeml.io/run-id": run_id}},
         "spec": spec,
     }
+
+
+#: Where Ray answers health checks: the head's GCS through the dashboard, a worker's raylet
+#: through its dashboard agent (Ray's default ports).
+RAY_HEAD_HEALTH = (8265, "/api/gcs_healthz")
+RAY_WORKER_HEALTH = (52365, "/api/local_raylet_healthz")
+
+
+def _ray_probes(port: int, path: str) -> dict[str, Any]:
+    """Readiness and liveness probes of a Ray container, as HTTP GETs by the kubelet.
+
+    KubeRay's own probes run ``wget`` inside the container, which a slim image (ours among
+    them) does not have: every probe fails and the head never becomes Ready. A container that
+    names its probes keeps them. Timings as KubeRay's: ready within 10 failed checks, restarted
+    only after 120 (10 minutes), so a busy head is not killed mid-job.
+    """
+    check = {"httpGet": {"path": path, "port": port}, "timeoutSeconds": 2, "periodSeconds": 5}
+    return {"readinessProbe": {**check, "initialDelaySeconds": 10, "failureThreshold": 10},
+            "livenessProbe": {**check, "initialDelaySeconds": 30, "failureThreshold": 120}}
 
 
 def _pod_artifact_store(cfg: EnvironmentConfig, opts: KubeRayOptions) -> Any:

@@ -19,12 +19,13 @@ log() { printf '[cluster-assets] %s\n' "$*" >&2; }
 # wrapper dir | controller-gen crd options (as in upstream's Makefile) | API package | files kept
 #   | post-generation edits upstream applies (fixups/main.go), if any
 # Only the kinds kubeml creates are kept: each extra CRD costs install time on every `cluster up`.
+# RayService too: the KubeRay operator of the real node watches it and exits without its CRD.
 # Checked against the CRD YAML each project publishes in the same module version: the
 # schemas are identical (KServe after its fixups; KubeRay and ACK modulo descriptions,
 # which are dropped here with maxDescLen=0 to keep etcd objects small).
 specs=(
     "kserve|crd:maxDescLen=0|github.com/kserve/kserve/pkg/apis/serving/v1beta1|serving.kserve.io_inferenceservices.yaml|kserve-inferenceservice"
-    "kuberay|crd:maxDescLen=0,generateEmbeddedObjectMeta=true,allowDangerousTypes=true|github.com/ray-project/kuberay/ray-operator/apis/ray/v1|ray.io_rayjobs.yaml ray.io_rayclusters.yaml"
+    "kuberay|crd:maxDescLen=0,generateEmbeddedObjectMeta=true,allowDangerousTypes=true|github.com/ray-project/kuberay/ray-operator/apis/ray/v1|ray.io_rayjobs.yaml ray.io_rayclusters.yaml ray.io_rayservices.yaml"
     "sagemaker|crd:allowDangerousTypes=true,maxDescLen=0|github.com/aws-controllers-k8s/sagemaker-controller/apis/v1alpha1|sagemaker.services.k8s.aws_trainingjobs.yaml"
     "prometheus|crd:crdVersions=v1,maxDescLen=0|github.com/prometheus-operator/prometheus-operator/pkg/apis/monitoring/v1|monitoring.coreos.com_servicemonitors.yaml monitoring.coreos.com_prometheusrules.yaml"
     "kubeflow|crd:maxDescLen=0|kubeml.dev/hack/cluster/crds/kubeflow/profile/v1|kubeflow.org_profiles.yaml"
