@@ -7,7 +7,7 @@
 #   ${KUBEML_CACHE_DIR:-~/.cache/kubeml}/k8s-v<K8S_VERSION>/bin   etcd, kube-apiserver,
 #       kube-controller-manager, kube-scheduler, kubectl, kwok, helm, controller-gen
 #       kubelet, kube-proxy, containerd, containerd-shim-runc-v2, ctr, cni/{bridge,host-local,loopback,portmap},
-#       pause, probe, ray-operator                                the real node, KubeRay
+#       pause, probe, ray-operator, kube-network-policies         the real node, KubeRay, NetworkPolicy
 #   .../k8s-v<K8S_VERSION>/images                                 the node's own OCI archives
 #   .../k8s-v<K8S_VERSION>/crds                                   third-party CRDs (YAML)
 #
@@ -21,7 +21,7 @@
 #                      small machine responsive while the build runs
 #   BUILD_ONLY         space-separated subset of: etcd kube-apiserver kube-controller-manager
 #                      kube-scheduler kubectl kubelet kube-proxy kwok helm controller-gen crds containerd
-#                      cni node-images host-packages kuberay
+#                      cni node-images host-packages kuberay netpol
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -141,6 +141,16 @@ want controller-gen && go_install controller-gen "v$CONTROLLER_TOOLS_VERSION" \
 # Same version as the CRDs (crds/kuberay); its go.mod has no replace directives.
 want kuberay && go_install ray-operator "v$KUBERAY_VERSION" \
     "github.com/ray-project/kuberay/ray-operator@v$KUBERAY_VERSION" "$strip_flags"
+
+# --- NetworkPolicy for the real node: kube-network-policies (Kubernetes SIG Network) ---------
+# Its module has no replace directives, but its command reads only the in-cluster config;
+# netpol/ is a small main around the same controller package that takes a kubeconfig.
+netpol_dir="$here/netpol"
+if want netpol; then
+    check_require "$netpol_dir" sigs.k8s.io/kube-network-policies "v$KUBE_NETWORK_POLICIES_VERSION"
+    go_build kube-network-policies "$(module_stamp "v$KUBE_NETWORK_POLICIES_VERSION" "$netpol_dir") $(sha256sum <"$netpol_dir/main.go" | cut -c1-16)" \
+        "$netpol_dir" . "$strip_flags"
+fi
 
 # --- The real node: containerd, CNI plugins, runc, and its own small images ---------------
 # containerd 2.x (the 1.37 kubelet needs the 2.x CRI; Debian's 1.6 is too old) and the CNI

@@ -21,6 +21,7 @@ from kubeml.errors import (
 )
 from kubeml.testing.cluster._existing import ExistingCluster
 from kubeml.testing.cluster._node import (
+    NETPOL_TABLE,
     NODE_IMAGES,
     POD_CIDR,
     REAL_NODE_LABEL,
@@ -43,6 +44,7 @@ __all__ = [
     "DEFAULT_NODE_GROUPS",
     "ExistingCluster",
     "GPU_TAINT",
+    "NETPOL_TABLE",
     "NODE_IMAGES",
     "NodeGroup",
     "POD_CIDR",
