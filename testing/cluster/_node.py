@@ -10,10 +10,12 @@ Layout of the pod network: the ``kubeml0`` bridge, pod addresses from
 iptables chain, jumped to from INPUT and FORWARD for packets coming in on the bridge, lets pod
 traffic reach other pods and Services and rejects everything else, so no pod packet
 leaves the machine or reaches the host's own services unless a later rule lets it.
-NetworkPolicies are enforced by kube-network-policies (Kubernetes SIG Network): its
-nftables table :data:`NETPOL_TABLE` sends the first packet of every new connection to or
-from a pod that a policy selects to NFQUEUE :data:`NFQUEUE_ID`, where the enforcer accepts
-or drops it; packets of pods no policy selects never leave the kernel.
+NetworkPolicies are enforced by kube-network-policies (Kubernetes SIG Network): the first
+packet of each new connection goes to NFQUEUE :data:`NFQUEUE_ID`, where the enforcer
+accepts or drops it. Its own nftables table :data:`NETPOL_TABLE` queues only pods that a
+policy selects; on a kernel without the nftables queue expression the node's
+:data:`NETPOL_CHAIN` queues every new connection to a pod instead (the enforcer accepts
+those no policy selects).
 
 The node is tainted :data:`REAL_NODE_TAINT` and labelled :data:`REAL_NODE_LABEL`: pods
 meant to run select it and tolerate the taint, and nothing meant for a fake node lands on
@@ -58,6 +60,7 @@ if TYPE_CHECKING:
     from kubeml.testing.cluster._pki import CertificateAuthority
 
 __all__ = [
+    "NETPOL_CHAIN",
     "NETPOL_TABLE",
     "NFQUEUE_ID",
     "NODE_IMAGES",
@@ -90,6 +93,9 @@ DNS_PORT = 53
 #: number; a queue has one listener, so two enforcers on one machine cannot share it).
 NETPOL_TABLE = "inet kube-network-policies"
 NFQUEUE_ID = 100
+#: The iptables chain that queues new connections to pods when the kernel lacks nftables'
+#: ``queue`` expression (CONFIG_NFT_QUEUE) but has the xtables NFQUEUE target.
+NETPOL_CHAIN = "KUBEML-NETPOL"
 _NFQUEUE_PROC = Path("/proc/net/netfilter/nfnetlink_queue")
 #: Bridged pod-to-pod packets reach netfilter (kube-proxy's DNAT, the enforcer's hook) only
 #: with this on.
@@ -232,7 +238,7 @@ class RealNode:
             snapshot = current.get("snapshot")
             if snapshot and stale.name == "node":
                 _host.restore_host(_host.HostSnapshot.from_dict(snapshot), node_dir=stale,
-                                   cgroup_root=CGROUP_ROOT, own_chains=(CHAIN,), bridge=BRIDGE,
+                                   cgroup_root=CGROUP_ROOT, own_chains=(CHAIN, NETPOL_CHAIN), bridge=BRIDGE,
                                    own_nft_tables=(NETPOL_TABLE,))
         self.dir.mkdir(parents=True, exist_ok=True)
         _SOCKET_DIR.mkdir(parents=True, exist_ok=True)
@@ -601,10 +607,14 @@ disabled_plugins = [
         selects, queues the first packet of each new connection to :data:`NFQUEUE_ID`; the
         enforcer evaluates the policies and accepts or drops it (fail closed: with the
         enforcer gone, queued packets are dropped). Later packets pass on conntrack state.
-        Pod-to-pod traffic on the bridge reaches that hook only with
+        A kernel without nftables' queue expression refuses that table (the enforcer logs
+        the failed sync and keeps serving its queue); there :data:`NETPOL_CHAIN`, jumped to
+        from FORWARD for packets out to the bridge, queues every new connection to a pod
+        with the xtables NFQUEUE target, and the enforcer accepts those of pods no policy
+        selects. Pod-to-pod traffic on the bridge reaches netfilter only with
         ``bridge-nf-call-iptables`` on, which is set here (the snapshot restores it).
-        Traffic to the node's own address is not routed through postrouting; the guard
-        chain decides it. Its identity reads pods, namespaces and policies, and writes events.
+        Traffic to the node's own address is not forwarded; the guard chain decides it.
+        Its identity reads pods, namespaces and policies, and writes events.
         """
         from kubernetes.client import RbacAuthorizationV1Api
 
@@ -629,6 +639,22 @@ disabled_plugins = [
             _create_or_replace(rbac.create_cluster_role, rbac.replace_cluster_role, role)
             _create_or_replace(rbac.create_cluster_role_binding, rbac.replace_cluster_role_binding, binding)
         kubeconfig = self._client_kubeconfig(ca, server, user)
+        _host.remove_chain("filter", NETPOL_CHAIN)
+        if not _nft_queue_supported():
+            try:
+                for args in (
+                    ("-N", NETPOL_CHAIN),
+                    ("-A", NETPOL_CHAIN, "-m", "conntrack", "--ctstate", "ESTABLISHED,RELATED", "-j", "RETURN"),
+                    # No --queue-bypass: while no enforcer listens, new connections are dropped.
+                    ("-A", NETPOL_CHAIN, "-j", "NFQUEUE", "--queue-num", str(NFQUEUE_ID)),
+                    ("-I", "FORWARD", "1", "-o", BRIDGE, "-j", NETPOL_CHAIN),
+                ):
+                    _run(["iptables", "-w", "5", *args], "iptables")
+            except ClusterError as exc:
+                raise ClusterError(
+                    "the kernel can queue packets to the NetworkPolicy enforcer neither with nftables "
+                    "(CONFIG_NFT_QUEUE) nor with iptables (CONFIG_NETFILTER_XT_TARGET_NFQUEUE): "
+                    f"`modprobe nft_queue` or `modprobe xt_NFQUEUE`, or use a kernel with either ({exc})") from exc
         (metrics,) = free_ports(1)
         health = f"http://127.0.0.1:{metrics}/readyz"
         proc, record = launch("network-policies", [
@@ -838,7 +864,7 @@ cluster.local:{DNS_PORT} in-addr.arpa:{DNS_PORT} ip6.arpa:{DNS_PORT} {{
         snapshot = node.get("snapshot")
         if snapshot is not None:
             _host.restore_host(_host.HostSnapshot.from_dict(snapshot), node_dir=self.dir,
-                               cgroup_root=CGROUP_ROOT, own_chains=(CHAIN,), bridge=BRIDGE,
+                               cgroup_root=CGROUP_ROOT, own_chains=(CHAIN, NETPOL_CHAIN), bridge=BRIDGE,
                                own_nft_tables=(NETPOL_TABLE,))
         with contextlib.suppress(OSError, ValueError):
             if json.loads(_CLAIM.read_text()).get("node_dir") == str(self.dir):
@@ -857,6 +883,17 @@ cluster.local:{DNS_PORT} in-addr.arpa:{DNS_PORT} ip6.arpa:{DNS_PORT} {{
                 self.ctr("tasks", "delete", "--force", task, timeout=10)
         except subprocess.TimeoutExpired:
             log.warning("containerd did not answer while stopping containers; killing them by cgroup")
+
+
+def _nft_queue_supported() -> bool:
+    """Whether the kernel takes nftables' ``queue`` expression (a check-only transaction)."""
+    ruleset = ("table inet kubeml-queue-check {\n chain c {\n type filter hook postrouting priority 0;\n"
+               f" queue num {NFQUEUE_ID}\n }}\n}}\n")
+    try:
+        return subprocess.run(["nft", "--check", "-f", "-"], input=ruleset, capture_output=True, text=True,
+                              timeout=30).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False
 
 
 def _queue_bound(queue: int) -> bool:

@@ -4,9 +4,12 @@
 // account token at a fixed path that a host process does not have. This one takes the
 // node component's kubeconfig, stops on SIGTERM as well as SIGINT (the controller deletes
 // its nftables table on the way out), and adds /readyz, which answers 200 once the
-// controller's table exists and its NFQUEUE is bound: from then on packets of pods that a
-// NetworkPolicy selects get a verdict. AdminNetworkPolicy is not enabled (its CRDs are
-// alpha and not installed).
+// controller has bound its NFQUEUE: from then on every packet that reaches the queue gets
+// a verdict. The controller's own nftables table steers the first packet of each
+// connection of pods a policy selects there; on a kernel without the nftables queue
+// expression (CONFIG_NFT_QUEUE) that table cannot be written (the controller logs it on
+// each sync) and the node steers packets to the queue with an iptables NFQUEUE rule
+// instead. AdminNetworkPolicy is not enabled (its CRDs are alpha and not installed).
 package main
 
 import (
@@ -23,9 +26,7 @@ import (
 	"syscall"
 	"time"
 
-	"github.com/google/nftables"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
-	"golang.org/x/sys/unix"
 	"k8s.io/client-go/informers"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/tools/clientcmd"
@@ -86,8 +87,13 @@ func run() int {
 	mux := http.NewServeMux()
 	mux.Handle("/metrics", promhttp.Handler())
 	mux.HandleFunc("/readyz", func(w http.ResponseWriter, _ *http.Request) {
-		if why := notReady(uint16(*queueID)); why != "" {
-			http.Error(w, why, http.StatusServiceUnavailable)
+		bound, err := queueBound(uint16(*queueID))
+		if err != nil {
+			http.Error(w, err.Error(), http.StatusServiceUnavailable)
+			return
+		}
+		if !bound {
+			http.Error(w, fmt.Sprintf("nfqueue %d not bound yet", *queueID), http.StatusServiceUnavailable)
 			return
 		}
 		fmt.Fprintln(w, "ok")
@@ -143,28 +149,6 @@ func run() int {
 	defer stop()
 	_ = server.Shutdown(shutdown)
 	return status
-}
-
-// notReady says why packets may not get a verdict yet; empty once they do.
-func notReady(queue uint16) string {
-	conn, err := nftables.New()
-	if err != nil {
-		return fmt.Sprintf("nftables: %v", err)
-	}
-	if _, err := conn.ListTableOfFamily(tableName, nftables.TableFamilyINet); err != nil {
-		if errors.Is(err, unix.ENOENT) {
-			return "nftables table inet " + tableName + " not written yet"
-		}
-		return fmt.Sprintf("nftables table inet %s: %v", tableName, err)
-	}
-	bound, err := queueBound(queue)
-	if err != nil {
-		return err.Error()
-	}
-	if !bound {
-		return fmt.Sprintf("nfqueue %d not bound yet", queue)
-	}
-	return ""
 }
 
 // queueBound reports whether a process listens on NFQUEUE ``queue``: the kernel lists
