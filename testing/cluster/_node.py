@@ -163,8 +163,8 @@ def preflight(assets: Assets) -> list[str]:
         problems.append("a real node needs root (the kubelet and containerd manage mounts, "
                         "cgroups and network namespaces); run as root or start the cluster "
                         "with --no-real-node")
-    # nft: the enforcer itself programs nftables over netlink; the node lists and deletes
-    # its table with nft, on `down` and after a crash.
+    # nft: the enforcer itself programs nftables over netlink; the node checks the kernel's
+    # queue support and lists and deletes the enforcer's table with nft (`down`, crashes).
     for tool, package in (("runc", "runc"), ("iptables", "iptables"), ("iptables-save", "iptables"),
                           ("ip", "iproute2"), ("nft", "nftables")):
         if shutil.which(tool) is None:
@@ -192,8 +192,9 @@ def preflight(assets: Assets) -> list[str]:
                             "(the kubelet enforces pod limits with them)")
     if not _NFQUEUE_PROC.exists():
         problems.append("the kernel has no NFQUEUE (no /proc/net/netfilter/nfnetlink_queue), which the "
-                        "NetworkPolicy enforcer hands new connections to: `modprobe nfnetlink_queue nft_queue` "
-                        "or use a kernel with CONFIG_NETFILTER_NETLINK_QUEUE and CONFIG_NFT_QUEUE")
+                        "NetworkPolicy enforcer hands new connections to: `modprobe nfnetlink_queue` or use a "
+                        "kernel with CONFIG_NETFILTER_NETLINK_QUEUE (and CONFIG_NFT_QUEUE or "
+                        "CONFIG_NETFILTER_XT_TARGET_NFQUEUE)")
     if _host.read_tunable(_BRIDGE_NF) is None:
         problems.append("bridged pod traffic bypasses netfilter (no net.bridge.bridge-nf-call-iptables), so "
                         "Services and NetworkPolicies would not apply between pods: `modprobe br_netfilter` "
