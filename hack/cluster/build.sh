@@ -7,7 +7,8 @@
 #   ${KUBEML_CACHE_DIR:-~/.cache/kubeml}/k8s-v<K8S_VERSION>/bin   etcd, kube-apiserver,
 #       kube-controller-manager, kube-scheduler, kubectl, kwok, helm, controller-gen
 #       kubelet, kube-proxy, containerd, containerd-shim-runc-v2, ctr, cni/{bridge,host-local,loopback,portmap},
-#       pause, probe, ray-operator, coredns                       the real node, KubeRay, DNS
+#       pause, probe, ray-operator, coredns, kube-network-policies
+#                                                 the real node, KubeRay, DNS, NetworkPolicy
 #   .../k8s-v<K8S_VERSION>/images                                 the node's own OCI archives
 #   .../k8s-v<K8S_VERSION>/crds                                   third-party CRDs (YAML)
 #
@@ -21,7 +22,7 @@
 #                      small machine responsive while the build runs
 #   BUILD_ONLY         space-separated subset of: etcd kube-apiserver kube-controller-manager
 #                      kube-scheduler kubectl kubelet kube-proxy kwok helm controller-gen crds containerd
-#                      cni node-images host-packages kuberay coredns
+#                      cni node-images host-packages kuberay coredns netpol
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -150,6 +151,16 @@ if want coredns; then
     check_require "$coredns_dir" github.com/coredns/coredns "v$COREDNS_VERSION"
     go_build coredns "$(module_stamp "v$COREDNS_VERSION" "$coredns_dir") $(sha256sum <"$coredns_dir/main.go" | cut -c1-16)" \
         "$coredns_dir" . "$strip_flags -X github.com/coredns/coredns/coremain.GitCommit=v$COREDNS_VERSION-module"
+fi
+
+# --- NetworkPolicy for the real node: kube-network-policies (Kubernetes SIG Network) ---------
+# Its module has no replace directives, but its command reads only the in-cluster config;
+# netpol/ is a small main around the same controller package that takes a kubeconfig.
+netpol_dir="$here/netpol"
+if want netpol; then
+    check_require "$netpol_dir" sigs.k8s.io/kube-network-policies "v$KUBE_NETWORK_POLICIES_VERSION"
+    go_build kube-network-policies "$(module_stamp "v$KUBE_NETWORK_POLICIES_VERSION" "$netpol_dir") $(sha256sum <"$netpol_dir/main.go" | cut -c1-16)" \
+        "$netpol_dir" . "$strip_flags"
 fi
 
 # --- The real node: containerd, CNI plugins, runc, and its own small images ---------------

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs the distribution packages a real node needs: runc (the OCI runtime containerd
-# drives), iptables (the pod-network guard chain and, later, kube-proxy), conntrack and
-# iproute2. Debian 12 ships runc 1.1, which containerd 2.x drives fine. Packages named as
+# drives), iptables (the pod-network guard chain and kube-proxy), conntrack, iproute2 and
+# nftables (nft lists and removes the NetworkPolicy enforcer's table). Debian 12 ships
+# runc 1.1, which containerd 2.x drives fine. Packages named as
 # arguments are installed the same way.
 #
 # Idempotent and quiet: tools already on PATH are used as they are; apt-get runs only as
@@ -12,7 +13,7 @@ set -euo pipefail
 
 log() { printf '[host-packages] %s\n' "$*" >&2; }
 
-declare -A package_of=([runc]=runc [iptables]=iptables [iptables-save]=iptables [conntrack]=conntrack [ip]=iproute2)
+declare -A package_of=([runc]=runc [iptables]=iptables [iptables-save]=iptables [conntrack]=conntrack [ip]=iproute2 [nft]=nftables)
 missing=()
 for tool in "${!package_of[@]}"; do
     command -v "$tool" >/dev/null 2>&1 || missing+=("${package_of[$tool]}")

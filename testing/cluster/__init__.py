@@ -21,6 +21,8 @@ from kubeml.errors import (
 )
 from kubeml.testing.cluster._existing import ExistingCluster
 from kubeml.testing.cluster._node import (
+    NETPOL_CHAIN,
+    NETPOL_TABLE,
     NODE_IMAGES,
     POD_CIDR,
     REAL_NODE_LABEL,
@@ -43,6 +45,8 @@ __all__ = [
     "DEFAULT_NODE_GROUPS",
     "ExistingCluster",
     "GPU_TAINT",
+    "NETPOL_CHAIN",
+    "NETPOL_TABLE",
     "NODE_IMAGES",
     "NodeGroup",
     "POD_CIDR",

@@ -56,7 +56,8 @@ log = logging.getLogger("kubeml.testing.cluster")
 #: Components in start order; `down` stops them in reverse. containerd and the kubelet are
 #: the real node's, started only with ``real_node=True``.
 COMPONENTS = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok",
-              "containerd", "kubelet", "kube-proxy", "apiserver-proxy", "coredns", "kuberay-operator")
+              "containerd", "kubelet", "kube-proxy", "network-policies", "apiserver-proxy", "coredns",
+              "kuberay-operator")
 
 # Admission plugins beyond the apiserver's defaults are listed explicitly so the set the
 # tests rely on (PodSecurity, ResourceQuota, NodeRestriction, LimitRanger) cannot silently
@@ -70,7 +71,8 @@ _ADMISSION_PLUGINS = (
     "ValidatingAdmissionWebhook"
 )
 _SERVICE_CIDR = "10.96.0.0/16"
-_NODE_COMPONENTS = ("containerd", "kubelet", "kube-proxy", "apiserver-proxy", "coredns", "kuberay-operator")
+_NODE_COMPONENTS = ("containerd", "kubelet", "kube-proxy", "network-policies", "apiserver-proxy", "coredns",
+                    "kuberay-operator")
 _POD_CIDR = "10.244.0.1/16"
 _ADMIN_USER = "kubeml-admin"
 _USER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@:-]{0,120}$")

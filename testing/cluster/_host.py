@@ -1,8 +1,9 @@
 """What a real node changes on the host, recorded before it starts and undone when it stops.
 
-A kubelet, containerd and the CNI bridge plugin touch machine-wide state that no state
-directory can hold: kernel tunables, iptables chains, a bridge interface, network
-namespaces, cgroups, mounts, and a few paths fixed in their code. :class:`HostSnapshot`
+A kubelet, containerd, the CNI bridge plugin and the NetworkPolicy enforcer touch
+machine-wide state that no state directory can hold: kernel tunables, iptables chains,
+nftables tables, a bridge interface, network namespaces, cgroups, mounts, and a few paths
+fixed in their code. :class:`HostSnapshot`
 records all of it before the node starts (in the cluster's ``state.json``), and
 :func:`restore_host` puts the machine back from that record, also after a crash, so
 ``kubeml cluster down`` leaves the host as it found it.
@@ -31,14 +32,16 @@ __all__ = [
     "cgroup_mounts",
     "iptables_chains",
     "mounts_under",
+    "nft_tables",
     "restore_host",
 ]
 
 log = logging.getLogger("kubeml.testing.cluster")
 
 #: Kernel tunables the kubelet sets at start (``protectKernelDefaults: false``), the bridge
-#: plugin turns on (``ip_forward``) and kube-proxy may set; each is put back to its
-#: recorded value.
+#: plugin turns on (``ip_forward``), the node turns on for the NetworkPolicy enforcer
+#: (``bridge-nf-call-iptables``) and kube-proxy may set; each is put back to its recorded
+#: value.
 TUNABLES = (
     "vm.overcommit_memory",
     "vm.panic_on_oom",
@@ -85,6 +88,8 @@ class HostSnapshot:
     """iptables chains per table before the start."""
     links: list[str] = field(default_factory=list)
     """Network interfaces before the start."""
+    nft_tables: list[str] = field(default_factory=list)
+    """nftables tables (``"<family> <name>"``) before the start."""
 
     @classmethod
     def take(cls) -> HostSnapshot:
@@ -94,6 +99,7 @@ class HostSnapshot:
             netns=sorted(_netns_names()),
             chains=iptables_chains(),
             links=sorted(network_links()),
+            nft_tables=nft_tables(),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -148,6 +154,34 @@ def iptables_chains() -> dict[str, list[str]]:
         elif line.startswith(":") and table:
             chains[table].append(line[1:].split()[0])
     return chains
+
+
+def nft_tables() -> list[str]:
+    """Every nftables table as ``"<family> <name>"``, sorted; empty when nft is missing.
+
+    The iptables-nft tables (``ip filter``, ``ip nat``...) are listed too.
+    """
+    try:
+        out = subprocess.run(["nft", "list", "tables"], capture_output=True, text=True, timeout=30,
+                             check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return sorted(line.split(None, 1)[1].strip() for line in out.splitlines() if line.startswith("table "))
+
+
+def delete_nft_table(table: str) -> None:
+    """Delete nftables table ``"<family> <name>"`` (rules, sets, chains with it), if it exists."""
+    if table not in nft_tables():
+        return
+    family, name = table.split()
+    try:
+        result = subprocess.run(["nft", "delete", "table", family, name], capture_output=True, text=True,
+                                timeout=30)
+    except (OSError, subprocess.SubprocessError) as exc:
+        log.warning("could not delete nftables table %s: %s", table, exc)
+        return
+    if result.returncode != 0:
+        log.warning("could not delete nftables table %s: %s", table, result.stderr.strip())
 
 
 def mounts_under(root: str | Path) -> list[str]:
@@ -275,12 +309,13 @@ def remove_chain(table: str, chain: str) -> None:
 
 
 def restore_host(snapshot: HostSnapshot, *, node_dir: Path, cgroup_root: str, own_chains: tuple[str, ...],
-                 bridge: str) -> None:
+                 bridge: str, own_nft_tables: tuple[str, ...] = ()) -> None:
     """Undo what a real node did, from the snapshot taken before it started.
 
     Order matters: processes first (so nothing re-creates what is removed), then mounts
     (which frees the pods' network namespaces and their veths), then interfaces, iptables,
-    tunables, cgroups and paths.
+    nftables, tunables, cgroups and paths. ``own_nft_tables`` (``"<family> <name>"``) are
+    the node's own and go whether or not they existed before (a crashed node's leftovers).
     """
     kill_cgroup_tree(cgroup_root)
     for point in mounts_under(node_dir):
@@ -307,6 +342,8 @@ def restore_host(snapshot: HostSnapshot, *, node_dir: Path, cgroup_root: str, ow
         for chain in chains:
             if chain in own_chains or (chain not in had and chain.startswith(("CNI-", "KUBE-"))):
                 remove_chain(table, chain)
+    for table in own_nft_tables:
+        delete_nft_table(table)
     for name, value in snapshot.tunables.items():
         if read_tunable(name) != value:
             write_tunable(name, value)

@@ -10,6 +10,12 @@ Layout of the pod network: the ``kubeml0`` bridge, pod addresses from
 iptables chain, jumped to from INPUT and FORWARD for packets coming in on the bridge, lets pod
 traffic reach other pods and Services and rejects everything else, so no pod packet
 leaves the machine or reaches the host's own services unless a later rule lets it.
+NetworkPolicies are enforced by kube-network-policies (Kubernetes SIG Network): the first
+packet of each new connection goes to NFQUEUE :data:`NFQUEUE_ID`, where the enforcer
+accepts or drops it. Its own nftables table :data:`NETPOL_TABLE` queues only pods that a
+policy selects; on a kernel without the nftables queue expression the node's
+:data:`NETPOL_CHAIN` queues every new connection to a pod instead (the enforcer accepts
+those no policy selects).
 
 The node is tainted :data:`REAL_NODE_TAINT` and labelled :data:`REAL_NODE_LABEL`: pods
 meant to run select it and tolerate the taint, and nothing meant for a fake node lands on
@@ -54,6 +60,9 @@ if TYPE_CHECKING:
     from kubeml.testing.cluster._pki import CertificateAuthority
 
 __all__ = [
+    "NETPOL_CHAIN",
+    "NETPOL_TABLE",
+    "NFQUEUE_ID",
     "NODE_IMAGES",
     "POD_CIDR",
     "REAL_NODE_LABEL",
@@ -79,6 +88,18 @@ APISERVER_PROXY_PORT = 6443
 #: endpoint is CoreDNS on the node's address.
 CLUSTER_DNS = "10.96.0.10"
 DNS_PORT = 53
+#: The NetworkPolicy enforcer's nftables table (``"<family> <name>"``; the name is the
+#: upstream default) and the NFQUEUE its rules hand new connections to (upstream's default
+#: number; a queue has one listener, so two enforcers on one machine cannot share it).
+NETPOL_TABLE = "inet kube-network-policies"
+NFQUEUE_ID = 100
+#: The iptables chain that queues new connections to pods when the kernel lacks nftables'
+#: ``queue`` expression (CONFIG_NFT_QUEUE) but has the xtables NFQUEUE target.
+NETPOL_CHAIN = "KUBEML-NETPOL"
+_NFQUEUE_PROC = Path("/proc/net/netfilter/nfnetlink_queue")
+#: Bridged pod-to-pod packets reach netfilter (kube-proxy's DNAT, the enforcer's hook) only
+#: with this on.
+_BRIDGE_NF = "net.bridge.bridge-nf-call-iptables"
 NODE_NAME = "real-0"
 NODE_GROUP = "local"
 REAL_NODE_LABEL = ("kubeml.io/node", "real")
@@ -90,6 +111,7 @@ NODE_IMAGES = {"pause": "kubeml.local/pause:1", "probe": "kubeml.local/probe:1"}
 NODE_BINARIES = (
     "ray-operator",
     "coredns",
+    "kube-network-policies",
     "kubelet",
     "kube-proxy",
     "containerd",
@@ -141,8 +163,10 @@ def preflight(assets: Assets) -> list[str]:
         problems.append("a real node needs root (the kubelet and containerd manage mounts, "
                         "cgroups and network namespaces); run as root or start the cluster "
                         "with --no-real-node")
+    # nft: the enforcer itself programs nftables over netlink; the node checks the kernel's
+    # queue support and lists and deletes the enforcer's table with nft (`down`, crashes).
     for tool, package in (("runc", "runc"), ("iptables", "iptables"), ("iptables-save", "iptables"),
-                          ("ip", "iproute2")):
+                          ("ip", "iproute2"), ("nft", "nftables")):
         if shutil.which(tool) is None:
             problems.append(f"{tool} is not on PATH: install the {package} package "
                             "(`make cluster-assets` does it as root)")
@@ -166,6 +190,15 @@ def preflight(assets: Assets) -> list[str]:
         if absent:
             problems.append(f"cgroup controllers not mounted: {', '.join(absent)} "
                             "(the kubelet enforces pod limits with them)")
+    if not _NFQUEUE_PROC.exists():
+        problems.append("the kernel has no NFQUEUE (no /proc/net/netfilter/nfnetlink_queue), which the "
+                        "NetworkPolicy enforcer hands new connections to: `modprobe nfnetlink_queue` or use a "
+                        "kernel with CONFIG_NETFILTER_NETLINK_QUEUE (and CONFIG_NFT_QUEUE or "
+                        "CONFIG_NETFILTER_XT_TARGET_NFQUEUE)")
+    if _host.read_tunable(_BRIDGE_NF) is None:
+        problems.append("bridged pod traffic bypasses netfilter (no net.bridge.bridge-nf-call-iptables), so "
+                        "Services and NetworkPolicies would not apply between pods: `modprobe br_netfilter` "
+                        "or use a kernel with CONFIG_BRIDGE_NETFILTER")
     if not Path("/proc/sys/net/ipv4/ip_forward").exists():
         problems.append("no IPv4 forwarding control in /proc/sys: the kernel lacks networking the pods need")
     return problems
@@ -206,7 +239,8 @@ class RealNode:
             snapshot = current.get("snapshot")
             if snapshot and stale.name == "node":
                 _host.restore_host(_host.HostSnapshot.from_dict(snapshot), node_dir=stale,
-                                   cgroup_root=CGROUP_ROOT, own_chains=(CHAIN,), bridge=BRIDGE)
+                                   cgroup_root=CGROUP_ROOT, own_chains=(CHAIN, NETPOL_CHAIN), bridge=BRIDGE,
+                                   own_nft_tables=(NETPOL_TABLE,))
         self.dir.mkdir(parents=True, exist_ok=True)
         _SOCKET_DIR.mkdir(parents=True, exist_ok=True)
 
@@ -234,6 +268,7 @@ class RealNode:
         log.info("real node: containerd up, images imported after %.1f s", time.monotonic() - t0)
         self._start_kubelet(launch, ca=ca, server=server, deadline=deadline)
         self._start_kube_proxy(launch, ca=ca, server=server, deadline=deadline)
+        self._start_network_policies(launch, ca=ca, server=server, api_client=api_client, deadline=deadline)
         self._expose_apiserver(launch, server=server, api_client=api_client, deadline=deadline)
         self._start_coredns(launch, ca=ca, server=server, api_client=api_client, deadline=deadline)
         self._start_kuberay(launch, ca=ca, server=server, deadline=deadline)
@@ -565,6 +600,74 @@ disabled_plugins = [
                                              "--v=1"], health)
         wait_healthy(record, health, deadline=deadline, proc=proc)
 
+    def _start_network_policies(self, launch: Any, *, ca: CertificateAuthority, server: str, api_client: Any,
+                                deadline: float) -> None:
+        """kube-network-policies: NetworkPolicies of this node's pods, enforced per connection.
+
+        Its nftables table hooks postrouting (before source NAT) and, for pods a policy
+        selects, queues the first packet of each new connection to :data:`NFQUEUE_ID`; the
+        enforcer evaluates the policies and accepts or drops it (fail closed: with the
+        enforcer gone, queued packets are dropped). Later packets pass on conntrack state.
+        A kernel without nftables' queue expression refuses that table (the enforcer logs
+        the failed sync and keeps serving its queue); there :data:`NETPOL_CHAIN`, jumped to
+        from FORWARD for packets out to the bridge, queues every new connection to a pod
+        with the xtables NFQUEUE target, and the enforcer accepts those of pods no policy
+        selects. Pod-to-pod traffic on the bridge reaches netfilter only with
+        ``bridge-nf-call-iptables`` on, which is set here (the snapshot restores it).
+        Traffic to the node's own address is not forwarded; the guard chain decides it.
+        Its identity reads pods, namespaces and policies, and writes events.
+        """
+        from kubernetes.client import RbacAuthorizationV1Api
+
+        if _queue_bound(NFQUEUE_ID):
+            raise ClusterError(f"NFQUEUE {NFQUEUE_ID} (the NetworkPolicy enforcer's) is bound by another "
+                               "process; stop it (another kube-network-policies?) and retry")
+        if _host.read_tunable(_BRIDGE_NF) != "1":
+            _host.write_tunable(_BRIDGE_NF, "1")
+        user = "system:kubeml:network-policies"
+        with api_client() as client:
+            rbac = RbacAuthorizationV1Api(client)
+            role = {"metadata": {"name": "kubeml:network-policies"},
+                    "rules": [{"apiGroups": [""], "resources": ["pods", "namespaces"], "verbs": ["list", "watch"]},
+                              {"apiGroups": ["networking.k8s.io"], "resources": ["networkpolicies"],
+                               "verbs": ["list", "watch"]},
+                              {"apiGroups": ["", "events.k8s.io"], "resources": ["events"],
+                               "verbs": ["create", "patch", "update"]}]}
+            binding = {"metadata": {"name": "kubeml:network-policies"},
+                       "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
+                                   "name": "kubeml:network-policies"},
+                       "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": user}]}
+            _create_or_replace(rbac.create_cluster_role, rbac.replace_cluster_role, role)
+            _create_or_replace(rbac.create_cluster_role_binding, rbac.replace_cluster_role_binding, binding)
+        kubeconfig = self._client_kubeconfig(ca, server, user)
+        _host.remove_chain("filter", NETPOL_CHAIN)
+        if not _nft_queue_supported():
+            try:
+                for args in (
+                    ("-N", NETPOL_CHAIN),
+                    ("-A", NETPOL_CHAIN, "-m", "conntrack", "--ctstate", "ESTABLISHED,RELATED", "-j", "RETURN"),
+                    # No --queue-bypass: while no enforcer listens, new connections are dropped.
+                    ("-A", NETPOL_CHAIN, "-j", "NFQUEUE", "--queue-num", str(NFQUEUE_ID)),
+                    ("-I", "FORWARD", "1", "-o", BRIDGE, "-j", NETPOL_CHAIN),
+                ):
+                    _run(["iptables", "-w", "5", *args], "iptables")
+            except ClusterError as exc:
+                raise ClusterError(
+                    "the kernel can queue packets to the NetworkPolicy enforcer neither with nftables "
+                    "(CONFIG_NFT_QUEUE) nor with iptables (CONFIG_NETFILTER_XT_TARGET_NFQUEUE): "
+                    f"`modprobe nft_queue` or `modprobe xt_NFQUEUE`, or use a kernel with either ({exc})") from exc
+        (metrics,) = free_ports(1)
+        health = f"http://127.0.0.1:{metrics}/readyz"
+        proc, record = launch("network-policies", [
+            str(self.assets.binary("kube-network-policies")),
+            f"--kubeconfig={kubeconfig}",
+            f"--hostname-override={NODE_NAME}",
+            f"--nfqueue-id={NFQUEUE_ID}",
+            f"--metrics-bind-address=127.0.0.1:{metrics}",
+            "--v=1",
+        ], health)
+        wait_healthy(record, health, deadline=deadline, proc=proc)
+
     def _start_coredns(self, launch: Any, *, ca: CertificateAuthority, server: str, api_client: Any,
                        deadline: float) -> None:
         """CoreDNS on the node's address, and the ``kube-dns`` Service that points at it.
@@ -702,6 +805,25 @@ cluster.local:{DNS_PORT} in-addr.arpa:{DNS_PORT} ip6.arpa:{DNS_PORT} {{
                     raise
                 discovery.replace_namespaced_endpoint_slice("kubernetes", "default", body)
 
+    def policy_verdicts(self) -> dict[str, int]:
+        """Connections the NetworkPolicy enforcer has judged, by verdict (``accept``, ``drop``).
+
+        Read from its ``/metrics`` (``kube_network_policies_packet_count``, summed over
+        protocol and family); each counts the first packet of one new connection or flow.
+        """
+        import urllib.request
+
+        state = json.loads((self.dir.parent / "state.json").read_text())
+        health = state["health"]["network-policies"]
+        with urllib.request.urlopen(health.replace("/readyz", "/metrics"), timeout=5) as response:
+            text = response.read().decode()
+        counts: dict[str, int] = {}
+        for line in text.splitlines():
+            match = re.match(r'kube_network_policies_packet_count\{.*verdict="(\w+)".*\} (\S+)$', line)
+            if match:
+                counts[match[1]] = counts.get(match[1], 0) + int(float(match[2]))
+        return counts
+
     def wait_ready(self, core: Any, deadline: float) -> None:
         """Wait for the node object to be Ready (CNI configured, runtime up)."""
         why = "not registered yet"
@@ -727,7 +849,8 @@ cluster.local:{DNS_PORT} in-addr.arpa:{DNS_PORT} ip6.arpa:{DNS_PORT} {{
         """Stop the kubelet, every container and containerd, then restore the host."""
         node = state.get("node") or {}
         kubelet = [r for r in records
-                   if r.name in ("kuberay-operator", "coredns", "kubelet", "kube-proxy", "apiserver-proxy")]
+                   if r.name in ("kuberay-operator", "coredns", "kubelet", "kube-proxy", "apiserver-proxy",
+                                 "network-policies")]
         containerd = [r for r in records if r.name == "containerd"]
         stop_processes(kubelet, handles, grace_s=10.0)
         if any(is_alive(r) for r in containerd):
@@ -742,7 +865,8 @@ cluster.local:{DNS_PORT} in-addr.arpa:{DNS_PORT} ip6.arpa:{DNS_PORT} {{
         snapshot = node.get("snapshot")
         if snapshot is not None:
             _host.restore_host(_host.HostSnapshot.from_dict(snapshot), node_dir=self.dir,
-                               cgroup_root=CGROUP_ROOT, own_chains=(CHAIN,), bridge=BRIDGE)
+                               cgroup_root=CGROUP_ROOT, own_chains=(CHAIN, NETPOL_CHAIN), bridge=BRIDGE,
+                               own_nft_tables=(NETPOL_TABLE,))
         with contextlib.suppress(OSError, ValueError):
             if json.loads(_CLAIM.read_text()).get("node_dir") == str(self.dir):
                 _CLAIM.unlink()
@@ -760,6 +884,26 @@ cluster.local:{DNS_PORT} in-addr.arpa:{DNS_PORT} ip6.arpa:{DNS_PORT} {{
                 self.ctr("tasks", "delete", "--force", task, timeout=10)
         except subprocess.TimeoutExpired:
             log.warning("containerd did not answer while stopping containers; killing them by cgroup")
+
+
+def _nft_queue_supported() -> bool:
+    """Whether the kernel takes nftables' ``queue`` expression (a check-only transaction)."""
+    ruleset = ("table inet kubeml-queue-check {\n chain c {\n type filter hook postrouting priority 0;\n"
+               f" queue num {NFQUEUE_ID}\n }}\n}}\n")
+    try:
+        return subprocess.run(["nft", "--check", "-f", "-"], input=ruleset, capture_output=True, text=True,
+                              timeout=30).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False
+
+
+def _queue_bound(queue: int) -> bool:
+    """Whether a process listens on NFQUEUE ``queue`` (the kernel lists bound queues, number first)."""
+    try:
+        lines = _NFQUEUE_PROC.read_text().splitlines()
+    except OSError:
+        return False
+    return any(line.split()[:1] == [str(queue)] for line in lines)
 
 
 def _state_alive(path: Path) -> bool:

@@ -14,7 +14,7 @@ import pytest
 from kubernetes.client import CoreV1Api
 
 from kubeml.errors import ClusterError
-from kubeml.testing.cluster import NODE_IMAGES, Cluster, find_assets, preflight, real_node_pod_spec
+from kubeml.testing.cluster import NETPOL_CHAIN, NETPOL_TABLE, NODE_IMAGES, Cluster, find_assets, preflight, real_node_pod_spec
 from kubeml.testing.cluster import _host
 from kubeml.testing.cluster.fixtures import wait_until
 
@@ -26,15 +26,21 @@ pytestmark = [
 ]
 
 
+_IPTABLES_NFT_TABLES = {f"{family} {table}" for family in ("ip", "ip6")
+                        for table in ("filter", "nat", "mangle", "raw", "security")}
+
+
 def _host_state(bin_dir: Path) -> dict[str, object]:
     """Everything a real node may change on the host, in comparable form."""
-    own = re.compile(re.escape(str(bin_dir)) + r"/(kubelet|containerd|containerd-shim-runc-v2)\b")
+    own = re.compile(re.escape(str(bin_dir)) + r"/(kubelet|containerd|containerd-shim-runc-v2|kube-network-policies)\b")
     cgroups = sorted(str(m / "kubeml") for m in _host.cgroup_mounts() if (m / "kubeml").exists())
     return {
         "tunables": {name: _host.read_tunable(name) for name in _host.TUNABLES},
         "paths": {path: os.path.lexists(path) for path in _host.FIXED_PATHS},
         "links": sorted(_host.network_links()),
         "chains": _host.iptables_chains(),
+        # iptables-nft's own tables (ip filter, ip nat...) are in "chains".
+        "nft_tables": [t for t in _host.nft_tables() if t not in _IPTABLES_NFT_TABLES],
         "netns": sorted(os.listdir("/run/netns")) if os.path.isdir("/run/netns") else [],
         "mounts": sorted(_mount_points()),
         "cgroups": cgroups,
@@ -62,6 +68,11 @@ def test_down_leaves_the_host_as_it_was(tmp_path: Path) -> None:
         # The node really changed the host: otherwise the comparison below proves nothing.
         assert "kubeml0" in during["links"] and "kubeml0" not in before["links"]
         assert "KUBEML-NODE" in during["chains"]["filter"]
+        # The enforcer's nftables table, or where the kernel cannot queue from nftables, the
+        # node's iptables chain that queues for it.
+        assert (NETPOL_TABLE in during["nft_tables"]) != (NETPOL_CHAIN in during["chains"]["filter"])
+        assert NETPOL_TABLE not in before["nft_tables"]
+        assert _host.read_tunable("net.bridge.bridge-nf-call-iptables") == "1"
         assert during["cgroups"] and during["processes"] and during["claim"]
         assert any(link.startswith("veth") for link in during["links"])
         assert any(p.startswith(str(tmp_path)) for p in _mount_points())
@@ -99,3 +110,15 @@ def test_preflight_names_what_to_install(monkeypatch: pytest.MonkeyPatch, tmp_pa
     problems = preflight(assets)
     assert "runc is not on PATH: install the runc package (`make cluster-assets` does it as root)" in problems
     assert any(p.startswith("iptables is not on PATH: install the iptables package") for p in problems)
+    assert any(p.startswith("nft is not on PATH: install the nftables package") for p in problems)
+
+
+def test_preflight_names_the_kernel_support_the_enforcer_needs(monkeypatch: pytest.MonkeyPatch,
+                                                                tmp_path: Path) -> None:
+    from kubeml.testing.cluster import _node
+
+    monkeypatch.setattr(_node, "_NFQUEUE_PROC", tmp_path / "nfnetlink_queue")
+    monkeypatch.setattr(_node, "_BRIDGE_NF", "net.bridge.no-such-tunable")
+    problems = preflight(find_assets())
+    assert any("no NFQUEUE" in p and "`modprobe nfnetlink_queue`" in p for p in problems), problems
+    assert any("`modprobe br_netfilter`" in p for p in problems), problems
