@@ -119,6 +119,7 @@ for candidate in /etc/ssl/certs/ca-certificates.crt /etc/pki/tls/certs/ca-bundle
 done
 
 built=()
+superseded=()
 for kind in "${kinds[@]}"; do
     image=$(cd "$repo" && "$python" "$here/ref.py" "$kind")
     key=$(printf '%s\n' "$(sha256sum "$repo/images/$kind.Containerfile")" "$context_hash" "$base_id" \
@@ -129,6 +130,7 @@ for kind in "${kinds[@]}"; do
     else
         log "$kind: building $image"
         start=$SECONDS
+        old_id=$(buildah inspect --type image --format '{{.FromImageID}}' "$image" 2>/dev/null || true)
         secret=()
         [[ -n "$ca_bundle" ]] && secret=(--secret "id=ca-bundle,src=$ca_bundle")
         (cd "$repo" && buildah bud --quiet --network host --isolation chroot --layers --pull-never \
@@ -149,6 +151,8 @@ print(int(float(value) * units[unit]))')
         printf '{"kind": "%s", "image": "%s", "key": "%s", "size_bytes": %s, "archive_bytes": %s, "seconds": %s, "revision": "%s"}\n' \
             "$kind" "$image" "$key" "${size:-0}" "$(stat -c %s "$tar")" "$seconds" "$revision" >"$out/$kind-$key.json"
         printf '%s\t%s\t%s\n' "$kind" "$seconds" "$(date -u +%FT%TZ)" >>"$out/build-times.tsv"
+        new_id=$(buildah inspect --type image --format '{{.FromImageID}}' "$image")
+        [[ -n "$old_id" && "$old_id" != "$new_id" ]] && superseded+=("$old_id")
         log "$kind: built in $seconds s"
         # Keep one archive per kind: older keys are superseded.
         find "$out" -maxdepth 1 -name "$kind-*.tar" ! -name "$kind-$key.tar" -delete
@@ -159,8 +163,13 @@ print(int(float(value) * units[unit]))')
     built+=("$out/$kind.tar")
 done
 
-# Superseded layers (an image rebuilt under the same name) would pile up in buildah's store.
-buildah rmi --prune >/dev/null 2>&1 || true
+# The image this name had before a rebuild goes (layers other images share stay). Nothing
+# is pruned: buildah's layer cache is kept as untagged images, and pruning it would make the
+# next code change reinstall every dependency (minutes, and GBs of downloads for PyTorch).
+# `buildah rmi --prune` frees that cache by hand.
+for old_id in "${superseded[@]}"; do
+    buildah rmi "$old_id" >/dev/null 2>&1 || true
+done
 
 # --- 4. into the real node ----------------------------------------------------------------------
 socket=/run/kubeml/node/containerd.sock

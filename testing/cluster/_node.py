@@ -166,7 +166,7 @@ def preflight(assets: Assets) -> list[str]:
     # nft: the enforcer itself programs nftables over netlink; the node checks the kernel's
     # queue support and lists and deletes the enforcer's table with nft (`down`, crashes).
     for tool, package in (("runc", "runc"), ("iptables", "iptables"), ("iptables-save", "iptables"),
-                          ("ip", "iproute2"), ("nft", "nftables")):
+                          ("ip", "iproute2"), ("nft", "nftables"), ("unshare", "util-linux")):
         if shutil.which(tool) is None:
             problems.append(f"{tool} is not on PATH: install the {package} package "
                             "(`make cluster-assets` does it as root)")
@@ -749,11 +749,23 @@ cluster.local:{DNS_PORT} in-addr.arpa:{DNS_PORT} ip6.arpa:{DNS_PORT} {{
 
         It runs as a cluster admin, as kwok does here; on EKS its chart gives it its own
         ServiceAccount and ClusterRole.
+
+        It follows a job through the head's dashboard, by the head Service's cluster DNS
+        name, as it does from its pod on EKS. A host process asks the host's resolver, which
+        knows no cluster names, so the operator runs in a mount namespace of its own where
+        ``/etc/resolv.conf`` names CoreDNS on the node's address (nothing else on the host
+        sees that file); the Service's ClusterIP then reaches the head through kube-proxy's
+        rules for host traffic.
         """
         kubeconfig = self._client_kubeconfig(ca, server, "kuberay-operator", ("system:masters",))
         metrics, probes = free_ports(2)
         health = f"http://127.0.0.1:{probes}/readyz"
+        resolv = self.dir / "cluster-resolv.conf"
+        resolv.write_text(f"nameserver {GATEWAY}\noptions ndots:1 timeout:2 attempts:3\n")
+        unshare = shutil.which("unshare") or "/usr/bin/unshare"
         proc, record = launch("kuberay-operator", [
+            unshare, "--mount", "--propagation", "private", "--",
+            "/bin/sh", "-c", 'mount --bind "$0" /etc/resolv.conf && exec "$@"', str(resolv),
             str(self.assets.binary("ray-operator")),
             f"-kubeconfig={kubeconfig}",
             f"-metrics-addr=127.0.0.1:{metrics}",
