@@ -64,16 +64,18 @@ for tool in buildah mmdebstrap; do
 done
 python=${PYTHON:-python3}
 
-# Free space each build needs on the way, in GB (measured: see benchmarks/RESULTS.md).
+# Free space a build needs on the way, in GB (measured: see benchmarks/RESULTS.md); checked
+# only when an image is really built, not when the cached one is up to date.
 declare -A need_gb=([operator]=3 [server]=25 [runtime]=30)
-for kind in "${kinds[@]}"; do
+check_space() {
+    local kind=$1 dir free_gb
     for dir in /var/lib/containers "$out"; do
         mkdir -p "$dir"
         free_gb=$(( $(df --output=avail -k "$dir" | tail -1) / 1024 / 1024 ))
         (( free_gb >= need_gb[$kind] )) ||
-            die "building the $kind image needs about ${need_gb[$kind]} GB free on $dir; $free_gb GB are: free some space first"
+            die "building the $kind image needs about ${need_gb[$kind]} GB free on $dir; $free_gb GB are: free some space first (buildah rmi --prune drops buildah's layer cache)"
     done
-done
+}
 
 exec 9>"$out/.build.lock"
 flock 9
@@ -128,6 +130,7 @@ for kind in "${kinds[@]}"; do
     if [[ -f "$tar" && -f "$out/$kind-$key.json" ]]; then
         log "$kind: up to date ($image)"
     else
+        check_space "$kind"
         log "$kind: building $image"
         start=$SECONDS
         old_id=$(buildah inspect --type image --format '{{.FromImageID}}' "$image" 2>/dev/null || true)

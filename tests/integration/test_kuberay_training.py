@@ -155,7 +155,8 @@ def test_rayjob_trains_in_real_pods_recovers_a_deleted_worker_and_its_bundle_sco
     assert train.status == "succeeded" and train.outputs["target"] == "kuberay"
     job = train.outputs["job"]
     assert job["kind"] == "RayJob" and job["status"] == "Complete / SUCCEEDED", job
-    assert "Running / RUNNING" in job["transitions"]
+    # The job really ran in the Ray cluster (each line is the status with its message).
+    assert any(line.startswith("Running / RUNNING") for line in job["transitions"]), job["transitions"]
     # The lost worker cost a restart of the worker group, from the checkpoint, not from zero.
     attempts = train.outputs["attempts"]
     assert len(attempts) >= 2, attempts
