@@ -30,6 +30,7 @@ __all__ = [
     "Dataset",
     "DatasetManifest",
     "content_version",
+    "dataset_manifest",
     "ingest",
     "load_dataset",
     "load_source",
@@ -161,6 +162,14 @@ def _read_manifest(store: ArtifactStore, prefix: str) -> DatasetManifest:
     d = json.loads(store.get_text(f"{prefix}/manifest.json"))
     d["classes"] = tuple(d.get("classes", ()))
     return DatasetManifest(**d)
+
+
+def dataset_manifest(store: ArtifactStore, name: str, version: str) -> DatasetManifest:
+    """The manifest of a stored version; :class:`ArtifactNotFound` naming it when it is not stored."""
+    try:
+        return _read_manifest(store, f"datasets/{name}/{version}")
+    except ArtifactNotFound as exc:
+        raise ArtifactNotFound(f"dataset {name}@{version} is not in {store.uri}: {exc}") from exc
 
 
 def load_dataset(store: ArtifactStore, name: str, version: str, *, verify: bool = True) -> Dataset:

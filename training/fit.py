@@ -200,6 +200,7 @@ def fit(
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from kubeml.data import dataset_manifest
     from kubeml.models import build_model
     from kubeml.training.checkpoint import load_checkpoint
     from kubeml.training.worker import train_loop_per_worker
@@ -207,6 +208,8 @@ def fit(
     t0, submitted_at = time.perf_counter(), time.time()
     tc = cfg.training
     build_model(tc.model, **tc.model_kwargs)  # fail fast on a bad model name or arguments, before Ray
+    # A version that is not stored fails here, once, not in every worker of every retried attempt.
+    dataset_manifest(store, dataset, dataset_version)
     exists = _run_exists(store, run_id)
     if resume is True and not exists:
         raise ConfigError(f"cannot resume run {run_id!r}: it has no checkpoints in {store.uri}/checkpoints")

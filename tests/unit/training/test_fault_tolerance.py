@@ -133,3 +133,21 @@ def test_more_failures_than_allowed_fail_cleanly_then_resume_skips_a_truncated_c
     assert result.attempts[-1]["skipped_corrupt"] == [latest.name]
     assert result.attempts[-1]["start_epoch"] == 1
     assert _losses(result) == _losses(ref)
+
+
+def test_a_dataset_version_not_in_the_store_fails_before_any_worker_starts(tmp_path):
+    """Deterministic, so never retried: the error names the version and the store, and no
+    checkpoint, run spec or Ray runtime is made for it."""
+    import ray
+
+    from kubeml.errors import ArtifactNotFound
+
+    cfg = KubemlConfig(environments={"dev": {"training": {"epochs": 1, "workers": 1}}}).environment("dev", base=tmp_path)
+    store = open_store(cfg.artifact_store.uri)
+    was_running = ray.is_initialized()
+    started = time.monotonic()
+    with pytest.raises(ArtifactNotFound, match=r"dataset digits@no-such-version is not in file://"):
+        fit(cfg, store, dataset="digits", dataset_version="no-such-version", run_id="missing-data")
+    assert time.monotonic() - started < 10
+    assert ray.is_initialized() == was_running
+    assert store.list("checkpoints/missing-data/") == [] and store.list("runs/missing-data/") == []
