@@ -292,23 +292,28 @@ def rayjob_manifest(
     }
 
 
-#: Where Ray answers health checks: the head's GCS through the dashboard, a worker's raylet
-#: through its dashboard agent (Ray's default ports).
-RAY_HEAD_HEALTH = (8265, "/api/gcs_healthz")
-RAY_WORKER_HEALTH = (52365, "/api/local_raylet_healthz")
+#: Ray's health endpoints (its default ports): the GCS through the head's dashboard, a node's
+#: raylet through its dashboard agent (head and workers alike).
+GCS_HEALTH = {"httpGet": {"path": "/api/gcs_healthz", "port": 8265}}
+RAYLET_HEALTH = {"httpGet": {"path": "/api/local_raylet_healthz", "port": 52365}}
+AGENT_LISTENING = {"tcpSocket": {"port": 52365}}
+#: (readiness, liveness) per role. The head is ready when the GCS answers and alive while its
+#: raylet does; a worker is ready when its raylet answers and alive while its agent listens.
+RAY_HEAD_HEALTH = (GCS_HEALTH, RAYLET_HEALTH)
+RAY_WORKER_HEALTH = (RAYLET_HEALTH, AGENT_LISTENING)
 
 
-def _ray_probes(port: int, path: str) -> dict[str, Any]:
-    """Readiness and liveness probes of a Ray container, as HTTP GETs by the kubelet.
+def _ray_probes(readiness: dict[str, Any], liveness: dict[str, Any]) -> dict[str, Any]:
+    """Readiness and liveness probes of a Ray container, made by the kubelet.
 
     KubeRay's own probes run ``wget`` inside the container, which a slim image (ours among
     them) does not have: every probe fails and the head never becomes Ready. A container that
     names its probes keeps them. Timings as KubeRay's: ready within 10 failed checks, restarted
     only after 120 (10 minutes), so a busy head is not killed mid-job.
     """
-    check = {"httpGet": {"path": path, "port": port}, "timeoutSeconds": 2, "periodSeconds": 5}
-    return {"readinessProbe": {**check, "initialDelaySeconds": 10, "failureThreshold": 10},
-            "livenessProbe": {**check, "initialDelaySeconds": 30, "failureThreshold": 120}}
+    timing = {"timeoutSeconds": 2, "periodSeconds": 5}
+    return {"readinessProbe": {**readiness, **timing, "initialDelaySeconds": 10, "failureThreshold": 10},
+            "livenessProbe": {**liveness, **timing, "initialDelaySeconds": 30, "failureThreshold": 120}}
 
 
 def _pod_artifact_store(cfg: EnvironmentConfig, opts: KubeRayOptions) -> Any:

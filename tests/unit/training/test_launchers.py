@@ -252,16 +252,19 @@ def test_rayjob_submitter_pod_passes_restricted_like_the_ray_pods():
     assert container["resources"]["limits"] == {"cpu": "500m", "memory": "1Gi"}
 
 
-def test_ray_pods_are_probed_by_http_not_by_a_binary_the_image_may_lack():
-    """KubeRay's default probes exec wget, which a slim image lacks; ours are kubelet GETs."""
+def test_ray_pods_are_probed_by_the_kubelet_not_by_a_binary_the_image_may_lack():
+    """KubeRay's default probes exec wget, which a slim image lacks; ours are kubelet probes
+    of Ray's health endpoints, readiness and liveness different (kube-score flags identical ones)."""
     pods = _pods(rayjob_manifest(_cfg(launcher={"gpus_per_worker": 0}), run_id="r", dataset="d",
                                  dataset_version="v"))
-    for role, (port, path) in (("head", (8265, "/api/gcs_healthz")),
-                               ("worker", (52365, "/api/local_raylet_healthz"))):
-        container = pods[role]["containers"][0]
-        for probe in ("readinessProbe", "livenessProbe"):
-            assert container[probe]["httpGet"] == {"path": path, "port": port}, (role, probe)
-            assert "exec" not in container[probe]
+    raylet = {"path": "/api/local_raylet_healthz", "port": 52365}
+    head, worker = pods["head"]["containers"][0], pods["worker"]["containers"][0]
+    assert head["readinessProbe"]["httpGet"] == {"path": "/api/gcs_healthz", "port": 8265}
+    assert head["livenessProbe"]["httpGet"] == raylet
+    assert worker["readinessProbe"]["httpGet"] == raylet
+    assert worker["livenessProbe"]["tcpSocket"] == {"port": 52365}
+    for container in (head, worker):
+        assert "exec" not in container["readinessProbe"] and "exec" not in container["livenessProbe"]
         # Restarted only after minutes of failed checks: a busy head is not killed mid-job.
         assert container["livenessProbe"]["failureThreshold"] * container["livenessProbe"]["periodSeconds"] >= 600
 
