@@ -16,6 +16,7 @@ import ctypes
 import logging
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -303,7 +304,8 @@ def remove_chain(table: str, chain: str) -> None:
         return
     for rule in rules:
         if rule.startswith("-A ") and re.search(rf"(-j|-g) {re.escape(chain)}(\s|$)", rule):
-            _iptables("-t", table, "-D", *rule[3:].split())
+            # shlex: kube-proxy's rules carry quoted comments ("kubernetes service portals").
+            _iptables("-t", table, "-D", *shlex.split(rule[3:]))
     _iptables("-t", table, "-F", chain)
     _iptables("-t", table, "-X", chain)
 
