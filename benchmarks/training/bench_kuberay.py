@@ -122,7 +122,7 @@ def main() -> int:
                 env = {"artifact_store": {"uri": f"s3://{bucket}/kubeml", "endpoint_url": s3},
                        "home": str(home / label),
                        "training": {"target": target, "workers": 2, "epochs": args.epochs, "launcher": launcher}}
-                cfg = KubemlConfig(environments={"bench": env}).environment("bench")
+                cfg = KubemlConfig(environments={"staging": env}).environment("staging")
                 config_json = cfg.model_dump_json()
                 run_id = f"bench-{label}"
                 dataset, version = ingest_stage(config_json, run_id)
