@@ -784,7 +784,6 @@ cluster.local:{DNS_PORT} in-addr.arpa:{DNS_PORT} ip6.arpa:{DNS_PORT} {{
         import sys
 
         from kubernetes.client import DiscoveryV1Api
-        from kubernetes.client.exceptions import ApiException
 
         target = server.removeprefix("https://")
         listen = f"{GATEWAY}:{APISERVER_PROXY_PORT}"
@@ -810,12 +809,8 @@ cluster.local:{DNS_PORT} in-addr.arpa:{DNS_PORT} ip6.arpa:{DNS_PORT} {{
         }
         with api_client() as client:
             discovery = DiscoveryV1Api(client)
-            try:
-                discovery.create_namespaced_endpoint_slice("default", body)
-            except ApiException as exc:
-                if exc.status != 409:
-                    raise
-                discovery.replace_namespaced_endpoint_slice("kubernetes", "default", body)
+            _create_or_replace(lambda b: discovery.create_namespaced_endpoint_slice("default", b),
+                               lambda name, b: discovery.replace_namespaced_endpoint_slice(name, "default", b), body)
 
     def policy_verdicts(self) -> dict[str, int]:
         """Connections the NetworkPolicy enforcer has judged, by verdict (``accept``, ``drop``).
