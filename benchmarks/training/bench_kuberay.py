@@ -48,8 +48,9 @@ REPO = Path(__file__).resolve().parents[2]
 RESULTS = REPO / "benchmarks" / "RESULTS.md"
 CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
                "AWS_DEFAULT_REGION": "us-east-1", "AWS_REGION": "us-east-1"}
-LIMITS = {"cpus_per_worker": "600m", "memory_per_worker": "3Gi", "head_cpu": "500m", "head_memory": "3Gi",
-          "submitter_cpu": "200m", "submitter_memory": "512Mi"}
+LIMITS = {"cpus_per_worker": "600m", "worker_cpu_limit": "2", "memory_per_worker": "3Gi", "head_cpu": "500m",
+          "head_cpu_limit": "2", "head_memory": "3Gi", "submitter_cpu": "200m", "submitter_cpu_limit": "1",
+          "submitter_memory": "512Mi"}
 
 
 def _steady(history: list[dict[str, Any]]) -> float:
@@ -153,8 +154,9 @@ def main() -> int:
             f"\n## KubeRay on the real node vs local Ray ({today})\n",
             f"Machine: {platform.node() or 'vm'}, {os.cpu_count()} cores, load average {report['load']:.2f} "
             f"at the end. Digits CNN, 2 Ray Train workers, {args.epochs} epochs, the train stage on each "
-            f"target. Pod limits: workers {LIMITS['cpus_per_worker']} CPU / {LIMITS['memory_per_worker']}, "
-            f"head {LIMITS['head_cpu']}, submitter {LIMITS['submitter_cpu']}.\n",
+            f"target. Pod CPU request/limit: workers {LIMITS['cpus_per_worker']}/{LIMITS['worker_cpu_limit']} "
+            f"({LIMITS['memory_per_worker']}), head {LIMITS['head_cpu']}/{LIMITS['head_cpu_limit']}, "
+            f"submitter {LIMITS['submitter_cpu']}/{LIMITS['submitter_cpu_limit']}.\n",
             "| run | wall | create/call -> first step | steady samples/s |",
             "|---|---|---|---|",
         ]

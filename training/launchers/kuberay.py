@@ -22,7 +22,7 @@ import json
 import re
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from kubeml._kube import read_only_root_scratch, restricted_container_security, restricted_pod_security
 from kubeml.config import EnvironmentConfig, TrainingConfig
@@ -62,6 +62,9 @@ class KubeRayOptions(BaseModel):
     gpus_per_worker: int = Field(1, ge=0)
     """``nvidia.com/gpu`` per worker pod; 0 for CPU-only training."""
     cpus_per_worker: str = "10"
+    """CPU request of a worker pod; also its limit unless ``worker_cpu_limit`` says otherwise."""
+    worker_cpu_limit: str | None = None
+    """CPU limit of a worker pod, at least ``cpus_per_worker``. None: the request (Guaranteed QoS)."""
     memory_per_worker: str = "100Gi"
     efa_per_worker: int = Field(0, ge=0)
     """EFA interfaces per worker pod; a p4d.24xlarge has 4 (one pod per node uses all)."""
@@ -73,6 +76,13 @@ class KubeRayOptions(BaseModel):
     head_tolerations: tuple[dict[str, str], ...] = ()
     """Tolerations of the head pod (its node group is usually untainted)."""
     head_cpu: str = "2"
+    head_cpu_limit: str | None = None
+    """CPU limit of the head, at least ``head_cpu``. None: the request (Guaranteed QoS).
+
+    Ray starts a dozen processes at once on a node and gives its raylet 30 s to register
+    with the GCS, or ``ray start`` exits and the pod restarts. A head (or worker) of under
+    a core, throttled to its request, can miss that on a busy node; a limit above the
+    request lets it start on spare CPU while the scheduler still counts the request."""
     head_memory: str = "8Gi"
     ttl_seconds_after_finished: int = Field(3600, ge=0)
     active_deadline_seconds: int | None = Field(None, ge=1)
@@ -98,8 +108,24 @@ class KubeRayOptions(BaseModel):
     workers and the submitter: S3 credentials (``AWS_ACCESS_KEY_ID``, ...) where IRSA is not
     there to give them. None: the service account's IRSA role is the only credential."""
     submitter_cpu: str = "500m"
+    submitter_cpu_limit: str | None = None
+    """CPU limit of the submitter pod, at least ``submitter_cpu``. None: the request."""
     submitter_memory: str = "1Gi"
     """Resources of KubeRay's submitter pod (``ray job submit``, then following the job's logs)."""
+    submitter_backoff_limit: int = Field(2, ge=0)
+    """Retries of the submitter pod within one submission (KubeRay's ``submitterConfig``):
+    a submitter that cannot reach the head's dashboard yet (a head restarting) is retried
+    before the submission counts as failed. It resubmits only a job the head does not know."""
+
+    @model_validator(mode="after")
+    def _limits_cover_requests(self) -> KubeRayOptions:
+        for request, limit in (("cpus_per_worker", "worker_cpu_limit"), ("head_cpu", "head_cpu_limit"),
+                               ("submitter_cpu", "submitter_cpu_limit")):
+            cap = getattr(self, limit)
+            if cap is not None and _cpu_cores(cap, limit) < _cpu_cores(getattr(self, request), request):
+                raise ValueError(f"{limit} {cap} is below {request} {getattr(self, request)}: "
+                                 "a limit must be at least the request")
+        return self
 
     @property
     def effective_wait_timeout_s(self) -> float:
@@ -112,7 +138,8 @@ class KubeRayOptions(BaseModel):
         try:
             return cls.model_validate(tc.launcher)
         except ValidationError as exc:
-            problems = "; ".join(f"training.launcher.{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+            problems = "; ".join("training.launcher" + "".join(f".{part}" for part in e["loc"]) + f": {e['msg']}"
+                                 for e in exc.errors())
             raise ConfigError(f"invalid KubeRay launcher options: {problems}; allowed keys: {', '.join(sorted(cls.model_fields))}") from None
 
 
@@ -177,11 +204,11 @@ def rayjob_manifest(
     }
     if resume:
         env_vars["KUBEML_RESUME"] = "1"
-    limits: dict[str, str] = {"cpu": opts.cpus_per_worker, "memory": opts.memory_per_worker}
+    worker_resources: dict[str, str] = {"cpu": opts.cpus_per_worker, "memory": opts.memory_per_worker}
     if opts.gpus_per_worker:
-        limits["nvidia.com/gpu"] = str(opts.gpus_per_worker)
+        worker_resources["nvidia.com/gpu"] = str(opts.gpus_per_worker)
     if opts.efa_per_worker:
-        limits[EFA_RESOURCE] = str(opts.efa_per_worker)
+        worker_resources[EFA_RESOURCE] = str(opts.efa_per_worker)
     worker_selector = {NODEGROUP_LABEL: opts.node_group}
     if opts.spot:
         worker_selector[CAPACITY_LABEL] = "SPOT"
@@ -194,11 +221,12 @@ def rayjob_manifest(
 
     env_from = [{"secretRef": {"name": opts.env_secret}}] if opts.env_secret else []
 
-    def container(name: str, resources: dict[str, str], health: tuple[int, str]) -> dict[str, Any]:
+    def container(name: str, resources: dict[str, str], cpu_limit: str | None,
+                  health: tuple[dict[str, Any], dict[str, Any]]) -> dict[str, Any]:
         c: dict[str, Any] = {
             "name": name,
             "image": opts.image,
-            "resources": {"requests": dict(resources), "limits": dict(resources)},
+            "resources": _resources(resources, cpu_limit),
             "volumeMounts": [{"name": "dshm", "mountPath": "/dev/shm"}, dict(tmp_mount)],
             "securityContext": {**restricted_container_security(), "readOnlyRootFilesystem": True},
             # Ray stops cleanly on SIGTERM; give in-flight checkpoint uploads time to finish.
@@ -213,7 +241,8 @@ def rayjob_manifest(
     head_spec: dict[str, Any] = {
         "serviceAccountName": opts.service_account,
         "securityContext": restricted_pod_security(),
-        "containers": [container("ray-head", {"cpu": opts.head_cpu, "memory": opts.head_memory}, RAY_HEAD_HEALTH)],
+        "containers": [container("ray-head", {"cpu": opts.head_cpu, "memory": opts.head_memory},
+                                 opts.head_cpu_limit, RAY_HEAD_HEALTH)],
         "volumes": [shm, tmp_volume],
     }
     if opts.head_node_group:
@@ -225,7 +254,7 @@ def rayjob_manifest(
         "securityContext": restricted_pod_security(),
         "nodeSelector": worker_selector,
         "tolerations": [dict(t) for t in opts.tolerations],
-        "containers": [container("ray-worker", limits, RAY_WORKER_HEALTH)],
+        "containers": [container("ray-worker", worker_resources, opts.worker_cpu_limit, RAY_WORKER_HEALTH)],
         "volumes": [shm, tmp_volume],
         # A spot node gets a 2-minute warning; 120 s lets the worker finish its step and Ray report.
         "terminationGracePeriodSeconds": 120 if opts.spot else 30,
@@ -236,7 +265,7 @@ def rayjob_manifest(
     submitter_container: dict[str, Any] = {
         "name": "ray-job-submitter",
         "image": opts.image,
-        "resources": {"requests": dict(submitter_resources), "limits": dict(submitter_resources)},
+        "resources": _resources(submitter_resources, opts.submitter_cpu_limit),
         "volumeMounts": [dict(tmp_mount)],
         "securityContext": {**restricted_container_security(), "readOnlyRootFilesystem": True},
     }
@@ -261,6 +290,7 @@ def rayjob_manifest(
         "shutdownAfterJobFinishes": True,
         "ttlSecondsAfterFinished": opts.ttl_seconds_after_finished,
         "backoffLimit": opts.backoff_limit,
+        "submitterConfig": {"backoffLimit": opts.submitter_backoff_limit},
         "rayClusterSpec": {
             "rayVersion": opts.ray_version,
             "headGroupSpec": {
@@ -316,6 +346,14 @@ def _ray_probes(readiness: dict[str, Any], liveness: dict[str, Any]) -> dict[str
             "livenessProbe": {**liveness, **timing, "initialDelaySeconds": 30, "failureThreshold": 120}}
 
 
+def _resources(requests: dict[str, str], cpu_limit: str | None) -> dict[str, dict[str, str]]:
+    """Requests and limits of a container: the same, but for a CPU limit above the request."""
+    limits = dict(requests)
+    if cpu_limit is not None:
+        limits["cpu"] = cpu_limit
+    return {"requests": dict(requests), "limits": limits}
+
+
 def _pod_artifact_store(cfg: EnvironmentConfig, opts: KubeRayOptions) -> Any:
     """The artifact store settings as the job's pods see them (``artifact_endpoint_url``).
 
@@ -345,14 +383,17 @@ def _is_loopback(url: str) -> bool:
         return False
 
 
-def _cpu_cores(quantity: str) -> float:
+def _cpu_cores(quantity: str, key: str = "cpus_per_worker") -> float:
     """A Kubernetes CPU quantity ("10", "500m", "2.5") in cores."""
     text = str(quantity).strip()
     try:
-        return float(text[:-1]) / 1000 if text.endswith("m") else float(text)
+        cores = float(text[:-1]) / 1000 if text.endswith("m") else float(text)
     except ValueError:
-        raise ConfigError(f"training.launcher.cpus_per_worker {quantity!r} is not a CPU quantity "
-                          "(cores such as 10 or 2.5, or millicores such as 500m)") from None
+        cores = float("nan")
+    if not cores > 0:
+        raise ConfigError(f"training.launcher.{key} {quantity!r} is not a CPU quantity above 0 "
+                          "(cores such as 10 or 2.5, or millicores such as 500m)")
+    return cores
 
 
 class KubeRayLauncher(ClusterLauncher):

@@ -225,6 +225,40 @@ def test_rayjob_refuses_pods_too_small_for_their_ray_workers(pod_cpus, message):
         rayjob_manifest(cfg, run_id="r", dataset="d", dataset_version="v")
 
 
+def test_cpu_limits_above_the_requests_let_small_ray_pods_start_on_spare_cpu():
+    job = rayjob_manifest(_cfg(workers=1, launcher={
+        "gpus_per_worker": 0, "cpus_per_worker": "600m", "worker_cpu_limit": "2", "head_cpu": "400m",
+        "head_cpu_limit": "1500m", "submitter_cpu": "200m", "submitter_cpu_limit": "1"}),
+        run_id="burst", dataset="digits", dataset_version="v-1")
+    pods = _pods(job)
+    resources = {role: pod["containers"][0]["resources"] for role, pod in pods.items()}
+    assert resources["worker"] == {"requests": {"cpu": "600m", "memory": "100Gi"},
+                                   "limits": {"cpu": "2", "memory": "100Gi"}}
+    assert resources["head"]["requests"]["cpu"] == "400m" and resources["head"]["limits"]["cpu"] == "1500m"
+    assert resources["submitter"]["requests"]["cpu"] == "200m" and resources["submitter"]["limits"]["cpu"] == "1"
+    # Memory stays Guaranteed: a pod over its request would be the first one evicted.
+    assert all(r["requests"]["memory"] == r["limits"]["memory"] for r in resources.values())
+
+
+def test_without_cpu_limits_the_ray_pods_are_guaranteed():
+    job = rayjob_manifest(_cfg(workers=1, launcher={"gpus_per_worker": 0}), run_id="g", dataset="d",
+                          dataset_version="v")
+    for pod in _pods(job).values():
+        resources = pod["containers"][0]["resources"]
+        assert resources["requests"] == resources["limits"], resources
+    assert job["spec"]["submitterConfig"] == {"backoffLimit": 2}
+
+
+@pytest.mark.parametrize(("launcher", "message"), [
+    ({"head_cpu": "2", "head_cpu_limit": "500m"}, "head_cpu_limit 500m is below head_cpu 2"),
+    ({"cpus_per_worker": "4", "worker_cpu_limit": "3.5"}, "worker_cpu_limit 3.5 is below cpus_per_worker 4"),
+    ({"head_cpu_limit": "lots"}, "head_cpu_limit 'lots' is not a CPU quantity"),
+])
+def test_a_cpu_limit_below_its_request_is_refused(launcher, message):
+    with pytest.raises(ConfigError, match=message):
+        KubeRayOptions.from_training(_cfg(launcher=launcher).training)
+
+
 def _pods(job):
     cluster = job["spec"]["rayClusterSpec"]
     return {"head": cluster["headGroupSpec"]["template"]["spec"],
