@@ -10,7 +10,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 UV_VERSION := 0.13.9
 UV := $(KUBEML_CACHE)/tools/bin/uv
-PYTEST_ARGS ?=
+# The slowest tests are listed at the end of every run: the suite has a time budget.
+PYTEST_ARGS ?= --durations=30
 
 .PHONY: demo test install lock layers policy policy-assets cluster-assets images kafka-assets prometheus-assets test-unit test-integration test-e2e clean help
 

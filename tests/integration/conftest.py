@@ -2,7 +2,9 @@
 
 ``cluster`` is a local etcd + kube-apiserver + controller-manager + scheduler + kwok (built
 from Go modules on first use), or with ``KUBEML_TEST_CLUSTER=existing`` the cluster in
-``KUBECONFIG``. ``kafka_broker`` is a single-node Kafka broker (``hack/kafka``), started only
+``KUBECONFIG``. ``real_cluster`` is a second local cluster whose one node is real (kubelet +
+containerd running real pods), shared by every module that runs pods; it starts when the first
+of them needs it. ``kafka_broker`` is a single-node Kafka broker (``hack/kafka``), started only
 when a test asks for it. ``s3_endpoint`` is moto's S3 API server on loopback (the one stand-in
 for AWS), and ``bucket`` a fresh bucket in it with dummy credentials in the environment.
 """
@@ -14,11 +16,35 @@ from collections.abc import Iterator
 import pytest
 from kubernetes.client import ApiClient
 
-from kubeml.testing.cluster.fixtures import build_assets_if_needed, cluster_fixture, temporary_namespace
+from kubeml.testing.cluster.fixtures import (
+    build_assets_if_needed,
+    cluster_fixture,
+    real_node_cluster_fixture,
+    temporary_namespace,
+)
 from tests.conftest import free_port
 from tests.integration.kafka_fixtures import kafka_broker  # noqa: F401 (one broker per session)
 
 cluster = cluster_fixture()
+# Generous: the KubeRay operator and CoreDNS start with the node on a loaded machine.
+real_cluster = real_node_cluster_fixture("pytest-real", scope="session", timeout_s=300.0)
+
+#: Modules that start (and stop) real nodes of their own.
+_OWN_REAL_NODES = ("test_real_node_lifecycle.py",)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Run the tests that start their own real nodes before the shared one starts.
+
+    A machine holds one real node at a time (its kubelet owns fixed host paths), and the
+    shared ``real_cluster`` stays up until the session ends.
+    """
+    own = [item for item in items if item.path.name in _OWN_REAL_NODES]
+    if not own:
+        return
+    rest = [item for item in items if item.path.name not in _OWN_REAL_NODES]
+    first = next((i for i, item in enumerate(rest) if "real_cluster" in getattr(item, "fixturenames", ())), len(rest))
+    items[:] = rest[:first] + own + rest[first:]
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:

@@ -15,11 +15,9 @@ from kubernetes.client import CoreV1Api
 
 from kubeml.images import image_ref
 from kubeml.testing.cluster import RESTRICTED_CONTAINER, image_archive, real_node_pod_spec
-from kubeml.testing.cluster.fixtures import real_node_cluster_fixture, temporary_namespace, wait_until
+from kubeml.testing.cluster.fixtures import temporary_namespace, wait_until
 
 pytestmark = pytest.mark.integration
-
-real_cluster = real_node_cluster_fixture("pytest-images")
 
 _RESTRICTED = RESTRICTED_CONTAINER
 

@@ -15,12 +15,10 @@ from kubernetes import client as k8s
 
 from kubeml.images import image_ref
 from kubeml.testing.cluster import REAL_NODE_LABEL, REAL_NODE_TAINT, image_archive
-from kubeml.testing.cluster.fixtures import real_node_cluster_fixture, wait_until
+from kubeml.testing.cluster.fixtures import wait_until
 from tests.integration.prometheus_fixtures import ScrapeTarget, running_prometheus
 
 pytestmark = pytest.mark.integration
-
-real_cluster = real_node_cluster_fixture("pytest-platform")
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "charts" / "kubeml-platform"
@@ -53,6 +51,11 @@ def platform(real_cluster, tmp_path_factory) -> Iterator[k8s.ApiClient]:
           "--values", str(values), "--wait", "--timeout", "150s", timeout_s=200)
     with real_cluster.api_client() as api:
         yield api
+    # The node is shared with later modules: the Tenants first (their finalizer is the
+    # operator's), then the release with its operator pod.
+    _tool(real_cluster, "kubectl", "delete", "tenants.kubeml.io", "--all", "--wait", "--timeout=90s", timeout_s=120)
+    _tool(real_cluster, "helm", "uninstall", "kubeml", "--namespace", NAMESPACE, "--wait", "--timeout", "120s",
+          timeout_s=150)
 
 
 def test_the_operator_pod_runs_ready_on_the_real_node(platform) -> None:

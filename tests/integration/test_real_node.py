@@ -19,11 +19,9 @@ from kubernetes.client import CoreV1Api
 from kubernetes.client.exceptions import ApiException
 
 from kubeml.testing.cluster import NODE_IMAGES, POD_CIDR, RESTRICTED_CONTAINER, real_node_pod_spec
-from kubeml.testing.cluster.fixtures import real_node_cluster_fixture, temporary_namespace, wait_until
+from kubeml.testing.cluster.fixtures import temporary_namespace, wait_until
 
 pytestmark = pytest.mark.integration
-
-real_cluster = real_node_cluster_fixture()
 
 _RESTRICTED = RESTRICTED_CONTAINER
 
@@ -254,12 +252,13 @@ def test_an_image_the_node_lacks_is_never_pulled_from_outside(core: CoreV1Api, n
 
 
 def test_a_rayjob_whose_image_cannot_start_is_reported_stalled(real_cluster, core: CoreV1Api, ns: str) -> None:
-    """The KubeRay operator (a real one) makes the Ray cluster's pods; their image is not on
-    the node, and the wait reports that instead of waiting out its day. Deleting the job
-    removes its pods."""
+    """The KubeRay operator (a real one) makes the Ray cluster's pods; their image (a tag no
+    build makes: the shared node may hold the runtime image) is not on the node, and the wait
+    reports that instead of waiting out its day. Deleting the job removes its pods."""
     from kubernetes.client import CustomObjectsApi
 
     from kubeml.config import KubemlConfig
+    from kubeml.images import image_ref
     from kubeml.errors import JobStalled
     from kubeml.training.launchers import run_job
     from kubeml.training.launchers.kuberay import KubeRayOptions, rayjob_manifest
@@ -267,6 +266,7 @@ def test_a_rayjob_whose_image_cannot_start_is_reported_stalled(real_cluster, cor
     toleration = {"key": "kubeml.io/node", "operator": "Equal", "value": "real", "effect": "NoSchedule"}
     cfg = KubemlConfig(environments={"dev": {"artifact_store": {"uri": "s3://kubeml-test/artifacts"}, "training": {
         "workers": 1, "launcher": {"namespace": ns, "node_group": "local", "head_node_group": "local",
+                                   "image": image_ref("runtime").rpartition(":")[0] + ":never-built",
                                    "gpus_per_worker": 0, "cpus_per_worker": "1", "memory_per_worker": "1Gi",
                                    "head_cpu": "500m", "head_memory": "1Gi", "shm_size": "64Mi",
                                    "service_account": "default", "tolerations": [toleration],

@@ -1,7 +1,7 @@
 """`down` of a cluster with a real node leaves the host as it found it; one real node per machine.
 
-Runs after test_real_node.py (its module cluster is down by then): only one real node can
-exist on a machine at a time.
+Runs before the shared ``real_cluster`` starts (``pytest_collection_modifyitems`` in
+conftest.py moves it there): only one real node can exist on a machine at a time.
 """
 
 from __future__ import annotations
