@@ -14,7 +14,6 @@ from kubernetes import client as k8s
 
 from kubeml.testing.cluster.fixtures import wait_until
 from tests.integration.tenancy_fixtures import (
-    PLATFORM_NAMESPACE,
     REPO,
     binary,
     delete_tenant,
@@ -95,7 +94,7 @@ def test_kustomize_overlay_builds_and_passes_server_side_dry_run(cluster, admin,
         input=built, capture_output=True, text=True, timeout=120)
 
     assert result.returncode == 0, result.stderr
-    assert f"deployment.apps/kubeml-kubeml-platform-operator serverside-applied (server dry run)" in result.stdout
+    assert "deployment.apps/kubeml-kubeml-platform-operator serverside-applied (server dry run)" in result.stdout
 
 
 def test_acceptance_two_tenants_applied_with_kubectl(cluster, admin, operator_client, tmp_path: Path):  # noqa: F811
