@@ -46,8 +46,8 @@ _EXPORTS: dict[str, str] = {
 _ERRORS = (
     "ApprovalError", "ArtifactError", "ArtifactNotFound", "AssetsMissing", "BundleError", "CheckpointCorrupt",
     "ClusterAlreadyRunning", "ClusterError", "ComponentFailed", "ConfigError", "DataValidationError",
-    "JobApiError", "JobCancelled", "JobConflict", "JobError", "JobFailed", "JobStalled", "JobTimedOut", "KubemlError",
-    "PortInUse",
+    "JobApiError", "JobCancelled", "JobConflict", "JobError", "JobFailed", "JobStalled", "JobTimedOut", "KfpAuthError",
+    "KfpUnreachable", "KubemlError", "PipelineCompileError", "PipelineError", "PortInUse",
     "RegistryError", "ServingError", "ServingRequestError", "StageFailed", "TrainingFailed",
 )
 _EXPORTS.update({name: "kubeml.errors" for name in _ERRORS})
@@ -74,10 +74,14 @@ __all__ = [
     "JobFailed",
     "JobStalled",
     "JobTimedOut",
+    "KfpAuthError",
+    "KfpUnreachable",
     "KubemlConfig",
     "KubemlError",
     "Ledger",
     "ModelVersionInfo",
+    "PipelineCompileError",
+    "PipelineError",
     "PortInUse",
     "Registry",
     "RegistryError",

@@ -12,7 +12,7 @@ import os
 import tempfile
 from pathlib import Path
 
-__all__ = ["atomic_write_bytes", "atomic_write_text", "sha256_file"]
+__all__ = ["atomic_write_bytes", "atomic_write_text", "read_reference", "sha256_file"]
 
 #: Bytes read per step while hashing: big enough to be fast, small enough for a 1 GB file.
 _HASH_CHUNK = 1 << 20
@@ -59,3 +59,26 @@ def atomic_write_bytes(path: str | Path, data: bytes, *, fsync: bool = True) -> 
 def atomic_write_text(path: str | Path, text: str, *, fsync: bool = True) -> Path:
     """:func:`atomic_write_bytes` for UTF-8 text."""
     return atomic_write_bytes(path, text.encode("utf-8"), fsync=fsync)
+
+
+def read_reference(ref: str, what: str) -> bytes:
+    """The secret a config key points at: ``env:NAME`` (the variable's value) or ``file:PATH``.
+
+    ``what`` names the key in the errors (a :class:`~kubeml.errors.ConfigError`): an unset
+    variable, an unreadable file, or a value that is not a reference at all.
+    """
+    from kubeml.errors import ConfigError
+
+    if ref.startswith("env:"):
+        name = ref[len("env:"):]
+        value = os.environ.get(name)
+        if not value:
+            raise ConfigError(f"{what} {ref!r}: environment variable {name} is not set")
+        return value.encode()
+    if ref.startswith("file:"):
+        path = Path(ref[len("file://"):] if ref.startswith("file://") else ref[len("file:"):])
+        try:
+            return path.read_bytes()
+        except OSError as exc:
+            raise ConfigError(f"{what} {ref!r}: cannot read {path}: {exc.strerror}") from None
+    raise ConfigError(f"{what} {ref!r}: give a reference, file:PATH or env:NAME (never the secret itself)")

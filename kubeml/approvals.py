@@ -25,10 +25,9 @@ from __future__ import annotations
 
 import base64
 import json
-import os
-from pathlib import Path
 from typing import Any
 
+from kubeml._files import read_reference
 from kubeml.errors import ApprovalError, ConfigError
 
 __all__ = [
@@ -55,29 +54,13 @@ def payload(*, model: str, version: int, digest: str, approver: str) -> bytes:
     ).encode()
 
 
-def _pem(ref: str, what: str) -> bytes:
-    if ref.startswith("env:"):
-        name = ref[len("env:"):]
-        value = os.environ.get(name)
-        if not value:
-            raise ConfigError(f"{what} {ref!r}: environment variable {name} is not set")
-        return value.encode()
-    if ref.startswith("file:"):
-        path = Path(ref[len("file://"):] if ref.startswith("file://") else ref[len("file:"):])
-        try:
-            return path.read_bytes()
-        except OSError as exc:
-            raise ConfigError(f"{what} {ref!r}: cannot read {path}: {exc.strerror}") from None
-    raise ConfigError(f"{what} {ref!r}: give a reference, file:PATH or env:NAME (never the key itself)")
-
-
 def load_private_key(ref: str) -> Any:
     """The Ed25519 private key at ``ref`` (see the module docstring for the forms)."""
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
     from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
     try:
-        key = load_pem_private_key(_pem(ref, "signing.private_key"), password=None)
+        key = load_pem_private_key(read_reference(ref, "signing.private_key"), password=None)
     except (ValueError, TypeError) as exc:
         raise ConfigError(f"signing.private_key {ref!r} is not an unencrypted PEM private key: {exc}") from None
     if not isinstance(key, Ed25519PrivateKey):
@@ -91,7 +74,7 @@ def load_public_key(ref: str) -> Any:
     from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
     try:
-        key = load_pem_public_key(_pem(ref, "signing.public_key"))
+        key = load_pem_public_key(read_reference(ref, "signing.public_key"))
     except (ValueError, TypeError) as exc:
         raise ConfigError(f"signing.public_key {ref!r} is not a PEM public key: {exc}") from None
     if not isinstance(key, Ed25519PublicKey):

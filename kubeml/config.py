@@ -16,6 +16,7 @@ allowed, at load time, before any work starts.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -30,6 +31,7 @@ __all__ = [
     "DataConfig",
     "EnvironmentConfig",
     "GateConfig",
+    "KubeflowConfig",
     "KubemlConfig",
     "RegistryConfig",
     "ServingConfig",
@@ -273,6 +275,80 @@ class SigningConfig(_Strict):
         return v
 
 
+class KubeflowConfig(_Strict):
+    """Where ``kubeml run --target kubeflow`` submits the pipeline: a Kubeflow Pipelines v2 API.
+
+    Secrets are given by reference, ``env:NAME`` or ``file:PATH``, never inline: the file is
+    often committed, and the value is read only when a run is submitted.
+    """
+
+    host: str | None = None
+    """Base URL of the KFP API: the Kubeflow gateway's pipeline path
+    (``https://kubeflow.example.com/pipeline``) or a port-forward (``http://127.0.0.1:8888``).
+    None: the in-cluster service (``http://ml-pipeline.kubeflow.svc.cluster.local:8888``), for
+    a submitter running in a pod with ``auth: service-account``."""
+    namespace: str | None = None
+    """The Kubeflow profile namespace runs and experiments belong to (multi-user Kubeflow).
+    None: a single-user install, which has no namespaces."""
+    experiment: str = Field("kubeml", min_length=1, max_length=128)
+    """The experiment runs are filed under. It must exist, unless ``create_experiment``."""
+    create_experiment: bool = False
+    """Create ``experiment`` when it does not exist. Off by default: a mistyped name is an
+    error that lists the experiments there are, not a new experiment."""
+    auth: Literal["none", "token", "cookie", "service-account"] = "none"
+    """``token``: a bearer token (``Authorization: Bearer``), e.g. from the gateway's OIDC
+    provider; ``cookie``: Kubeflow's OIDC session cookie from a browser login
+    (``authservice_session=...`` or oauth2-proxy's ``_oauth2_proxy=...``);
+    ``service-account``: the pod's projected service-account token for the
+    ``pipelines.kubeflow.org`` audience, refreshed on every call; ``none``: no credentials
+    (a port-forward to a single-user install)."""
+    token: str | None = None
+    """``auth: token``: ``env:NAME`` or ``file:PATH`` of the bearer token."""
+    cookie: str | None = None
+    """``auth: cookie``: ``env:NAME`` or ``file:PATH`` of the cookie, ``NAME=VALUE``."""
+    service_account_token_path: str = "/var/run/secrets/kfp/token"
+    """``auth: service-account``: where the projected token is mounted (KFP's convention)."""
+    pipeline_root: str | None = None
+    """Where KFP writes the steps' artifacts: an object store the cluster writes
+    (``s3://``, ``gs://``, ``minio://``). None: ``<artifact_store.uri>/pipeline-root`` when
+    the artifact store is ``s3://``; a local store has no root a cluster could write."""
+    service_account: str | None = None
+    """Kubernetes service account of the run's pods (its IRSA role gives them S3); None:
+    the profile's ``default-editor``."""
+    ui_host: str | None = None
+    """Base URL of the Kubeflow Pipelines UI for run links; None: ``host``."""
+    ca_cert: str | None = None
+    """PEM file of the CA that signs the host's certificate; None: the system's."""
+    verify_tls: bool = True
+    poll_s: float = Field(5.0, gt=0, le=600)
+    """Seconds between two reads of a followed run."""
+    timeout_s: float = Field(7 * 24 * 3600.0, gt=0)
+    """Seconds to follow a run before giving up (the run keeps going)."""
+    request_timeout_s: float = Field(30.0, gt=0, le=600)
+    """Seconds one API call may take."""
+
+    @field_validator("host", "ui_host")
+    @classmethod
+    def _url(cls, v: str | None) -> str | None:
+        if v is not None and not re.fullmatch(r"https?://[^\s/?#]+(/[^\s?#]*)?", v):
+            raise ValueError("must be an http:// or https:// URL, like https://kubeflow.example.com/pipeline")
+        return v.rstrip("/") if v else v
+
+    @field_validator("token", "cookie")
+    @classmethod
+    def _secret_reference(cls, v: str | None) -> str | None:
+        if v is not None and not (v.startswith("file:") or v.startswith("env:")):
+            raise ValueError("must be a reference, file:PATH or env:NAME, never the secret itself")
+        return v
+
+    @model_validator(mode="after")
+    def _auth_has_its_secret(self) -> KubeflowConfig:
+        for auth, key in (("token", "token"), ("cookie", "cookie")):
+            if self.auth == auth and getattr(self, key) is None:
+                raise ValueError(f"auth: {auth} needs {key}: (env:NAME or file:PATH)")
+        return self
+
+
 class EnvironmentConfig(_Strict):
     name: Literal["dev", "staging", "prod"] = "dev"
     approval: Literal["auto", "manual"] = "auto"
@@ -286,6 +362,7 @@ class EnvironmentConfig(_Strict):
     gate: GateConfig = GateConfig()
     serving: ServingConfig = ServingConfig()
     signing: SigningConfig = SigningConfig()
+    kubeflow: KubeflowConfig = KubeflowConfig()
 
     def resolved(self, base: str | Path) -> EnvironmentConfig:
         """Return a copy with relative local paths made absolute against ``base``.

@@ -20,6 +20,10 @@
     │   ├── JobStalled             no         its Ray cluster never got ready (unschedulable, image, head)
     │   ├── JobCancelled           no         the wait was cancelled and the job deleted
     │   └── JobConflict            no         its name is taken by another run's or spec's object
+    ├── PipelineError              yes        Kubeflow Pipelines could not take a pipeline or a run
+    │   ├── PipelineCompileError   no         the pipeline did not compile to KFP IR; names the cause
+    │   ├── KfpUnreachable         yes        no answer from the KFP API host (DNS, refused, TLS, timeout)
+    │   └── KfpAuthError           no         the KFP API refused the credentials (401, 403, a login page)
     └── ClusterError               no         the local control plane could not start, be reached, stop
         ├── AssetsMissing          no         binaries/CRDs not built; says which command builds them
         ├── PortInUse              no         a requested port is taken; says how to pick another
@@ -65,7 +69,11 @@ __all__ = [
     "JobError",
     "JobFailed",
     "JobTimedOut",
+    "KfpAuthError",
+    "KfpUnreachable",
     "KubemlError",
+    "PipelineCompileError",
+    "PipelineError",
     "PortInUse",
     "RegistryError",
     "ServingError",
@@ -260,6 +268,30 @@ class JobConflict(JobError):
 
 
 # --------------------------------------------------------------- local control plane
+
+
+class PipelineError(KubemlError):
+    """Kubeflow Pipelines could not take the pipeline or a run of it (base of the errors below).
+
+    Retryable: an API call that failed on the server side may succeed later."""
+
+    retryable = True
+
+
+class PipelineCompileError(PipelineError):
+    """The pipeline definition did not compile to KFP IR; nothing was submitted."""
+
+    retryable = False
+
+
+class KfpUnreachable(PipelineError):
+    """The KFP API host gave no answer (name resolution, connection refused, TLS, timeout)."""
+
+
+class KfpAuthError(PipelineError):
+    """The KFP API refused the request's credentials: 401, 403, or a login page instead of JSON."""
+
+    retryable = False
 
 
 class ClusterError(KubemlError):
