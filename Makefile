@@ -41,7 +41,8 @@ install: $(VENV)/.installed
 
 # Re-resolve the pinned versions after changing requirements/requirements.in.
 lock: | $(UV)
-	$(UV) pip compile requirements/requirements.in --python-version 3.11 -o requirements/constraints.txt
+	$(UV) pip compile requirements/requirements.in --python-version 3.11 --custom-compile-command "make lock" \
+		-o requirements/constraints.txt
 
 demo: install
 	$(VENV)/bin/kubeml run

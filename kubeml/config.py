@@ -32,6 +32,7 @@ __all__ = [
     "EnvironmentConfig",
     "GateConfig",
     "KubeflowConfig",
+    "TaskConfig",
     "KubemlConfig",
     "RegistryConfig",
     "ServingConfig",
@@ -275,6 +276,102 @@ class SigningConfig(_Strict):
         return v
 
 
+_CPU = re.compile(r"^(\d+m|\d+(\.\d{1,3})?)$")
+_MEMORY = re.compile(r"^\d+(\.\d+)?(Ki|Mi|Gi|Ti|Pi|Ei|k|K|M|G|T|P|E)?$")
+
+
+class TaskConfig(_Strict):
+    """What one KFP task's pod gets: requests and limits, GPUs, and where it may run.
+
+    Unset fields fall back to ``kubeflow.tasks.default``; a key set there and here takes
+    this value. The limits default to the requests.
+    """
+
+    cpu: str | None = None
+    """CPU request: cores (``2``, ``0.5``) or millicores (``500m``)."""
+    cpu_limit: str | None = None
+    memory: str | None = None
+    """Memory request (``4Gi``, ``512Mi``)."""
+    memory_limit: str | None = None
+    gpu: int | None = Field(None, ge=0, le=16)
+    """GPUs of ``gpu_type`` (a limit, as Kubernetes has for extended resources)."""
+    gpu_type: str | None = None
+    """The GPU resource name, ``nvidia.com/gpu`` by default."""
+    node_selector: dict[str, str] | None = None
+    """Node labels the pod must match (an EKS node group: ``eks.amazonaws.com/nodegroup``)."""
+    tolerations: tuple[dict[str, str], ...] | None = None
+    """Taints the pod tolerates: ``{key, operator: Equal|Exists, value, effect}``."""
+
+    @field_validator("cpu", "cpu_limit")
+    @classmethod
+    def _cpu(cls, v: str | None) -> str | None:
+        if v is not None and not _CPU.fullmatch(str(v)):
+            raise ValueError("must be cores (2, 0.5) or millicores (500m)")
+        return v
+
+    @field_validator("memory", "memory_limit")
+    @classmethod
+    def _memory(cls, v: str | None) -> str | None:
+        if v is not None and not _MEMORY.fullmatch(str(v)):
+            raise ValueError("must be a memory quantity such as 4Gi or 512Mi")
+        return v
+
+    @field_validator("tolerations")
+    @classmethod
+    def _tolerations(cls, v: tuple[dict[str, str], ...] | None) -> tuple[dict[str, str], ...] | None:
+        for toleration in v or ():
+            unknown = set(toleration) - {"key", "operator", "value", "effect"}
+            if unknown:
+                raise ValueError(f"unknown toleration keys {sorted(unknown)}; allowed: key, operator, value, effect")
+            if toleration.get("operator", "Equal") not in ("Equal", "Exists"):
+                raise ValueError("a toleration's operator is Equal or Exists")
+            if toleration.get("effect") not in (None, "NoSchedule", "PreferNoSchedule", "NoExecute"):
+                raise ValueError("a toleration's effect is NoSchedule, PreferNoSchedule or NoExecute")
+        return v
+
+    @model_validator(mode="after")
+    def _limits_cover_requests(self) -> TaskConfig:
+        for request, limit, size in (("cpu", "cpu_limit", _cpu_cores), ("memory", "memory_limit", _memory_bytes)):
+            low, high = getattr(self, request), getattr(self, limit)
+            if low is not None and high is not None and size(high) < size(low):
+                raise ValueError(f"{limit} {high} is below {request} {low}: a limit must be at least the request")
+        return self
+
+    def over(self, base: TaskConfig) -> TaskConfig:
+        """This task's settings, with ``base``'s where this one leaves a field unset.
+
+        A request set here without its limit takes no limit from ``base``: the limit is then
+        the request, so a task asking for more than the default never gets the default's cap.
+        """
+        merged = {**base.model_dump(exclude_none=True), **self.model_dump(exclude_none=True)}
+        for request, limit in (("cpu", "cpu_limit"), ("memory", "memory_limit")):
+            if getattr(self, request) is not None and getattr(self, limit) is None:
+                merged.pop(limit, None)
+        return TaskConfig.model_validate(merged)
+
+
+_MEMORY_UNITS = {"": 1, "k": 10**3, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15, "E": 10**18,
+                 "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60}
+
+
+def _cpu_cores(quantity: str) -> float:
+    return float(quantity[:-1]) / 1000 if quantity.endswith("m") else float(quantity)
+
+
+def _memory_bytes(quantity: str) -> float:
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)([A-Za-z]*)", quantity)
+    assert match is not None  # the field validator has checked the form
+    return float(match.group(1)) * _MEMORY_UNITS[match.group(2)]
+
+
+def _default_tasks() -> dict[str, TaskConfig]:
+    # A step that only waits (a KubeRay or SageMaker job, a KServe rollout) needs little; a
+    # step that trains or evaluates in its own pod (training.target: local) needs more.
+    small = TaskConfig(cpu="500m", cpu_limit="2", memory="1Gi", memory_limit="4Gi")
+    return {"default": small, "train": TaskConfig(cpu="2", cpu_limit="4", memory="8Gi", memory_limit="16Gi"),
+            "evaluate": TaskConfig(cpu="1", memory="4Gi", memory_limit="8Gi")}
+
+
 class KubeflowConfig(_Strict):
     """Where ``kubeml run --target kubeflow`` submits the pipeline: a Kubeflow Pipelines v2 API.
 
@@ -326,6 +423,15 @@ class KubeflowConfig(_Strict):
     """Seconds to follow a run before giving up (the run keeps going)."""
     request_timeout_s: float = Field(30.0, gt=0, le=600)
     """Seconds one API call may take."""
+    tasks: dict[Literal["default", "ingest", "validate", "train", "evaluate", "gate", "register", "deploy"],
+                TaskConfig] = Field(default_factory=_default_tasks)
+    """Resources and placement of each step's pod, by stage name; ``default`` for all of them.
+    Given in kubeml.yaml, the whole mapping replaces these defaults."""
+
+    def task(self, stage: str) -> TaskConfig:
+        """The settings of ``stage``'s pod: its own over ``default``."""
+        base = self.tasks.get("default", TaskConfig())
+        return self.tasks[stage].over(base) if stage in self.tasks else base
 
     @field_validator("host", "ui_host")
     @classmethod
@@ -346,6 +452,11 @@ class KubeflowConfig(_Strict):
         for auth, key in (("token", "token"), ("cookie", "cookie")):
             if self.auth == auth and getattr(self, key) is None:
                 raise ValueError(f"auth: {auth} needs {key}: (env:NAME or file:PATH)")
+        for stage in self.tasks:
+            try:
+                self.task(stage)
+            except ValidationError as exc:
+                raise ValueError(f"tasks.{stage} over tasks.default: {exc.errors()[0]['msg']}") from None
         return self
 
 

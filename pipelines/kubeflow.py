@@ -72,10 +72,11 @@ _FOLLOW_OUTAGE_S = 300.0
 # ----------------------------------------------------------------------------- compile
 
 
-def compile_pipeline(output: str | Path, image: str | None = None) -> Path:
+def compile_pipeline(output: str | Path, image: str | None = None, kubeflow: KubeflowConfig | None = None) -> Path:
     """Compile the training pipeline to KFP v2 IR YAML at ``output``.
 
-    ``image`` replaces the image of every step that runs the kubeml component image.
+    ``image`` replaces the image of every step that runs the kubeml component image;
+    ``kubeflow.tasks`` gives each step's pod its resources and placement (None: none).
     Raises :class:`ConfigError` for a bad ``image`` or ``output`` and
     :class:`PipelineCompileError` when the definition does not compile.
     """
@@ -83,7 +84,7 @@ def compile_pipeline(output: str | Path, image: str | None = None) -> Path:
     from kfp import compiler
 
     from kubeml.components import IMAGE
-    from kubeml.pipelines.training import training_pipeline
+    from kubeml.pipelines import training
 
     output = Path(output)
     if output.is_dir():
@@ -93,9 +94,10 @@ def compile_pipeline(output: str | Path, image: str | None = None) -> Path:
     with tempfile.TemporaryDirectory() as tmp:
         compiled = Path(tmp) / "pipeline.yaml"
         try:
-            compiler.Compiler().compile(training_pipeline, str(compiled))
+            pipeline = training.build_training_pipeline(kubeflow) if kubeflow is not None else training.training_pipeline
+            compiler.Compiler().compile(pipeline, str(compiled))
         except Exception as exc:  # noqa: BLE001 - the compiler raises many types; the user needs the cause
-            raise PipelineCompileError(f"the pipeline {training_pipeline.name!r} does not compile: "
+            raise PipelineCompileError(f"the pipeline {training.PIPELINE_NAME!r} does not compile: "
                                        f"{type(exc).__name__}: {exc}") from exc
         docs = list(yaml.safe_load_all(compiled.read_text()))
     replaced = 0
@@ -390,7 +392,7 @@ def _experiment(session: KfpSession, *, create: bool) -> Any:
 
 def _prepare(cfg: EnvironmentConfig, image: str | None, workdir: Path) -> tuple[Path, str]:
     check_cluster_ready(cfg)
-    package = compile_pipeline(workdir / "pipeline.yaml", image=image)
+    package = compile_pipeline(workdir / "pipeline.yaml", image=image, kubeflow=cfg.kubeflow)
     return package, pipeline_root(cfg)
 
 

@@ -3,7 +3,19 @@
 The same definition runs under ``kfp.local`` (see :mod:`kubeml.pipelines.local`) and,
 compiled to IR YAML, on a Kubeflow Pipelines backend. Register and deploy sit inside
 ``dsl.If`` on the gate's verdict: a model below the thresholds is never registered.
+
+:func:`build_training_pipeline` makes it with each task's pod resources and placement
+(``kubeflow.tasks``) for a cluster; ``training_pipeline`` is the same DAG without them.
+Caching, the same on both: a task whose inputs (run id included) are the same as an
+earlier execution's reuses its outputs, which happens when a run id is submitted again
+after a failure. Ingest, validate, evaluate and gate are pure functions of their inputs
+and are cached; train, register and deploy act on the world (a RayJob, the registry, the
+served model), keep their own idempotency through the run ledger, and always execute.
 """
+
+# No postponed annotations here: kfp reads the pipeline function's parameter types.
+from collections.abc import Callable
+from typing import Any, Optional
 
 from kfp import dsl
 
@@ -15,21 +27,59 @@ from kubeml.components.register.component import register
 from kubeml.components.train.component import train
 from kubeml.components.validate.component import validate
 
-__all__ = ["PIPELINE_NAME", "training_pipeline"]
+__all__ = ["CACHED_STAGES", "PIPELINE_NAME", "build_training_pipeline", "training_pipeline"]
 
 PIPELINE_NAME = "kubeml-training"
+#: The stages whose executions KFP may reuse (see the module docstring).
+CACHED_STAGES = frozenset({"ingest", "validate", "evaluate", "gate"})
 
 
-@dsl.pipeline(name=PIPELINE_NAME, description="kubeml end-to-end training pipeline")
-def training_pipeline(config_json: str, run_id: str, code_version: str = "unknown"):
-    ing = ingest(config_json=config_json, run_id=run_id).set_display_name("ingest")
-    val = validate(
+def _placed(task: dsl.PipelineTask, stage: str, tasks: Optional[Any]) -> dsl.PipelineTask:
+    """Name, caching and (with ``tasks``, a :class:`~kubeml.config.KubeflowConfig`) the pod's
+    requests, limits, GPUs, node selector and tolerations of ``stage``'s task."""
+    task.set_display_name(stage).set_caching_options(stage in CACHED_STAGES)
+    if tasks is None:
+        return task
+    from kfp import kubernetes
+
+    settings = tasks.task(stage)
+    for setter, value in ((task.set_cpu_request, settings.cpu), (task.set_memory_request, settings.memory),
+                          (task.set_cpu_limit, settings.cpu_limit or settings.cpu),
+                          (task.set_memory_limit, settings.memory_limit or settings.memory)):
+        if value is not None:
+            setter(str(value))
+    if settings.gpu:
+        task.set_accelerator_type(settings.gpu_type or "nvidia.com/gpu").set_accelerator_limit(settings.gpu)
+    for key, value in (settings.node_selector or {}).items():
+        kubernetes.add_node_selector(task, label_key=key, label_value=value)
+    for toleration in settings.tolerations or ():
+        kubernetes.add_toleration(task, key=toleration.get("key"), operator=toleration.get("operator", "Equal"),
+                                  value=toleration.get("value"), effect=toleration.get("effect"))
+    return task
+
+
+def build_training_pipeline(tasks: Optional[Any] = None) -> Callable[..., Any]:
+    """The training pipeline, with ``tasks`` (a :class:`~kubeml.config.KubeflowConfig`) placing its pods."""
+
+    @dsl.pipeline(name=PIPELINE_NAME, description="kubeml end-to-end training pipeline")
+    def training_pipeline(config_json: str, run_id: str, code_version: str = "unknown"):
+        _define(config_json, run_id, code_version, tasks)
+
+    return training_pipeline
+
+
+def _define(config_json: Any, run_id: Any, code_version: Any, tasks: Optional[Any]) -> None:
+    def place(task: dsl.PipelineTask, stage: str) -> dsl.PipelineTask:
+        return _placed(task, stage, tasks)
+
+    ing = place(ingest(config_json=config_json, run_id=run_id), "ingest")
+    val = place(validate(
         config_json=config_json, run_id=run_id, dataset=ing.outputs["dataset"], version=ing.outputs["version"]
-    ).set_display_name("validate")
+    ), "validate")
     tr = (
-        train(config_json=config_json, run_id=run_id, dataset=ing.outputs["dataset"], version=ing.outputs["version"])
+        place(train(config_json=config_json, run_id=run_id, dataset=ing.outputs["dataset"],
+                    version=ing.outputs["version"]), "train")
         .after(val)
-        .set_display_name("train")
         # Two layers of retry. The stage retries retryable errors itself, with a backoff
         # (kubeml.pipelines.stages.TRAIN_RETRY): a local run continues from its checkpoints,
         # and on a cluster it adopts (or, if it failed, replaces) the RayJob / TrainingJob by
@@ -39,23 +89,27 @@ def training_pipeline(config_json: str, run_id: str, code_version: str = "unknow
         # (see kubeml.pipelines.stages.run_stage), after a short backoff only.
         .set_retry(num_retries=2, backoff_duration="5s", backoff_factor=2.0)
     )
-    ev = evaluate(
+    ev = place(evaluate(
         config_json=config_json,
         run_id=run_id,
         dataset=ing.outputs["dataset"],
         version=ing.outputs["version"],
         bundle_key=tr.output,
-    ).set_display_name("evaluate")
-    verdict = gate(
+    ), "evaluate")
+    verdict = place(gate(
         config_json=config_json, run_id=run_id, accuracy=ev.outputs["accuracy"], macro_f1=ev.outputs["macro_f1"]
-    ).set_display_name("gate")
+    ), "gate")
     with dsl.If(verdict.output == "passed", name="gate-passed"):
-        reg = register(
+        reg = place(register(
             config_json=config_json,
             run_id=run_id,
             dataset=ing.outputs["dataset"],
             version=ing.outputs["version"],
             bundle_key=tr.output,
             code_version=code_version,
-        ).set_display_name("register")
-        deploy(config_json=config_json, run_id=run_id, model_version=reg.output).set_display_name("deploy")
+        ), "register")
+        place(deploy(config_json=config_json, run_id=run_id, model_version=reg.output), "deploy")
+
+
+#: The pipeline as ``kfp.local`` runs it: no pod settings (there are no pods).
+training_pipeline = build_training_pipeline()

@@ -296,15 +296,18 @@ def _summary(by, run_id: str) -> None:
 @pipeline_app.command("compile")
 def pipeline_compile(
     output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the KFP IR YAML.")] = Path("pipeline.yaml"),
-    image: Annotated[str | None, typer.Option(
-        help="Image every step runs in (default: the runtime image, "
-             "$KUBEML_IMAGE_REGISTRY/kubeml-python:<version>).")] = None,
+    image: ImageOpt = None,
+    config: ConfigOpt = None,
+    env: EnvOpt = None,
 ) -> None:
-    """Compile the training pipeline to KFP v2 IR YAML (for kfp.Client or the Kubeflow UI)."""
+    """Compile the training pipeline to KFP v2 IR YAML (for kfp.Client or the Kubeflow UI).
+
+    Each step's pod gets the resources and placement of the environment's kubeflow.tasks."""
     from kubeml.pipelines.kubeflow import compile_pipeline
 
+    cfg = load_env(config, env)
     with failures_exit():
-        compile_pipeline(output, image=image)
+        compile_pipeline(output, image=image, kubeflow=cfg.kubeflow)
     console.print(f"wrote {output}" + (f" (steps run in {image})" if image else ""))
 
 

@@ -326,8 +326,7 @@ def test_a_pipeline_that_does_not_compile(api, bucket, s3_endpoint, tmp_path, mo
     def not_a_pipeline(config_json: str, run_id: str) -> None:
         """A plain function: the compiler refuses it."""
 
-    not_a_pipeline.name = "kubeml-training"  # type: ignore[attr-defined]
-    monkeypatch.setattr(training, "training_pipeline", not_a_pipeline)
+    monkeypatch.setattr(training, "build_training_pipeline", lambda tasks=None: not_a_pipeline)
     result = _refused(api, _config(tmp_path, bucket, s3_endpoint, host=api.url))
     assert result.exit_code == EXIT_FAILED, result.output
     assert "does not compile" in result.output

@@ -75,3 +75,53 @@ def test_a_pipeline_root_must_be_object_storage() -> None:
     with pytest.raises(ConfigError, match="'/data/root' is not storage the cluster can write"):
         pipeline_root(_env(kubeflow={"pipeline_root": "/data/root"}))
     assert pipeline_root(_env(kubeflow={"pipeline_root": "gs://ml/root"})) == "gs://ml/root"
+
+
+def test_each_step_gets_its_pod_settings_and_caching_in_the_ir(tmp_path) -> None:
+    import yaml
+
+    from kubeml.pipelines.kubeflow import compile_pipeline
+
+    cfg = _env(kubeflow={"tasks": {
+        "default": {"cpu": "250m", "memory": "512Mi"},
+        "train": {"cpu": "8", "cpu_limit": "8", "memory": "60Gi", "gpu": 4,
+                  "node_selector": {"eks.amazonaws.com/nodegroup": "p4d"},
+                  "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]},
+    }})
+    docs = list(yaml.safe_load_all(compile_pipeline(tmp_path / "p.yaml", kubeflow=cfg.kubeflow).read_text()))
+    spec, platform = docs[0], docs[1]
+    executors = spec["deploymentSpec"]["executors"]
+    tasks = {**spec["root"]["dag"]["tasks"], **spec["components"]["comp-condition-1"]["dag"]["tasks"]}
+
+    def resources(stage: str) -> dict:
+        return executors[spec["components"][tasks[stage]["componentRef"]["name"]]["executorLabel"]]["container"][
+            "resources"]
+
+    train = resources("train")
+    assert train["cpuRequest"] == 8 and train["cpuLimit"] == 8
+    assert train["memoryRequest"] == 64.424509440 and train["accelerator"]["resourceCount"] == "4"
+    assert train["accelerator"]["resourceType"] == "nvidia.com/gpu"
+    ingest = resources("ingest")
+    assert ingest["cpuRequest"] == 0.25 and ingest["memoryLimit"] == 0.536870912
+    # Placement is KFP's Kubernetes platform spec, per executor.
+    train_exec = spec["components"][tasks["train"]["componentRef"]["name"]]["executorLabel"]
+    placed = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"][train_exec]
+    assert placed["nodeSelector"]["labels"] == {"eks.amazonaws.com/nodegroup": "p4d"}
+    assert placed["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    # Caching: pure stages may be reused, those that act on the world never are.
+    cached = {stage: tasks[stage].get("cachingOptions", {}).get("enableCache", False) for stage in tasks
+              if stage != "condition-1"}
+    assert cached == {"ingest": True, "validate": True, "evaluate": True, "gate": True,
+                      "train": False, "register": False, "deploy": False}
+
+
+def test_a_task_that_asks_for_more_than_the_default_is_not_capped_by_it() -> None:
+    kubeflow = _env(kubeflow={"tasks": {"default": {"cpu": "500m", "cpu_limit": "2", "memory": "1Gi"},
+                                        "train": {"cpu": "8"}}}).kubeflow
+    train = kubeflow.task("train")
+    assert (train.cpu, train.cpu_limit, train.memory) == ("8", None, "1Gi")
+    assert kubeflow.task("gate").cpu_limit == "2"
+    with pytest.raises(ConfigError, match="tasks.train over tasks.default: Value error, cpu_limit 250m is below cpu 500m"):
+        _env(kubeflow={"tasks": {"default": {"cpu": "500m"}, "train": {"cpu_limit": "250m"}}})
+    with pytest.raises(ConfigError, match="memory_limit 4Gi is below memory 8Gi"):
+        _env(kubeflow={"tasks": {"train": {"memory": "8Gi", "memory_limit": "4Gi"}}})
