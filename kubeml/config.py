@@ -423,8 +423,8 @@ class KubeflowConfig(_Strict):
     """Seconds to follow a run before giving up (the run keeps going)."""
     request_timeout_s: float = Field(30.0, gt=0, le=600)
     """Seconds one API call may take."""
-    tasks: dict[Literal["default", "ingest", "validate", "train", "evaluate", "gate", "register", "deploy"],
-                TaskConfig] = Field(default_factory=_default_tasks)
+    tasks: dict[Literal["default", "configure", "ingest", "validate", "train", "evaluate", "gate", "register",
+                        "deploy"], TaskConfig] = Field(default_factory=_default_tasks)
     """Resources and placement of each step's pod, by stage name; ``default`` for all of them.
     Given in kubeml.yaml, the whole mapping replaces these defaults."""
 

@@ -1,5 +1,9 @@
 """The training pipeline: ingest -> validate -> train -> evaluate -> gate -> register -> deploy.
 
+The steps pass typed artifacts (:mod:`kubeml.pipelines.stages.artifacts`): the
+configuration, a ``Dataset``, a ``Model``, ``Metrics``, ``ClassificationMetrics`` and an
+HTML report, which the Kubeflow UI draws and links by lineage.
+
 The same definition runs under ``kfp.local`` (see :mod:`kubeml.pipelines.local`) and,
 compiled to IR YAML, on a Kubeflow Pipelines backend. Register and deploy sit inside
 ``dsl.If`` on the gate's verdict: a model below the thresholds is never registered.
@@ -9,7 +13,7 @@ compiled to IR YAML, on a Kubeflow Pipelines backend. Register and deploy sit in
 Caching, the same on both: a task whose inputs (run id included) are the same as an
 earlier execution's reuses its outputs, which happens when a run id is submitted again
 after a failure. Ingest, validate, evaluate and gate are pure functions of their inputs
-and are cached; train, register and deploy act on the world (a RayJob, the registry, the
+(and configure) are cached; train, register and deploy act on the world (a RayJob, the registry, the
 served model), keep their own idempotency through the run ledger, and always execute.
 """
 
@@ -19,6 +23,7 @@ from typing import Any, Optional
 
 from kfp import dsl
 
+from kubeml.components.configure.component import configure
 from kubeml.components.deploy.component import deploy
 from kubeml.components.evaluate.component import evaluate
 from kubeml.components.gate.component import gate
@@ -31,7 +36,7 @@ __all__ = ["CACHED_STAGES", "PIPELINE_NAME", "build_training_pipeline", "trainin
 
 PIPELINE_NAME = "kubeml-training"
 #: The stages whose executions KFP may reuse (see the module docstring).
-CACHED_STAGES = frozenset({"ingest", "validate", "evaluate", "gate"})
+CACHED_STAGES = frozenset({"configure", "ingest", "validate", "evaluate", "gate"})
 
 
 def _placed(task: dsl.PipelineTask, stage: str, tasks: Optional[Any]) -> dsl.PipelineTask:
@@ -72,13 +77,12 @@ def _define(config_json: Any, run_id: Any, code_version: Any, tasks: Optional[An
     def place(task: dsl.PipelineTask, stage: str) -> dsl.PipelineTask:
         return _placed(task, stage, tasks)
 
-    ing = place(ingest(config_json=config_json, run_id=run_id), "ingest")
-    val = place(validate(
-        config_json=config_json, run_id=run_id, dataset=ing.outputs["dataset"], version=ing.outputs["version"]
-    ), "validate")
+    # The configuration travels as one small artifact; every step reads it.
+    config = place(configure(config_json=config_json), "configure").outputs["config"]
+    data = place(ingest(config=config, run_id=run_id), "ingest").outputs["data"]
+    val = place(validate(config=config, run_id=run_id, data=data), "validate")
     tr = (
-        place(train(config_json=config_json, run_id=run_id, dataset=ing.outputs["dataset"],
-                    version=ing.outputs["version"]), "train")
+        place(train(config=config, run_id=run_id, data=data), "train")
         .after(val)
         # Two layers of retry. The stage retries retryable errors itself, with a backoff
         # (kubeml.pipelines.stages.TRAIN_RETRY): a local run continues from its checkpoints,
@@ -89,26 +93,13 @@ def _define(config_json: Any, run_id: Any, code_version: Any, tasks: Optional[An
         # (see kubeml.pipelines.stages.run_stage), after a short backoff only.
         .set_retry(num_retries=2, backoff_duration="5s", backoff_factor=2.0)
     )
-    ev = place(evaluate(
-        config_json=config_json,
-        run_id=run_id,
-        dataset=ing.outputs["dataset"],
-        version=ing.outputs["version"],
-        bundle_key=tr.output,
-    ), "evaluate")
-    verdict = place(gate(
-        config_json=config_json, run_id=run_id, accuracy=ev.outputs["accuracy"], macro_f1=ev.outputs["macro_f1"]
-    ), "gate")
+    model = tr.outputs["model"]
+    ev = place(evaluate(config=config, run_id=run_id, data=data, model=model), "evaluate")
+    verdict = place(gate(config=config, run_id=run_id, metrics=ev.outputs["metrics"]), "gate")
     with dsl.If(verdict.output == "passed", name="gate-passed"):
-        reg = place(register(
-            config_json=config_json,
-            run_id=run_id,
-            dataset=ing.outputs["dataset"],
-            version=ing.outputs["version"],
-            bundle_key=tr.output,
-            code_version=code_version,
-        ), "register")
-        place(deploy(config_json=config_json, run_id=run_id, model_version=reg.output), "deploy")
+        reg = place(register(config=config, run_id=run_id, data=data, model=model, metrics=ev.outputs["metrics"],
+                             code_version=code_version), "register")
+        place(deploy(config=config, run_id=run_id, model=model, model_version=reg.output), "deploy")
 
 
 #: The pipeline as ``kfp.local`` runs it: no pod settings (there are no pods).

@@ -6,7 +6,8 @@ from kubeml.components import IMAGE
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
-def gate(config_json: str, run_id: str, accuracy: float, macro_f1: float) -> str:
+def gate(config: dsl.Input[dsl.Artifact], run_id: str, metrics: dsl.Input[dsl.Metrics]) -> str:
     from kubeml.pipelines.stages import gate_stage
+    from kubeml.pipelines.stages.artifacts import config_json_of, metric_of
 
-    return gate_stage(config_json, run_id, accuracy, macro_f1)
+    return gate_stage(config_json_of(config), run_id, metric_of(metrics, "accuracy"), metric_of(metrics, "macro_f1"))

@@ -1,6 +1,4 @@
-"""ingest: the source data set into the artifact store as a content-addressed version."""
-
-from typing import NamedTuple
+"""ingest: the source data set into the artifact store as a content-addressed version (a ``Dataset``)."""
 
 from kfp import dsl
 
@@ -8,10 +6,10 @@ from kubeml.components import IMAGE
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
-def ingest(config_json: str, run_id: str) -> NamedTuple("IngestOutputs", [("dataset", str), ("version", str)]):
-    from collections import namedtuple
-
+def ingest(config: dsl.Input[dsl.Artifact], run_id: str, data: dsl.Output[dsl.Dataset]):
     from kubeml.pipelines.stages import ingest_stage
+    from kubeml.pipelines.stages.artifacts import config_json_of, write_dataset
 
-    name, version = ingest_stage(config_json, run_id)
-    return namedtuple("IngestOutputs", ["dataset", "version"])(name, version)
+    config_json = config_json_of(config)
+    ingest_stage(config_json, run_id)
+    write_dataset(config_json, run_id, data)

@@ -6,7 +6,17 @@ from kubeml.components import IMAGE
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
-def register(config_json: str, run_id: str, dataset: str, version: str, bundle_key: str, code_version: str) -> int:
+def register(
+    config: dsl.Input[dsl.Artifact],
+    run_id: str,
+    data: dsl.Input[dsl.Dataset],
+    model: dsl.Input[dsl.Model],
+    metrics: dsl.Input[dsl.Metrics],
+    code_version: str,
+) -> int:
     from kubeml.pipelines.stages import register_stage
+    from kubeml.pipelines.stages.artifacts import config_json_of, dataset_of, model_of
 
-    return register_stage(config_json, run_id, dataset, version, bundle_key, code_version)
+    # The metrics artifact is an input for lineage; the stage reads the evaluation it records.
+    del metrics
+    return register_stage(config_json_of(config), run_id, *dataset_of(data), model_of(model), code_version)

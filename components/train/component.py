@@ -1,4 +1,4 @@
-"""train: the environment's launcher trains the model; returns the bundle's store key.
+"""train: the environment's launcher trains the model; its ``Model`` artifact names the bundle's store key.
 
 ``training.target`` of the environment picks the launcher (see :func:`kubeml.pipelines.stages.train_stage`):
 ``local`` runs Ray Train in the step itself; ``kuberay`` / ``sagemaker`` make the step create a
@@ -15,7 +15,10 @@ from kubeml.components import IMAGE
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
-def train(config_json: str, run_id: str, dataset: str, version: str) -> str:
+def train(config: dsl.Input[dsl.Artifact], run_id: str, data: dsl.Input[dsl.Dataset], model: dsl.Output[dsl.Model]):
     from kubeml.pipelines.stages import train_stage
+    from kubeml.pipelines.stages.artifacts import config_json_of, dataset_of, write_model
 
-    return train_stage(config_json, run_id, dataset, version)
+    config_json = config_json_of(config)
+    train_stage(config_json, run_id, *dataset_of(data))
+    write_model(config_json, run_id, model)

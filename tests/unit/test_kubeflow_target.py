@@ -111,7 +111,7 @@ def test_each_step_gets_its_pod_settings_and_caching_in_the_ir(tmp_path) -> None
     # Caching: pure stages may be reused, those that act on the world never are.
     cached = {stage: tasks[stage].get("cachingOptions", {}).get("enableCache", False) for stage in tasks
               if stage != "condition-1"}
-    assert cached == {"ingest": True, "validate": True, "evaluate": True, "gate": True,
+    assert cached == {"configure": True, "ingest": True, "validate": True, "evaluate": True, "gate": True,
                       "train": False, "register": False, "deploy": False}
 
 

@@ -38,7 +38,8 @@ def test_compiled_pipeline_loads_with_kfp_and_has_one_task_per_stage(tmp_path: P
     loaded = load_component_from_file(str(out))
     assert loaded.name == PIPELINE_NAME
     spec = yaml.safe_load(out.read_text())
-    assert sorted(_all_tasks(spec)) == sorted(STAGES)
+    # One task per ledger stage, and the step that makes the configuration artifact.
+    assert sorted(_all_tasks(spec)) == sorted((*STAGES, "configure"))
     # register and deploy only run inside the gate's branch
     condition = spec["components"]["comp-condition-1"]["dag"]["tasks"]
     assert set(condition) == {"register", "deploy"}
@@ -57,7 +58,7 @@ def test_cli_compile_writes_the_same_pipeline(tmp_path: Path):
     out = tmp_path / "p.yaml"
     result = CliRunner().invoke(app, ["pipeline", "compile", "-o", str(out)])
     assert result.exit_code == 0, result.output
-    assert sorted(_all_tasks(yaml.safe_load(out.read_text()))) == sorted(STAGES)
+    assert sorted(_all_tasks(yaml.safe_load(out.read_text()))) == sorted((*STAGES, "configure"))
 
 
 @dsl.component(base_image="python:3.11", install_kfp_package=False)
@@ -93,8 +94,10 @@ def test_kfp_local_takes_the_right_branch_on_a_task_output(tmp_path: Path, word:
 
 
 def test_component_python_funcs_run_the_stages(tmp_path: Path):
-    """ingest -> validate -> gate through the components' own functions, as KFP would call them."""
+    """configure -> ingest -> validate -> gate through the components' own functions, with
+    their typed artifacts, as KFP's executor would call them."""
     from kubeml.artifacts import FileStore
+    from kubeml.components.configure.component import configure
     from kubeml.components.gate.component import gate
     from kubeml.components.ingest.component import ingest
     from kubeml.components.validate.component import validate
@@ -104,11 +107,32 @@ def test_component_python_funcs_run_the_stages(tmp_path: Path):
     cfg = EnvironmentConfig.model_validate(
         {"data": {"max_rows": 200}, "artifact_store": {"uri": f"file://{tmp_path}/a"}, "home": str(tmp_path)}
     ).resolved(tmp_path)
-    cj = cfg.model_dump_json()
-    out = ingest.python_func(config_json=cj, run_id="r1")
-    report = json.loads(validate.python_func(config_json=cj, run_id="r1", dataset=out.dataset, version=out.version))
+    config = dsl.Artifact(uri=str(tmp_path / "out" / "config"))
+    configure.python_func(config_json=cfg.model_dump_json(), config=config)
+    assert config.metadata["environment"] == "dev" and json.loads(Path(config.path).read_text())["data"]["max_rows"] == 200
+    data = dsl.Dataset(uri=str(tmp_path / "out" / "data"))
+    ingest.python_func(config=config, run_id="r1", data=data)
+    assert data.metadata["dataset"] == "digits" and data.metadata["rows"] == 200
+    assert json.loads(Path(data.path).read_text())["version"] == data.metadata["version"]
+    report = json.loads(validate.python_func(config=config, run_id="r1", data=data))
     assert report["rows"] == 200
-    assert gate.python_func(config_json=cj, run_id="r1", accuracy=0.99, macro_f1=0.99) == "passed"
-    assert gate.python_func(config_json=cj, run_id="r1", accuracy=0.5, macro_f1=0.99) == "failed"
+    metrics = dsl.Metrics(uri=str(tmp_path / "out" / "metrics"))
+    metrics.log_metric("accuracy", 0.99)
+    metrics.log_metric("macro_f1", 0.99)
+    assert gate.python_func(config=config, run_id="r1", metrics=metrics) == "passed"
+    metrics.log_metric("accuracy", 0.5)
+    assert gate.python_func(config=config, run_id="r1", metrics=metrics) == "failed"
     rec = Ledger(FileStore(tmp_path / "a"), "r1").read("gate")
     assert rec.outputs["reasons"] == ["accuracy 0.5000 < min_accuracy 0.9500"]
+
+
+def test_a_step_given_an_artifact_it_did_not_write_says_so(tmp_path: Path):
+    from kubeml.errors import ConfigError
+    from kubeml.pipelines.stages.artifacts import dataset_of, metric_of, model_of
+
+    with pytest.raises(ConfigError, match="has no 'dataset' in its metadata: it was not written by kubeml's ingest"):
+        dataset_of(dsl.Dataset(uri=str(tmp_path / "d")))
+    with pytest.raises(ConfigError, match="has no 'bundle_key'"):
+        model_of(dsl.Model(uri=str(tmp_path / "m")))
+    with pytest.raises(ConfigError, match="has no 'macro_f1'"):
+        metric_of(dsl.Metrics(uri=str(tmp_path / "x")), "macro_f1")
