@@ -93,6 +93,29 @@ def test_kfp_local_takes_the_right_branch_on_a_task_output(tmp_path: Path, word:
     assert marker.read_text().split() == [branch]
 
 
+@dsl.pipeline(name="three-way")
+def _three_way(word: str, path: str):
+    said = _say(word=word)
+    with dsl.If(said.output == "yes"):
+        _record(path=path, value="yes-branch")
+    with dsl.Elif(said.output == "maybe"):
+        _record(path=path, value="maybe-branch")
+    with dsl.Else():
+        _record(path=path, value="else-branch")
+    _record(path=path, value="after")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("word,branch", [("yes", "yes-branch"), ("maybe", "maybe-branch"), ("no", "else-branch")])
+def test_kfp_local_takes_exactly_one_branch_of_if_elif_else(tmp_path: Path, word: str, branch: str):
+    """Without kubeml's fix kfp.local ran every branch (or, with a loop beside it, none)."""
+    install_condition_fix()
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(tmp_path / "root"))
+    marker = tmp_path / "taken.txt"
+    _three_way(word=word, path=str(marker))
+    assert sorted(marker.read_text().split()) == sorted([branch, "after"])
+
+
 def test_component_python_funcs_run_the_stages(tmp_path: Path):
     """configure -> ingest -> validate -> gate through the components' own functions, with
     their typed artifacts, as KFP's executor would call them."""
