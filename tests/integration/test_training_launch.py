@@ -42,7 +42,8 @@ ACK = ("sagemaker.services.k8s.aws", "v1alpha1", "trainingjobs")
 
 
 class ControllerStandIn(threading.Thread):
-    """Stands in for the KubeRay operator / ACK SageMaker controller, which cannot run here.
+    """Plays the KubeRay operator's transitions that a real one reaches only rarely (see the
+    module docstring), and the ACK SageMaker controller, which cannot run here at all.
 
     Watches (a real watch on the apiserver) for the object named ``name``; once it exists,
     runs ``act(api)`` (a list of status patches, or a callable doing whatever the controller
