@@ -67,13 +67,19 @@ python=${PYTHON:-python3}
 # Free space a build needs on the way, in GB (measured: see benchmarks/RESULTS.md); checked
 # only when an image is really built, not when the cached one is up to date.
 declare -A need_gb=([operator]=3 [server]=25 [runtime]=30)
+free_gb() { mkdir -p "$1"; echo $(( $(df --output=avail -k "$1" | tail -1) / 1024 / 1024 )); }
 check_space() {
-    local kind=$1 dir free_gb
+    local kind=$1 image=$2 dir
     for dir in /var/lib/containers "$out"; do
-        mkdir -p "$dir"
-        free_gb=$(( $(df --output=avail -k "$dir" | tail -1) / 1024 / 1024 ))
-        (( free_gb >= need_gb[$kind] )) ||
-            die "building the $kind image needs about ${need_gb[$kind]} GB free on $dir; $free_gb GB are: free some space first (buildah rmi --prune drops buildah's layer cache)"
+        (( $(free_gb "$dir") >= need_gb[$kind] )) && continue
+        # The image this build replaces goes anyway once it is built; with too little room
+        # for both, it goes first (its archive, and the node's copy, stay until replaced).
+        if buildah inspect --type image "$image" >/dev/null 2>&1; then
+            log "$kind: $(free_gb "$dir") GB free on $dir; removing the previous $image from buildah's store first"
+            buildah rmi "$image" >/dev/null 2>&1 || true
+        fi
+        (( $(free_gb "$dir") >= need_gb[$kind] )) ||
+            die "building the $kind image needs about ${need_gb[$kind]} GB free on $dir; $(free_gb "$dir") GB are: free some space first (buildah rmi --prune drops buildah's layer cache)"
     done
 }
 
@@ -130,7 +136,7 @@ for kind in "${kinds[@]}"; do
     if [[ -f "$tar" && -f "$out/$kind-$key.json" ]]; then
         log "$kind: up to date ($image)"
     else
-        check_space "$kind"
+        check_space "$kind" "$image"
         log "$kind: building $image"
         start=$SECONDS
         old_id=$(buildah inspect --type image --format '{{.FromImageID}}' "$image" 2>/dev/null || true)
@@ -176,12 +182,21 @@ done
 
 # --- 4. into the real node ----------------------------------------------------------------------
 socket=/run/kubeml/node/containerd.sock
+# The reference an archive was written under (`buildah push ... oci-archive:TAR:REF`).
+imported_ref() { "$python" -c 'import json, sys, tarfile
+with tarfile.open(sys.argv[1]) as t:
+    index = json.load(t.extractfile("index.json"))
+print(index["manifests"][0]["annotations"]["org.opencontainers.image.ref.name"])' "$(readlink -f "$1")"; }
 if [[ -S "$socket" ]]; then
     source "$repo/hack/cluster/versions.env"
     ctr_bin="$cache_root/k8s-v$K8S_VERSION/bin/ctr"
     for tar in "${built[@]}"; do
         "$ctr_bin" --address "$socket" --namespace k8s.io images import "$tar" >"$out/import.log" 2>&1 ||
             { cat "$out/import.log" >&2; die "importing $tar into the real node failed"; }
+        # Pinned: no registry gives it back if the kubelet reclaims disk (RealNode.import_image).
+        "$ctr_bin" --address "$socket" --namespace k8s.io images label "$(imported_ref "$tar")" \
+            io.cri-containerd.pinned=pinned >/dev/null ||
+            die "pinning the image of $tar in the real node failed"
         log "loaded $(basename "$(readlink -f "$tar")") into the real node"
     done
 fi

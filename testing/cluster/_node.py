@@ -204,6 +204,9 @@ def preflight(assets: Assets) -> list[str]:
     return problems
 
 
+#: The label by which containerd's CRI reports an image as pinned (never garbage-collected).
+PINNED_LABEL = "io.cri-containerd.pinned"
+
 class RealNode:
     """Starts and stops the real node of one cluster."""
 
@@ -411,11 +414,26 @@ disabled_plugins = [
                                "--namespace", "k8s.io", *args], capture_output=True, text=True, timeout=timeout)
 
     def import_image(self, archive: Path, timeout_s: float = 600.0) -> None:
-        """Load an OCI archive (``make images`` writes them) into the node's containerd."""
+        """Load an OCI archive (``make images`` writes them) into the node's containerd, pinned.
+
+        No registry can give these images back, so each is pinned (CRI's
+        ``io.cri-containerd.pinned`` label): the kubelet reclaiming disk under pressure
+        (the host's disk is shared with everything else on the machine) deletes unused
+        images, but never pinned ones.
+        """
         result = self.ctr("images", "import", str(archive), timeout=timeout_s)
         if result.returncode != 0:
             raise ClusterError(f"importing {archive} into the node's containerd failed: "
                                f"{(result.stderr or result.stdout).strip()[-500:]}")
+        self.pin_images()
+
+    def pin_images(self) -> None:
+        """Pin every image the node has (see :meth:`import_image`)."""
+        for ref in self.images():
+            result = self.ctr("images", "label", ref, f"{PINNED_LABEL}=pinned", timeout=30)
+            if result.returncode != 0:
+                raise ClusterError(f"pinning {ref} in the node's containerd failed: "
+                                   f"{(result.stderr or result.stdout).strip()[-300:]}")
 
     def images(self) -> list[str]:
         """References of the images the node has."""

@@ -18,13 +18,11 @@ import pytest
 from kubernetes.client import CoreV1Api
 from kubernetes.client.exceptions import ApiException
 
-from kubeml.testing.cluster import NODE_IMAGES, POD_CIDR, RESTRICTED_CONTAINER, real_node_pod_spec
+from kubeml.testing.cluster import POD_CIDR
 from kubeml.testing.cluster.fixtures import temporary_namespace, wait_until
+from tests.integration import probe_pods as probes
 
 pytestmark = pytest.mark.integration
-
-_RESTRICTED = RESTRICTED_CONTAINER
-
 
 @pytest.fixture(scope="module")
 def core(real_cluster) -> Iterator[CoreV1Api]:
@@ -40,36 +38,8 @@ def ns(real_cluster) -> Iterator[str]:
         yield name
 
 
-def _probe(name: str, args: list[str], **container: object) -> dict:
-    return {
-        "metadata": {"name": name, "labels": {"app": name}},
-        "spec": real_node_pod_spec([{
-            "name": "probe",
-            "image": NODE_IMAGES["probe"],
-            "imagePullPolicy": "Never",
-            "args": args,
-            "securityContext": _RESTRICTED,
-            **container,
-        }]),
-    }
-
-
-def _phase(core: CoreV1Api, ns: str, name: str, phases: tuple[str, ...], timeout_s: float = 60) -> object:
-    def check() -> object:
-        pod = core.read_namespaced_pod(name, ns)
-        return pod if pod.status.phase in phases else None
-
-    return wait_until(check, timeout_s=timeout_s, what=f"pod {ns}/{name} in {'/'.join(phases)}")
-
-
-def _run_to_end(core: CoreV1Api, ns: str, name: str, args: list[str]) -> tuple[str, str]:
-    core.create_namespaced_pod(ns, _probe(name, args))
-    pod = _phase(core, ns, name, ("Succeeded", "Failed"))
-    return pod.status.phase, core.read_namespaced_pod_log(name, ns)
-
-
 def test_container_runs_and_its_log_reaches_the_api(core: CoreV1Api, ns: str) -> None:
-    phase, log = _run_to_end(core, ns, "hello", ["echo", "hello", "from", "a", "container"])
+    phase, log = probes.run_to_end(core, ns, "hello", ["echo", "hello", "from", "a", "container"])
     assert phase == "Succeeded"
     assert log == "hello from a container\n"
     pod = core.read_namespaced_pod("hello", ns)
@@ -80,7 +50,7 @@ def test_container_runs_and_its_log_reaches_the_api(core: CoreV1Api, ns: str) ->
 
 
 def test_failing_container_reports_its_exit_code(core: CoreV1Api, ns: str) -> None:
-    phase, log = _run_to_end(core, ns, "no-such", ["no-such-command"])
+    phase, log = probes.run_to_end(core, ns, "no-such", ["no-such-command"])
     assert phase == "Failed"
     assert 'unknown command "no-such-command"' in log
     status = core.read_namespaced_pod("no-such", ns).status.container_statuses[0]
@@ -89,30 +59,30 @@ def test_failing_container_reports_its_exit_code(core: CoreV1Api, ns: str) -> No
 
 def test_memory_limit_is_enforced(core: CoreV1Api, ns: str) -> None:
     limits = {"memory": "32Mi", "cpu": "500m"}
-    core.create_namespaced_pod(ns, _probe("hog", ["alloc", "-mib", "256"],
+    core.create_namespaced_pod(ns, probes.probe("hog", ["alloc", "-mib", "256"],
                                           resources={"limits": limits, "requests": limits}))
-    pod = _phase(core, ns, "hog", ("Failed",))
+    pod = probes.phase(core, ns, "hog", ("Failed",))
     terminated = pod.status.container_statuses[0].state.terminated
     assert terminated.reason == "OOMKilled"
     assert terminated.exit_code == 137
 
 
 def test_pods_reach_each_other_over_the_pod_network(core: CoreV1Api, ns: str) -> None:
-    core.create_namespaced_pod(ns, _probe("server", ["serve", "-addr", ":8080"]))
-    server = _phase(core, ns, "server", ("Running",))
+    core.create_namespaced_pod(ns, probes.probe("server", ["serve", "-addr", ":8080"]))
+    server = probes.phase(core, ns, "server", ("Running",))
     ip = server.status.pod_ip
     assert ip.startswith(POD_CIDR.rsplit(".", 2)[0] + ".")
     # Running is reported when the process starts; the listener follows within milliseconds.
     wait_until(lambda: "serving on" in core.read_namespaced_pod_log("server", ns), what="the server listening")
-    phase, log = _run_to_end(core, ns, "client", ["fetch", f"http://{ip}:8080/"])
+    phase, log = probes.run_to_end(core, ns, "client", ["fetch", f"http://{ip}:8080/"])
     assert phase == "Succeeded", log
     client_ip = core.read_namespaced_pod("client", ns).status.pod_ip
     assert log.startswith(f"200 server {client_ip}:")
 
 
 def test_a_service_reaches_its_pods_through_kube_proxy(core: CoreV1Api, ns: str) -> None:
-    core.create_namespaced_pod(ns, _probe("backend", ["serve", "-addr", ":8080"]))
-    _phase(core, ns, "backend", ("Running",))
+    core.create_namespaced_pod(ns, probes.probe("backend", ["serve", "-addr", ":8080"]))
+    probes.phase(core, ns, "backend", ("Running",))
     service = core.create_namespaced_service(ns, {
         "metadata": {"name": "backend"},
         "spec": {"selector": {"app": "backend"}, "ports": [{"port": 80, "targetPort": 8080}]},
@@ -121,7 +91,7 @@ def test_a_service_reaches_its_pods_through_kube_proxy(core: CoreV1Api, ns: str)
     wait_until(lambda: "serving on" in core.read_namespaced_pod_log("backend", ns), what="the backend listening")
     # kube-proxy programs the Service within its minimum sync period (1 s) of the
     # EndpointSlice; a client retries for a few seconds rather than racing it.
-    phase, log = _run_to_end(core, ns, "svc-client", [
+    phase, log = probes.run_to_end(core, ns, "svc-client", [
         "fetch", "-timeout", "2s", "-retry", "10s", f"http://{cluster_ip}/"])
     assert phase == "Succeeded", log
     assert log.splitlines()[-1].startswith("200 backend ")
@@ -130,15 +100,15 @@ def test_a_service_reaches_its_pods_through_kube_proxy(core: CoreV1Api, ns: str)
 def test_pods_find_services_by_name_through_the_cluster_dns(core: CoreV1Api, ns: str) -> None:
     """CoreDNS answers Service names (short, namespaced and fully qualified) from the
     pod's search path; the pod's resolver is the kube-dns Service, nothing else."""
-    core.create_namespaced_pod(ns, _probe("named", ["serve", "-addr", ":8080"]))
-    _phase(core, ns, "named", ("Running",))
+    core.create_namespaced_pod(ns, probes.probe("named", ["serve", "-addr", ":8080"]))
+    probes.phase(core, ns, "named", ("Running",))
     core.create_namespaced_service(ns, {
         "metadata": {"name": "named"},
         "spec": {"selector": {"app": "named"}, "ports": [{"port": 80, "targetPort": 8080}]},
     })
     wait_until(lambda: "serving on" in core.read_namespaced_pod_log("named", ns), what="the backend listening")
     for i, host in enumerate(("named", f"named.{ns}", f"named.{ns}.svc.cluster.local")):
-        phase, log = _run_to_end(core, ns, f"dns-client-{i}", [
+        phase, log = probes.run_to_end(core, ns, f"dns-client-{i}", [
             "fetch", "-timeout", "2s", "-retry", "15s", f"http://{host}/"])
         assert phase == "Succeeded", (host, log)
         assert log.splitlines()[-1].startswith("200 named "), (host, log)
@@ -148,10 +118,10 @@ def test_pods_find_services_by_name_through_the_cluster_dns(core: CoreV1Api, ns:
 
 def test_names_outside_the_cluster_do_not_resolve(core: CoreV1Api, ns: str) -> None:
     """No forwarder: a name outside cluster.local is NXDOMAIN, answered on the node."""
-    phase, log = _run_to_end(core, ns, "outside", ["fetch", "-timeout", "3s", "http://example.com/"])
+    phase, log = probes.run_to_end(core, ns, "outside", ["fetch", "-timeout", "3s", "http://example.com/"])
     assert phase == "Failed", log
     assert "no such host" in log, log
-    phase, log = _run_to_end(core, ns, "missing-svc", ["fetch", "-timeout", "3s", f"http://nothing-here.{ns}.svc/"])
+    phase, log = probes.run_to_end(core, ns, "missing-svc", ["fetch", "-timeout", "3s", f"http://nothing-here.{ns}.svc/"])
     assert phase == "Failed", log
     assert "no such host" in log, log
 
@@ -208,7 +178,7 @@ def test_pod_traffic_to_the_host_and_beyond_is_rejected(core: CoreV1Api, ns: str
     before = _reject_count()
     targets = {"host": host_listener, "kubelet": kubelet, "metadata": "http://169.254.169.254/latest/meta-data/"}
     for name, url in targets.items():
-        phase, log = _run_to_end(core, ns, f"to-{name}", ["fetch", "-timeout", "3s", url])
+        phase, log = probes.run_to_end(core, ns, f"to-{name}", ["fetch", "-timeout", "3s", url])
         assert phase == "Failed", f"{name}: {log}"
         # Rejected at once with ICMP admin-prohibited ("no route to host"), not timed out.
         assert "no route to host" in log, f"{name}: {log}"
@@ -216,8 +186,8 @@ def test_pod_traffic_to_the_host_and_beyond_is_rejected(core: CoreV1Api, ns: str
 
 
 def test_deleting_a_running_pod_stops_its_container(core: CoreV1Api, ns: str, real_cluster) -> None:
-    core.create_namespaced_pod(ns, _probe("sleeper", ["sleep"]))
-    pod = _phase(core, ns, "sleeper", ("Running",))
+    core.create_namespaced_pod(ns, probes.probe("sleeper", ["sleep"]))
+    pod = probes.phase(core, ns, "sleeper", ("Running",))
     container_id = pod.status.container_statuses[0].container_id.removeprefix("containerd://")
     core.delete_namespaced_pod("sleeper", ns)
 
@@ -238,7 +208,7 @@ def test_deleting_a_running_pod_stops_its_container(core: CoreV1Api, ns: str, re
 
 
 def test_an_image_the_node_lacks_is_never_pulled_from_outside(core: CoreV1Api, ns: str) -> None:
-    body = _probe("remote", ["echo", "hi"], image="registry.example.com/team/app:1", imagePullPolicy="IfNotPresent")
+    body = probes.probe("remote", ["echo", "hi"], image="registry.example.com/team/app:1", imagePullPolicy="IfNotPresent")
     core.create_namespaced_pod(ns, body)
 
     def waiting() -> object:
@@ -249,6 +219,17 @@ def test_an_image_the_node_lacks_is_never_pulled_from_outside(core: CoreV1Api, n
     state = wait_until(waiting, timeout_s=60, what="the pull to fail")
     # containerd was sent to the closed loopback port, not to registry.example.com.
     assert "127.0.0.1:9" in (state.message or ""), state.message
+
+
+def test_the_images_no_registry_can_give_back_are_pinned(real_cluster) -> None:
+    """Pinned, the kubelet's disk reclaim (the host's disk is shared) never deletes them."""
+    from kubeml.testing.cluster import NODE_IMAGES
+
+    listing = real_cluster.node.ctr("images", "list").stdout.splitlines()
+    for ref in NODE_IMAGES.values():
+        line = next((row for row in listing if row.split()[0] == ref), None)
+        assert line is not None, (ref, listing)
+        assert "io.cri-containerd.pinned=pinned" in line, line
 
 
 def test_a_rayjob_whose_image_cannot_start_is_reported_stalled(real_cluster, core: CoreV1Api, ns: str) -> None:
@@ -300,13 +281,6 @@ def _isolate(net: object, ns: str) -> None:
         "spec": {"podSelector": {}, "policyTypes": ["Ingress"], "ingress": [{"from": [{"podSelector": {}}]}]}})
 
 
-def _server(core: CoreV1Api, ns: str, name: str) -> str:
-    core.create_namespaced_pod(ns, _probe(name, ["serve", "-addr", ":8080"]))
-    ip = _phase(core, ns, name, ("Running",)).status.pod_ip
-    wait_until(lambda: "serving on" in core.read_namespaced_pod_log(name, ns), what=f"{name} listening")
-    return ip
-
-
 @pytest.fixture
 def tenants(real_cluster) -> Iterator[tuple[str, str]]:
     labels = {"pod-security.kubernetes.io/enforce": "restricted"}
@@ -326,17 +300,17 @@ def test_network_policy_drops_another_tenants_packets_until_it_is_removed(
         net = NetworkingV1Api(client)
         for ns in tenants:
             _isolate(net, ns)
-        a_ip, b_ip = _server(core, a, "server"), _server(core, b, "server")
+        a_ip, b_ip = probes.server(core, a, "server"), probes.server(core, b, "server")
         # The enforcer watches the same pods and policies; the watch events that told this
         # test the servers run reach it within milliseconds. A second covers a loaded machine.
         time.sleep(1)
 
         before = node.policy_verdicts()
-        phase, log = _run_to_end(core, a, "same-tenant", ["fetch", "-timeout", "3s", f"http://{a_ip}:8080/"])
+        phase, log = probes.run_to_end(core, a, "same-tenant", ["fetch", "-timeout", "3s", f"http://{a_ip}:8080/"])
         assert phase == "Succeeded", log
         assert log.startswith("200 server ")
 
-        phase, log = _run_to_end(core, a, "other-tenant", ["fetch", "-timeout", "3s", f"http://{b_ip}:8080/"])
+        phase, log = probes.run_to_end(core, a, "other-tenant", ["fetch", "-timeout", "3s", f"http://{b_ip}:8080/"])
         assert phase == "Failed", log
         # Dropped, not rejected: the SYN gets no answer and the client times out.
         assert "Client.Timeout exceeded" in log or "i/o timeout" in log, log
@@ -346,7 +320,7 @@ def test_network_policy_drops_another_tenants_packets_until_it_is_removed(
 
         for name in ("default-deny-ingress", "allow-same-namespace"):
             net.delete_namespaced_network_policy(name, b)
-        phase, log = _run_to_end(core, a, "after-removal", [
+        phase, log = probes.run_to_end(core, a, "after-removal", [
             "fetch", "-timeout", "2s", "-retry", "10s", f"http://{b_ip}:8080/"])
         assert phase == "Succeeded", log
         assert log.splitlines()[-1].startswith("200 server ")
@@ -366,7 +340,7 @@ def test_a_policy_that_allows_all_egress_still_cannot_reach_instance_metadata(
             "metadata": {"name": "allow-all-egress"},
             "spec": {"podSelector": {}, "policyTypes": ["Egress"], "egress": [{}]}})
     before = _reject_count()
-    phase, log = _run_to_end(core, a, "to-metadata", [
+    phase, log = probes.run_to_end(core, a, "to-metadata", [
         "fetch", "-timeout", "3s", "http://169.254.169.254/latest/meta-data/"])
     assert phase == "Failed", log
     assert "no route to host" in log, log
