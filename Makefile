@@ -52,8 +52,12 @@ demo: install
 	@echo "  $(VENV)/bin/kubeml serve status      # list served models"
 	@echo "  $(VENV)/bin/kubeml serve stop        # stop them"
 
+BUILD_CLUSTER_ASSETS := bash hack/cluster/build.sh
+FETCH_KAFKA := bash hack/kafka/fetch.sh >/dev/null
+INSTALL_POLICY := bash hack/policy/install.sh >/dev/null
+
 cluster-assets:
-	bash hack/cluster/build.sh
+	$(BUILD_CLUSTER_ASSETS)
 
 # images/*.Containerfile on a Debian base, with buildah; cached by content, loaded into the
 # real node when one runs. Needs root (make test skips it without).
@@ -66,11 +70,11 @@ prometheus-assets:
 
 # The Kafka broker of the integration tests runs from Maven jars (needs Java 17 and mvn).
 kafka-assets:
-	bash hack/kafka/fetch.sh >/dev/null
+	$(FETCH_KAFKA)
 
 # The policy scanner (kube-score), built from its Go module into $(KUBEML_CACHE) once per version.
 policy-assets:
-	bash hack/policy/install.sh >/dev/null
+	$(INSTALL_POLICY)
 
 # The policy scan alone: the chart, the overlays and the manifests kubeml generates, scored by
 # kube-score; fails on a high finding not waived in policy/waivers.yaml, or a stale waiver.
@@ -79,9 +83,21 @@ policy: install policy-assets
 	$(PY) -m pytest tests/unit/test_policy_scan.py tests/unit/test_policy_checker.py $(PYTEST_ARGS)
 
 # The tests run the operator image (the chart) and the runtime image (KubeRay training) on
-# the real node; both are cached by content, so a warm run builds nothing.
-test: install cluster-assets prometheus-assets kafka-assets policy-assets
-	bash hack/images/build.sh --if-root operator runtime
+# the real node; both are cached by content, so a warm run builds nothing. On a cold machine
+# the images (mostly downloading and unpacking wheels) build beside the Go builds, which
+# saves about the image build's length; apt-get runs first and alone, since two at once
+# would fight over dpkg's lock. (The recipe calls the asset scripts itself, not $(MAKE), so
+# that `make -n test` only prints.)
+IMAGES_LOG := $(KUBEML_CACHE)/images/make-test.log
+test: install prometheus-assets
+	@if [ "$$(id -u)" = 0 ]; then bash hack/cluster/host-packages.sh && bash hack/cluster/host-packages.sh buildah mmdebstrap; fi
+	@mkdir -p $(dir $(IMAGES_LOG)); \
+	setsid bash hack/images/build.sh --if-root operator runtime >$(IMAGES_LOG) 2>&1 & images=$$!; \
+	if ! { $(BUILD_CLUSTER_ASSETS) && $(FETCH_KAFKA) && $(INSTALL_POLICY); }; then \
+		kill -- -$$images 2>/dev/null; wait $$images; exit 1; fi; \
+	echo "[images] waiting for the image build (log: $(IMAGES_LOG))"; \
+	if ! wait $$images; then tail -n 40 $(IMAGES_LOG); echo "the image build failed; log: $(IMAGES_LOG)" >&2; exit 1; fi; \
+	cat $(IMAGES_LOG)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # The import-layering contracts of .importlinter, on the package laid out as installed.
