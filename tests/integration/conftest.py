@@ -34,17 +34,19 @@ _OWN_REAL_NODES = ("test_real_node_lifecycle.py",)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Run the tests that start their own real nodes before the shared one starts.
+    """Run the tests that need a real node last: first those that start nodes of their own,
+    then every user of the shared ``real_cluster``, one after another.
 
     A machine holds one real node at a time (its kubelet owns fixed host paths), and the
-    shared ``real_cluster`` stays up until the session ends.
+    shared node stays up from its first user to the end of the session: grouped at the end,
+    it runs only while it is used, instead of idling beside the rest of the suite.
     """
     own = [item for item in items if item.path.name in _OWN_REAL_NODES]
-    if not own:
+    shared = [item for item in items if item not in own and "real_cluster" in getattr(item, "fixturenames", ())]
+    if not own and not shared:
         return
-    rest = [item for item in items if item.path.name not in _OWN_REAL_NODES]
-    first = next((i for i, item in enumerate(rest) if "real_cluster" in getattr(item, "fixturenames", ())), len(rest))
-    items[:] = rest[:first] + own + rest[first:]
+    placed = {id(item) for item in (*own, *shared)}
+    items[:] = [item for item in items if id(item) not in placed] + own + shared
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:

@@ -200,3 +200,54 @@ def test_a_failing_job_reports_its_traceback_and_deleting_it_removes_its_pods(
                                                                  manifest["metadata"]["name"])
     wait_until(lambda: not core.list_namespaced_pod(ns, label_selector="ray.io/is-ray-node=yes").items,
                timeout_s=120, what="the Ray pods removed with their RayJob")
+
+
+@pytest.mark.timeout(900)
+def test_kubeml_train_submits_a_rayjob_and_sigterm_deletes_it_with_its_pods(
+        real_cluster, runtime_image, pod_s3, core, ns, bucket, s3_endpoint, tmp_path):
+    """``kubeml train --target kuberay`` as a user (or a CI job) runs it: the RayJob is
+    created in the tenant namespace and followed; SIGTERM (a stopped CI job, a terminated
+    step pod) deletes the job, and its Ray pods go with it."""
+    import os
+    import signal
+    import sys
+
+    import yaml
+
+    config = tmp_path / "kubeml.yaml"
+    config.write_text(yaml.safe_dump({"environments": {"staging": _env(ns, bucket, s3_endpoint, pod_s3, tmp_path)}}))
+    run_id = "cli-cancel-1"
+    env = {**os.environ, "KUBECONFIG": str(real_cluster.admin_kubeconfig), "NO_COLOR": "1", "COLUMNS": "200"}
+    env.pop("KUBERNETES_SERVICE_HOST", None)
+    cmd = [sys.executable, "-m", "kubeml.cli", "train", "--config", str(config), "--env", "staging",
+           "--target", "kuberay", "--run-id", run_id]
+    name = rayjob_name(run_id)
+    with real_cluster.api_client() as client, subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path) as proc:
+        objects = CustomObjectsApi(client)
+        try:
+            # Its Ray cluster is being made: the head pod exists.
+            wait_until(lambda: proc.poll() is not None
+                       or bool(core.list_namespaced_pod(ns, label_selector="ray.io/node-type=head").items),
+                       timeout_s=300, what="the RayJob's head pod")
+            assert proc.poll() is None, f"kubeml train ended early ({proc.returncode}):\n{proc.communicate()}"
+            job = objects.get_namespaced_custom_object("ray.io", "v1", ns, "rayjobs", name)
+            assert job["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["image"] \
+                == runtime_image
+            proc.send_signal(signal.SIGTERM)
+            out, err = proc.communicate(timeout=120)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        assert proc.returncode == 1, (proc.returncode, out, err)
+        assert f"RayJob {ns}/{name}" in out, out
+        assert "cancelled" in err and "the job was deleted" in err, err
+
+        def gone() -> bool:
+            names = [o["metadata"]["name"] for o in
+                     objects.list_namespaced_custom_object("ray.io", "v1", ns, "rayjobs")["items"]]
+            return name not in names
+
+        wait_until(gone, timeout_s=60, what=f"RayJob {name} deleted")
+    wait_until(lambda: not core.list_namespaced_pod(ns, label_selector="ray.io/is-ray-node=yes").items,
+               timeout_s=120, what="the Ray pods removed with their cancelled RayJob")

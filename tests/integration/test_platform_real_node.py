@@ -16,6 +16,7 @@ from kubernetes import client as k8s
 from kubeml.images import image_ref
 from kubeml.testing.cluster import REAL_NODE_LABEL, REAL_NODE_TAINT, image_archive
 from kubeml.testing.cluster.fixtures import wait_until
+from tests.integration import probe_pods as probes
 from tests.integration.prometheus_fixtures import ScrapeTarget, running_prometheus
 
 pytestmark = pytest.mark.integration
@@ -58,6 +59,12 @@ def platform(real_cluster, tmp_path_factory) -> Iterator[k8s.ApiClient]:
           timeout_s=150)
 
 
+def _ready_tenant(custom: k8s.CustomObjectsApi, name: str) -> dict | None:
+    tenant = custom.get_cluster_custom_object("kubeml.io", "v1alpha1", "tenants", name)
+    conditions = (tenant.get("status") or {}).get("conditions") or []
+    return tenant if any(c["type"] == "Ready" and c["status"] == "True" for c in conditions) else None
+
+
 def test_the_operator_pod_runs_ready_on_the_real_node(platform) -> None:
     pods = k8s.CoreV1Api(platform).list_namespaced_pod(NAMESPACE).items
     assert len(pods) == 1
@@ -82,13 +89,8 @@ def test_a_tenant_applied_with_kubectl_gets_its_namespace(real_cluster, platform
     }))
     _tool(real_cluster, "kubectl", "apply", "-f", str(manifest))
     custom = k8s.CustomObjectsApi(platform)
-
-    def ready() -> dict | None:
-        tenant = custom.get_cluster_custom_object("kubeml.io", "v1alpha1", "tenants", "team-real")
-        conditions = (tenant.get("status") or {}).get("conditions") or []
-        return tenant if any(c["type"] == "Ready" and c["status"] == "True" for c in conditions) else None
-
-    tenant = wait_until(ready, timeout_s=90, what="the Tenant Ready, reconciled by the operator pod")
+    tenant = wait_until(lambda: _ready_tenant(custom, "team-real"), timeout_s=90,
+                        what="the Tenant Ready, reconciled by the operator pod")
     namespace = k8s.CoreV1Api(platform).read_namespace(tenant["status"]["namespace"])
     assert namespace.metadata.labels["pod-security.kubernetes.io/enforce"] == "restricted"
     assert namespace.metadata.labels["kubeml.io/cost-center"] == "cc-42"
@@ -118,3 +120,46 @@ def test_its_metrics_are_scraped(platform, tmp_path: Path) -> None:
     assert "kubeml_operator_reconciles_total" in names, (sorted(names), body[:2000])
     # The Tenant reconciled by the previous test, as the pod reports it.
     assert [r["value"][1] for r in ready] == ["1"], body[:2000]
+
+
+def test_the_operators_policies_keep_tenants_apart_packet_by_packet(real_cluster, platform) -> None:
+    """Two Tenants, reconciled by the operator pod: the NetworkPolicies it writes, enforced
+    on the node, let a tenant's pods talk to each other and drop what another tenant's pods
+    send them. Neither reaches the instance-metadata address, on any port."""
+    custom, core = k8s.CustomObjectsApi(platform), k8s.CoreV1Api(platform)
+    names = ("iso-a", "iso-b")
+    for name in names:
+        # Delete: the namespaces and their pods go with the Tenants (the node is shared).
+        custom.create_cluster_custom_object("kubeml.io", "v1alpha1", "tenants", {
+            "apiVersion": "kubeml.io/v1alpha1", "kind": "Tenant", "metadata": {"name": name},
+            "spec": {"owners": ["alice"], "deletionPolicy": "Delete"}})
+    a, b = (wait_until(lambda n=name: _ready_tenant(custom, n), timeout_s=90, what=f"Tenant {name} Ready")
+            ["status"]["namespace"] for name in names)
+    written = {p.metadata.name for p in k8s.NetworkingV1Api(platform).list_namespaced_network_policy(b).items}
+    assert {"kubeml-default-deny", "kubeml-allow-same-tenant", "kubeml-allow-egress"} <= written, written
+
+    b_ip = probes.server(core, b, "server")
+    # The enforcer learns of the new pod from the same watch events; a second covers a loaded machine.
+    time.sleep(1)
+    before = real_cluster.node.policy_verdicts()
+    phase, log = probes.run_to_end(core, b, "same-tenant", ["fetch", "-timeout", "3s", f"http://{b_ip}:8080/"])
+    assert phase == "Succeeded" and log.startswith("200 server "), log
+    phase, log = probes.run_to_end(core, a, "other-tenant", ["fetch", "-timeout", "3s", f"http://{b_ip}:8080/"])
+    assert phase == "Failed", log
+    # Dropped: the SYN gets no answer.
+    assert "Client.Timeout exceeded" in log or "i/o timeout" in log, log
+    after = real_cluster.node.policy_verdicts()
+    assert after.get("drop", 0) > before.get("drop", 0), (before, after)
+    assert after.get("accept", 0) > before.get("accept", 0), (before, after)
+
+    # 443 is the port the tenant's egress opens to the outside (S3, ECR, STS), minus this address.
+    for port in (80, 443):
+        phase, log = probes.run_to_end(core, a, f"to-metadata-{port}", [
+            "fetch", "-timeout", "3s", f"http://169.254.169.254:{port}/latest/meta-data/"])
+        assert phase == "Failed", (port, log)
+        assert any(s in log for s in ("no route to host", "Client.Timeout exceeded", "i/o timeout")), (port, log)
+
+    for name in names:
+        custom.delete_cluster_custom_object("kubeml.io", "v1alpha1", "tenants", name)
+    for ns in (a, b):
+        core.delete_collection_namespaced_pod(ns, grace_period_seconds=0)
