@@ -62,6 +62,8 @@ def _first_step_wall(store: Any, run_id: str) -> float | None:
     for key in sorted(store.list(f"checkpoints/{run_id}/")):
         if key.endswith("/state.json"):
             extra = json.loads(store.get_bytes(key)).get("extra") or {}
+            # Checkpoints store dicts in a tagged form ({"__dict__": {...}}, training/checkpoint.py).
+            extra = extra.get("__dict__", extra)
             if extra.get("first_step_wall"):
                 return float(extra["first_step_wall"])
     return None
