@@ -153,7 +153,8 @@ def host_listener() -> Iterator[str]:
     machine whatever the guard does.
     """
     address = "198.18.0.1"
-    subprocess.run(["ip", "addr", "add", f"{address}/32", "dev", "lo"], check=True)
+    # replace, not add: a run killed mid-test (SIGKILL skips teardown) leaves the address.
+    subprocess.run(["ip", "addr", "replace", f"{address}/32", "dev", "lo"], check=True)
     try:
         server = http.server.ThreadingHTTPServer((address, 0), _Ok)
         thread = threading.Thread(target=server.serve_forever, daemon=True)
