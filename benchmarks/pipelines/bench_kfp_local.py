@@ -17,7 +17,7 @@ of compiling the whole training pipeline to IR, plain and with the default pod s
 of ``kubeflow.tasks``. ``--append`` adds a dated section to ``benchmarks/RESULTS.md``.
 """
 
-from __future__ import annotations
+# No postponed annotations: kfp reads the inner pipeline function's parameter types.
 
 import argparse
 import os
