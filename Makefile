@@ -13,7 +13,7 @@ UV := $(KUBEML_CACHE)/tools/bin/uv
 # The slowest tests are listed at the end of every run: the suite has a time budget.
 PYTEST_ARGS ?= --durations=30
 
-.PHONY: demo test install lock layers policy policy-assets cluster-assets images kafka-assets prometheus-assets test-unit test-integration test-e2e clean help
+.PHONY: demo test install lock layers policy policy-assets cluster-assets images kafka-assets prometheus-assets postgres-assets test-unit test-integration test-e2e clean help
 
 help:
 	@echo "make demo            install, then run the whole pipeline locally (kubeml run)"
@@ -22,6 +22,7 @@ help:
 	@echo "make images          build the operator, server and runtime images (buildah) into $(KUBEML_CACHE)/images"
 	@echo "make kafka-assets    fetch the Kafka broker jars (test broker) into $(KUBEML_CACHE)"
 	@echo "make prometheus-assets  install the prometheus binary the rollout tests start"
+	@echo "make postgres-assets    install PostgreSQL's server binaries (the tracking server's tests)"
 	@echo "make layers          check the import layering (.importlinter); make test checks it too"
 	@echo "make policy          scan the chart, overlays and generated manifests with kube-score (policy/waivers.yaml)"
 	@echo "make policy-assets   build the pinned kube-score into $(KUBEML_CACHE)"
@@ -68,6 +69,11 @@ images: install
 prometheus-assets:
 	bash hack/prometheus/install.sh
 
+# The shared MLflow tracking server's tests run it on their own PostgreSQL; this only installs
+# Debian's server binaries (the package's own cluster never starts).
+postgres-assets:
+	bash hack/postgres/install.sh
+
 # The Kafka broker of the integration tests runs from Maven jars (needs Java 17 and mvn).
 kafka-assets:
 	$(FETCH_KAFKA)
@@ -89,7 +95,7 @@ policy: install policy-assets
 # would fight over dpkg's lock. (The recipe calls the asset scripts itself, not $(MAKE), so
 # that `make -n test` only prints.)
 IMAGES_LOG := $(KUBEML_CACHE)/images/make-test.log
-test: install prometheus-assets
+test: install prometheus-assets postgres-assets
 	@if [ "$$(id -u)" = 0 ]; then bash hack/cluster/host-packages.sh && bash hack/cluster/host-packages.sh buildah mmdebstrap; fi
 	@mkdir -p $(dir $(IMAGES_LOG)); \
 	setsid bash hack/images/build.sh --if-root operator runtime >$(IMAGES_LOG) 2>&1 & images=$$!; \
@@ -107,7 +113,7 @@ layers: install
 test-unit: install policy-assets
 	$(PY) -m pytest -m "not integration and not e2e" $(PYTEST_ARGS)
 
-test-integration: install cluster-assets prometheus-assets kafka-assets
+test-integration: install cluster-assets prometheus-assets postgres-assets kafka-assets
 	bash hack/images/build.sh --if-root operator runtime
 	$(PY) -m pytest -m integration $(PYTEST_ARGS)
 

@@ -47,19 +47,24 @@ def test_every_image_has_its_containerfile_with_labels_and_a_non_root_user() -> 
         assert "ENTRYPOINT" in text
 
 
-def test_chart_overlays_and_manifests_name_the_operator_image() -> None:
+def test_chart_overlays_and_manifests_name_the_operator_and_runtime_images() -> None:
     repository, _, tag = image_ref("operator").rpartition(":")
     values = yaml.safe_load((ROOT / "charts/kubeml-platform/values.yaml").read_text())
     chart = yaml.safe_load((ROOT / "charts/kubeml-platform/Chart.yaml").read_text())
     assert values["image"]["repository"] == repository
     assert (values["image"]["tag"] or chart["appVersion"]) == tag
+    runtime = image_ref("runtime").rpartition(":")[0]
+    assert values["mlflow"]["image"]["repository"] == runtime
     for kustomization in sorted((ROOT / "manifests").rglob("kustomization.yaml")):
-        for entry in yaml.safe_load(kustomization.read_text()).get("images", []):
-            assert entry["name"] == repository, kustomization
+        entries = yaml.safe_load(kustomization.read_text()).get("images", [])
+        assert {entry["name"] for entry in entries} <= {repository, runtime}, kustomization
+        # Released together: one tag for both in an overlay.
+        assert len({entry["newTag"] for entry in entries}) <= 1, kustomization
     base = list(yaml.safe_load_all((ROOT / "manifests/base/platform.yaml").read_text()))
-    images = {c["image"] for d in base if d and d.get("kind") == "Deployment"
+    images = {d["metadata"]["name"]: c["image"] for d in base if d and d.get("kind") == "Deployment"
               for c in d["spec"]["template"]["spec"]["containers"]}
-    assert images == {image_ref("operator")}
+    assert images == {"kubeml-kubeml-platform-operator": image_ref("operator"),
+                      "kubeml-kubeml-platform-mlflow": image_ref("runtime")}
 
 
 def test_components_and_rayjob_run_the_runtime_image() -> None:

@@ -61,3 +61,35 @@ spec:
   policyName: {{ .name }}
   validationActions: [Deny]
 {{- end }}
+
+{{- define "kubeml-platform.mlflowServiceAccountName" -}}
+{{- if .Values.mlflow.serviceAccount.create }}
+{{- default (printf "%s-mlflow" (include "kubeml-platform.fullname" .)) .Values.mlflow.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.mlflow.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{/* The Host headers the tracking server answers: its Service's names (bare and with any
+port) and mlflow.allowedHosts (an Ingress host, say). MLflow refuses every other Host. */}}
+{{- define "kubeml-platform.mlflowAllowedHosts" -}}
+{{- $svc := printf "%s-mlflow" (include "kubeml-platform.fullname" .) }}
+{{- $hosts := list }}
+{{- range $suffix := list "" (printf ".%s" $.Release.Namespace) (printf ".%s.svc" $.Release.Namespace) (printf ".%s.svc.%s" $.Release.Namespace $.Values.mlflow.clusterDomain) }}
+{{- $hosts = append $hosts (printf "%s%s" $svc $suffix) }}
+{{- $hosts = append $hosts (printf "%s%s:*" $svc $suffix) }}
+{{- end }}
+{{- join "," (concat $hosts .Values.mlflow.allowedHosts) }}
+{{- end }}
+
+{{/* The MLflow flow tenant NetworkPolicies open: the chart's own server when it runs one,
+else operator.peers.mlflow (a server run elsewhere). */}}
+{{- define "kubeml-platform.mlflowPeer" -}}
+{{- if .Values.mlflow.enabled }}
+{{- printf "%s:%v" .Release.Namespace .Values.mlflow.port }}
+{{- else if .Values.operator.peers.mlflow.namespace }}
+{{- printf "%s:%s" .Values.operator.peers.mlflow.namespace (join "," .Values.operator.peers.mlflow.ports) }}
+{{- else }}
+{{- print "none" }}
+{{- end }}
+{{- end }}

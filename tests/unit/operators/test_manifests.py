@@ -58,12 +58,22 @@ def test_overlays_build(assets, overlay, namespace, tag):
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     docs = [d for d in yaml.safe_load_all(out.stdout) if d]
-    deployment = next(d for d in docs if d["kind"] == "Deployment")
+    deployments = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Deployment"}
+    deployment = deployments["kubeml-kubeml-platform-operator"]
+    mlflow = deployments["kubeml-kubeml-platform-mlflow"]
 
-    assert deployment["metadata"]["namespace"] == namespace
+    assert deployment["metadata"]["namespace"] == namespace == mlflow["metadata"]["namespace"]
     assert deployment["spec"]["replicas"] == 1
     assert deployment["spec"]["template"]["spec"]["containers"][0]["image"] == f"ghcr.io/kubeml/kubeml:{tag}"
+    assert mlflow["spec"]["template"]["spec"]["containers"][0]["image"] == f"ghcr.io/kubeml/kubeml-python:{tag}"
     assert next(d for d in docs if d["kind"] == "Namespace")["metadata"]["name"] == namespace
+    # Namespaces inside values follow the overlay's: tenants' route to the tracking server,
+    # and the Host headers it answers (a client in the cluster uses the Service's name).
+    assert f"--mlflow-peer={namespace}:5000" in deployment["spec"]["template"]["spec"]["containers"][0]["args"]
+    hosts = {e["name"]: e.get("value") for e in mlflow["spec"]["template"]["spec"]["containers"][0]["env"]}[
+        "MLFLOW_SERVER_ALLOWED_HOSTS"].split(",")
+    assert f"kubeml-kubeml-platform-mlflow.{namespace}.svc:*" in hosts
+    assert not [h for h in hosts if ".kubeml-system" in h and namespace != "kubeml-system"]
 
 
 def test_public_api_is_sorted_and_complete():
