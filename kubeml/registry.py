@@ -23,6 +23,11 @@ from kubeml.errors import RegistryError
 __all__ = ["APPROVAL_STATES", "AUTHOR_TAG", "BUNDLE_DIGEST_TAG", "current_user", "ModelVersionInfo", "Registry", "code_version", "verified_bundle"]
 
 APPROVAL_STATES = ("approved", "pending", "rejected")
+#: MLflow's client retries a tracking server that does not answer 7 times with a doubling
+#: backoff and waits 120 s per request: minutes before a command learns the server is down.
+#: These bound it to seconds; a user's own MLFLOW_HTTP_REQUEST_* settings win.
+HTTP_CLIENT_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                        "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
 APPROVAL_TAG = "approval_status"
 #: Version tag naming who registered a version (the pipeline's identity); in a manual
 #: environment that person may not approve it.
@@ -80,14 +85,33 @@ class Registry:
             Path(tracking_uri[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
         self.tracking_uri = tracking_uri
         self.artifact_root = artifact_root
+        if self.shared:
+            for name, value in HTTP_CLIENT_DEFAULTS.items():
+                os.environ.setdefault(name, value)
         mlflow.set_tracking_uri(tracking_uri)
         self._client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+
+    @property
+    def shared(self) -> bool:
+        """Whether this is a tracking server (``http(s)://``) rather than a local database."""
+        return self.tracking_uri.startswith(("http://", "https://"))
+
+    def _cause(self, exc: Exception) -> str:
+        text = str(exc)
+        if self.shared and ("Failed to establish a new connection" in text or "Max retries exceeded" in text
+                            or "timed out" in text):
+            return (f"the tracking server did not answer ({text.rsplit('Caused by ', 1)[-1].strip('()')}); "
+                    "check the environment's registry.tracking_uri and that the server runs")
+        return text
 
     def _experiment_id(self, name: str) -> str:
         exp = self._client.get_experiment_by_name(name)
         if exp is not None:
             return exp.experiment_id
-        location = f"{self.artifact_root.rstrip('/')}/mlflow/{name}" if self.artifact_root else None
+        # A tracking server places (and proxies) its experiments' artifacts itself, so clients
+        # need no credentials for its store; a local database keeps them beside our artifacts.
+        location = (f"{self.artifact_root.rstrip('/')}/mlflow/{name}"
+                    if self.artifact_root and not self.shared else None)
         return self._client.create_experiment(name, artifact_location=location)
 
     def register(
@@ -104,6 +128,10 @@ class Registry:
         """Log a run with metrics/params and create the next version of ``model_name``."""
         from mlflow.exceptions import MlflowException
 
+        if self.shared and source.startswith(("file:", "/")):
+            raise RegistryError(f"the tracking server at {self.tracking_uri} cannot register {source}: a path on "
+                                "this machine means nothing to the server or to other pods; give the environment "
+                                "an artifact_store.uri on S3 (s3://...)")
         tags = {k: str(v) for k, v in (tags or {}).items()}
         status = "approved" if auto_approve else "pending"
         try:
@@ -131,7 +159,7 @@ class Registry:
                 description=description, await_creation_for=0,
             )
         except MlflowException as exc:
-            raise RegistryError(f"registering {model_name} at {self.tracking_uri} failed: {exc}") from exc
+            raise RegistryError(f"registering {model_name} at {self.tracking_uri} failed: {self._cause(exc)}") from exc
         return self.get(model_name, int(mv.version))
 
     def get(self, model_name: str, version: int) -> ModelVersionInfo:
@@ -156,7 +184,8 @@ class Registry:
         try:
             found = self._client.search_model_versions(f"name='{model_name}'")
         except MlflowException as exc:
-            raise RegistryError(f"listing versions of {model_name} failed: {exc}") from exc
+            raise RegistryError(f"listing versions of {model_name} at {self.tracking_uri} failed: "
+                                f"{self._cause(exc)}") from exc
         return sorted((self.get(model_name, int(m.version)) for m in found), key=lambda m: m.version)
 
     def set_approval(

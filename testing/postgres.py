@@ -45,10 +45,10 @@ class PostgresServer:
         """SQLAlchemy URL of the database (the form MLflow's ``--backend-store-uri`` takes)."""
         return f"postgresql://{self.user}:{self.password}@{self.host}:{self.port}/{self.database}"
 
-    def connect(self, database: str | None = None):  # noqa: ANN201 (psycopg2's connection)
-        import psycopg2
+    def connect(self, database: str | None = None):  # noqa: ANN201 (psycopg's connection)
+        import psycopg
 
-        return psycopg2.connect(host=self.host, port=self.port, user=self.user, password=self.password,
+        return psycopg.connect(host=self.host, port=self.port, user=self.user, password=self.password,
                                 dbname=database or self.database, connect_timeout=5)
 
 
@@ -140,7 +140,7 @@ def running_postgres(*, database: str = "kubeml", user: str = "kubeml") -> Itera
 
 
 def _wait_ready(server: PostgresServer, proc: subprocess.Popen[bytes]) -> None:
-    import psycopg2
+    import psycopg
 
     deadline = time.monotonic() + READY_TIMEOUT_S
     while True:
@@ -149,7 +149,7 @@ def _wait_ready(server: PostgresServer, proc: subprocess.Popen[bytes]) -> None:
         try:
             server.connect("postgres").close()
             return
-        except psycopg2.OperationalError as exc:
+        except psycopg.OperationalError as exc:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"postgres did not accept connections in {READY_TIMEOUT_S:.0f} s ({exc}):\n"
                                    f"{_tail(server.log_file)}") from exc
