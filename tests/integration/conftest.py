@@ -7,23 +7,29 @@ containerd running real pods), shared by every module that runs pods; it starts 
 of them needs it. ``kafka_broker`` is a single-node Kafka broker (``hack/kafka``), started only
 when a test asks for it. ``s3_endpoint`` is moto's S3 API server on loopback (the one stand-in
 for AWS), and ``bucket`` a fresh bucket in it with dummy credentials in the environment.
+``runtime_image`` is the runtime image of this tree, loaded into the real node once.
 """
 
 from __future__ import annotations
 
+import subprocess
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
-from kubernetes.client import ApiClient
-
 from kubeml.testing.cluster.fixtures import (
     build_assets_if_needed,
     cluster_fixture,
     real_node_cluster_fixture,
     temporary_namespace,
 )
+from kubernetes.client import ApiClient
+
+from kubeml.images import image_ref
 from tests.conftest import free_port
 from tests.integration.kafka_fixtures import kafka_broker  # noqa: F401 (one broker per session)
+
+ROOT = Path(__file__).resolve().parents[2]
 
 cluster = cluster_fixture()
 # Generous: the KubeRay operator and CoreDNS start with the node on a loaded machine.
@@ -94,3 +100,19 @@ def bucket(s3_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> str:
     name = f"kubeml-{uuid.uuid4().hex[:8]}"
     boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket=name)
     return name
+
+
+@pytest.fixture(scope="session")
+def runtime_image(real_cluster) -> str:
+    """The runtime image of this tree, in the node's containerd (several GB: PyTorch's CUDA build).
+
+    ``hack/images/build.sh runtime`` rebuilds it if the code changed since ``make test``
+    built it (its dependency layers are cached, so that is the code layer only) and loads it
+    into the running node.
+    """
+    result = subprocess.run(["bash", str(ROOT / "hack" / "images" / "build.sh"), "runtime"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=1500)
+    assert result.returncode == 0, f"building or loading the runtime image failed:\n{result.stderr[-3000:]}"
+    ref = image_ref("runtime")
+    assert any(name.endswith(ref.split("/", 1)[-1]) for name in real_cluster.node.images()), real_cluster.node.images()
+    return ref

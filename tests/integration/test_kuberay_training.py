@@ -22,7 +22,6 @@ import pytest
 from kubernetes.client import CoreV1Api, CustomObjectsApi
 
 from kubeml.config import KubemlConfig
-from kubeml.images import image_ref
 from kubeml.testing.cluster import REAL_NODE_TAINT
 from kubeml.testing.cluster.fixtures import temporary_namespace, wait_until
 from kubeml.training.launchers.kuberay import rayjob_name
@@ -35,22 +34,6 @@ TOLERATION = {"key": REAL_NODE_TAINT.key, "operator": "Equal", "value": REAL_NOD
               "effect": REAL_NODE_TAINT.effect}
 CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
                "AWS_DEFAULT_REGION": "us-east-1", "AWS_REGION": "us-east-1"}
-
-
-@pytest.fixture(scope="module")
-def runtime_image(real_cluster) -> str:
-    """The runtime image of this tree, in the node's containerd (several GB: PyTorch's CUDA build).
-
-    ``hack/images/build.sh runtime`` rebuilds it if the code changed since ``make test``
-    built it (its dependency layers are cached, so that is the code layer only) and loads it
-    into the running node.
-    """
-    result = subprocess.run(["bash", str(REPO / "hack" / "images" / "build.sh"), "runtime"], cwd=REPO,
-                            capture_output=True, text=True, timeout=1500)
-    assert result.returncode == 0, f"building or loading the runtime image failed:\n{result.stderr[-3000:]}"
-    ref = image_ref("runtime")
-    assert any(name.endswith(ref.split("/", 1)[-1]) for name in real_cluster.node.images()), real_cluster.node.images()
-    return ref
 
 
 @pytest.fixture(scope="module")
