@@ -16,8 +16,8 @@ Reported:
 
 - RayJob create -> first training step: from just before the train stage creates the
   RayJob to the end of the first optimizer step (``first_step_wall`` in the job's
-  checkpoint, written by the head on the same clock), split into the time until the Ray
-  cluster ran the job (the launcher's first ``Running`` status) and the rest;
+  checkpoint, written by the head on the same clock); the job's status sequence is printed
+  beside it (not timed);
 - steady training throughput: samples/s over all epochs but the first, median, in pods and
   in the local runs, and the ratio pods / local (the mean of the two local runs).
 
