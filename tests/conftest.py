@@ -17,6 +17,21 @@ def port() -> int:
     return free_port()
 
 
+def approver_keys(directory: Path) -> tuple[str, str]:
+    """An Ed25519 approver key pair written into ``directory``: ``(file:private, file:public)``,
+    as ``signing.private_key`` and ``signing.public_key`` take them."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    key = Ed25519PrivateKey.generate()
+    private, public = directory / "approver.pem", directory / "approver.pub.pem"
+    private.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                          serialization.NoEncryption()))
+    public.write_bytes(key.public_key().public_bytes(serialization.Encoding.PEM,
+                                                     serialization.PublicFormat.SubjectPublicKeyInfo))
+    return f"file:{private}", f"file:{public}"
+
+
 def write_config(directory: Path, dev: dict | None = None, **envs: dict) -> Path:
     """Write a kubeml.yaml into ``directory`` with the given environment blocks."""
     body = {"project": "test", "environments": {"dev": dev or {}, **envs}}

@@ -16,8 +16,6 @@ from pathlib import Path
 import pytest
 import requests
 import yaml
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from kubeml.testing.cluster import AssetsMissing, find_assets
 from kubeml.testing.postgres import running_postgres
 from kubeml.testing.serving import write_digits_bundle
@@ -28,7 +26,7 @@ from kubeml.approvals import SIGNATURE_TAG
 from kubeml.bundle import bundle_digest
 from kubeml.cli import app
 from kubeml.registry import AUTHOR_TAG, BUNDLE_DIGEST_TAG, Registry, verified_bundle
-from tests.conftest import write_config
+from tests.conftest import approver_keys, write_config
 
 pytestmark = pytest.mark.integration
 
@@ -78,16 +76,6 @@ def tracking(postgres, artifact_bucket: str, server_env, tmp_path_factory):
         yield server
 
 
-def _keys(directory: Path) -> tuple[str, str]:
-    key = Ed25519PrivateKey.generate()
-    private, public = directory / "approver.pem", directory / "approver.pub.pem"
-    private.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                          serialization.NoEncryption()))
-    public.write_bytes(key.public_key().public_bytes(serialization.Encoding.PEM,
-                                                     serialization.PublicFormat.SubjectPublicKeyInfo))
-    return f"file:{private}", f"file:{public}"
-
-
 def _kubeml(project: Path, *args: str, user: str, env: dict[str, str] | None = None,
             timeout_s: float = 120) -> subprocess.CompletedProcess[str]:
     """The CLI in its own process, as another person or pod runs it."""
@@ -99,7 +87,7 @@ def test_registry_and_signed_approvals_go_through_the_server_into_postgres(
         postgres, tracking, artifact_bucket: str, server_env, s3_endpoint: str, project: Path, tmp_path: Path,
         monkeypatch: pytest.MonkeyPatch) -> None:
     bucket, server = artifact_bucket, tracking
-    private, public = _keys(project)
+    private, public = approver_keys(project)
     write_config(project, {}, staging={
         "registry": {"tracking_uri": server.url, "model_name": MODEL},
         "artifact_store": {"uri": f"s3://{bucket}/artifacts", "endpoint_url": s3_endpoint},

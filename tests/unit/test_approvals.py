@@ -6,8 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from kubeml.testing.serving import write_digits_bundle
 from typer.testing import CliRunner
 
 from kubeml.bundle import bundle_digest
@@ -15,25 +14,14 @@ from kubeml.cli import app
 from kubeml.config import load_config
 from kubeml.errors import ApprovalError, ConfigError
 from kubeml.registry import AUTHOR_TAG, BUNDLE_DIGEST_TAG, Registry, verified_bundle
-from kubeml.testing.serving import write_digits_bundle
-from tests.conftest import write_config
+from tests.conftest import approver_keys, write_config
 
 runner = CliRunner()
 
 
-def _keys(directory: Path) -> tuple[str, str]:
-    key = Ed25519PrivateKey.generate()
-    private, public = directory / "approver.pem", directory / "approver.pub.pem"
-    private.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                          serialization.NoEncryption()))
-    public.write_bytes(key.public_key().public_bytes(serialization.Encoding.PEM,
-                                                     serialization.PublicFormat.SubjectPublicKeyInfo))
-    return f"file:{private}", f"file:{public}"
-
-
 @pytest.fixture
 def staging(project: Path, monkeypatch):
-    private, public = _keys(project)
+    private, public = approver_keys(project)
     write_config(project, {}, staging={"signing": {"private_key": private, "public_key": public}})
     cfg = load_config("kubeml.yaml", "staging")
     bundle = write_digits_bundle(project / "bundle")
@@ -150,8 +138,9 @@ def test_the_deploy_stage_verifies_before_any_target_serves(project: Path):
     before the target is asked to serve it."""
     import shutil
 
-    from kubeml.errors import KubemlError
     from kubeml.pipelines.stages import deploy_stage, ingest_stage
+
+    from kubeml.errors import KubemlError
 
     write_config(project, {"serving": {"target": "kserve"}})
     cfg = load_config("kubeml.yaml", "dev")

@@ -41,3 +41,32 @@ def test_code_version_names_the_commit_or_the_package(tmp_path):
     assert code_version(tmp_path).startswith("kubeml:")
     here = code_version(".")
     assert here.startswith("git:") or here.startswith("kubeml:")
+
+
+@pytest.fixture
+def client_env(monkeypatch):
+    """MLflow's HTTP client settings unset, and restored after the test (a server registry sets them)."""
+    from kubeml.registry import HTTP_CLIENT_DEFAULTS
+
+    for name in HTTP_CLIENT_DEFAULTS:
+        monkeypatch.setenv(name, "")  # recorded, so that teardown restores what was there
+        monkeypatch.delenv(name)
+    return monkeypatch
+
+
+def test_a_tracking_server_refuses_a_local_bundle_path_before_any_request(client_env):
+    # Nothing listens on port 9: the refusal must come before the first request.
+    server = Registry("http://127.0.0.1:9")
+    for source in ("file:///home/me/bundle", "/home/me/bundle"):
+        with pytest.raises(RegistryError, match="artifact_store.uri on S3"):
+            server.register("m", source, metrics={"accuracy": 0.9}, auto_approve=False)
+
+
+def test_a_tracking_server_gets_short_client_retries_unless_the_user_set_them(client_env):
+    import os
+
+    client_env.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+    Registry("http://127.0.0.1:9")
+
+    assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "3"
+    assert os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "5"  # the user's own setting wins
